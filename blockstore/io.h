@@ -1,0 +1,120 @@
+// Io is the one seam between the block store and a disk: batched reads and
+// writes of aligned extents of ONE backing file or block device, and a flush
+// that makes earlier writes durable. Backends: io_uring (the default),
+// pread/pwrite (where io_uring is refused, e.g. by a seccomp profile) and
+// memory (tests, with crash simulation).
+//
+// Alignment: every offset, length and buffer address is a multiple of
+// kIoAlign; backends return InvalidArgument otherwise. A backend may be
+// called from several threads; it serializes internally.
+#ifndef TANDEM_BLOCKSTORE_IO_H_
+#define TANDEM_BLOCKSTORE_IO_H_
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace blockstore {
+
+struct ReadOp {
+  uint64_t offset_bytes;
+  std::span<std::byte> out;
+};
+struct WriteOp {
+  uint64_t offset_bytes;
+  std::span<const std::byte> data;
+};
+
+class Io {
+ public:
+  virtual ~Io() = default;
+
+  // Size of the backing file or device in bytes.
+  virtual uint64_t size_bytes() const = 0;
+
+  // Reads every op fully (reads past the end are OutOfRange). Ops may run in
+  // any order and in parallel; on error the buffers' contents are undefined.
+  virtual absl::Status Read(std::span<const ReadOp> ops) = 0;
+
+  // Writes every op fully. Writes survive a crash only once a later Flush()
+  // succeeds; until then any subset of them, or parts of them, may be lost.
+  virtual absl::Status Write(std::span<const WriteOp> ops) = 0;
+
+  virtual absl::Status Flush() = 0;
+
+  // A name for messages (the path, or "memory").
+  virtual std::string name() const = 0;
+
+  absl::Status ReadAt(uint64_t offset_bytes, std::span<std::byte> out) {
+    ReadOp op{offset_bytes, out};
+    return Read({&op, 1});
+  }
+  absl::Status WriteAt(uint64_t offset_bytes, std::span<const std::byte> data) {
+    WriteOp op{offset_bytes, data};
+    return Write({&op, 1});
+  }
+};
+
+// Forwards every call to a target, which must outlive it. Fault-injecting
+// test wrappers derive from it and override one thing.
+class IoWrapper : public Io {
+ public:
+  explicit IoWrapper(Io& target) : target_(target) {}
+  uint64_t size_bytes() const override { return target_.size_bytes(); }
+  absl::Status Read(std::span<const ReadOp> ops) override {
+    return target_.Read(ops);
+  }
+  absl::Status Write(std::span<const WriteOp> ops) override {
+    return target_.Write(ops);
+  }
+  absl::Status Flush() override { return target_.Flush(); }
+  std::string name() const override { return target_.name(); }
+
+ protected:
+  Io& target() { return target_; }
+
+ private:
+  Io& target_;
+};
+
+// Checks alignment and bounds of `offset_bytes`/`len` for a backend of
+// `size_bytes`; `buf` is the buffer address.
+absl::Status CheckIoOp(absl::string_view what, absl::string_view name,
+                       uint64_t offset_bytes, uint64_t len, const void* buf,
+                       uint64_t size_bytes);
+
+enum class OpenMode {
+  kReadOnly,   // shared lock: many readers, no writer
+  kReadWrite,  // exclusive lock: one process at a time
+};
+
+struct FileIoOptions {
+  OpenMode mode = OpenMode::kReadWrite;
+  // Create (or extend) a regular file of this size; 0 opens an existing
+  // file or block device as it is.
+  uint64_t create_size_bytes = 0;
+  // io_uring unless false or unavailable (then pread/pwrite).
+  bool use_uring = true;
+  // O_DIRECT where the filesystem or device accepts it.
+  bool direct = true;
+};
+
+// Opens `path` (a regular file or a block device) for pool I/O and takes an
+// advisory lock on it (see OpenMode). FailedPrecondition naming the holder's
+// process id if another process holds a conflicting lock; NotFound if
+// `path` does not exist and no size was given.
+absl::StatusOr<std::unique_ptr<Io>> OpenFileIo(absl::string_view path,
+                                               const FileIoOptions& options);
+
+// Describes the backend OpenFileIo chose: "io_uring, O_DIRECT" etc.
+std::string DescribeFileIo(const Io& io);
+
+}  // namespace blockstore
+
+#endif  // TANDEM_BLOCKSTORE_IO_H_

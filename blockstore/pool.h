@@ -1,0 +1,309 @@
+// A Pool is one file or block device holding volumes: arrays of fixed-size
+// chunks with O(1) copy-on-write snapshots. Metadata is a copy-on-write radix
+// tree per volume (format.h); changes accumulate in memory and commit as a
+// transaction group on Flush(), on every snapshot/volume operation, and when
+// enough metadata is dirty. A crash at any point leaves the pool exactly as of
+// the last commit.
+//
+// Threads: every method may be called from any thread; one pool-wide mutex
+// serializes them. The Io passed in must outlive the Pool.
+//
+// Errors: NotFound (no such volume/snapshot), AlreadyExists, InvalidArgument
+// (bad name, size or offset), OutOfRange (I/O past the end of a volume),
+// ResourceExhausted (pool full), FailedPrecondition (read-only pool, volume
+// has snapshots), DataLoss (checksum or digest mismatch, device error). After
+// a device error in a mutating call the Pool refuses further calls with that
+// error; reopening it returns to the last commit.
+#ifndef TANDEM_BLOCKSTORE_POOL_H_
+#define TANDEM_BLOCKSTORE_POOL_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "blockstore/format.h"
+#include "blockstore/hash.h"
+#include "blockstore/io.h"
+
+namespace blockstore {
+
+std::string GuidToString(const Guid& guid);  // 8-4-4-4-12 hex
+
+struct SnapshotInfo {
+  std::string volume;
+  std::string name;
+  Guid guid{};
+  int64_t create_time_ns = 0;
+  uint64_t size_bytes = 0;
+  uint64_t generation = 0;  // commit in which it was taken
+  Digest root_digest;
+};
+
+struct VolumeInfo {
+  std::string name;
+  Guid guid{};
+  int64_t create_time_ns = 0;
+  uint64_t size_bytes = 0;
+  uint64_t snapshot_count = 0;
+};
+
+struct PoolInfo {
+  std::string device;       // path or "memory"
+  std::string io;           // backend, e.g. "io_uring, O_DIRECT"
+  Guid pool_guid{};
+  uint32_t chunk_size_bytes = 0;
+  uint64_t capacity_bytes = 0;  // data area
+  uint64_t used_bytes = 0;      // data chunks in use
+  uint64_t free_bytes = 0;      // includes space freed by the open transaction
+  uint64_t metadata_capacity_bytes = 0;
+  uint64_t metadata_used_bytes = 0;
+  uint64_t generation = 0;  // last commit
+  uint64_t volume_count = 0;
+  uint64_t snapshot_count = 0;
+};
+
+struct CreatePoolOptions {
+  uint32_t chunk_size_bytes = 64 * 1024;
+};
+
+class Pool {
+ public:
+  // Formats `io` as an empty pool, committed and durable on return.
+  static absl::StatusOr<std::unique_ptr<Pool>> Create(
+      Io& io, const CreatePoolOptions& options);
+  // Opens the pool on `io`, at its last commit. DataLoss if `io` is not a
+  // pool or both superblocks are damaged (the message says which).
+  static absl::StatusOr<std::unique_ptr<Pool>> Open(Io& io, OpenMode mode);
+  // As above, owning `io`.
+  static absl::StatusOr<std::unique_ptr<Pool>> Open(std::unique_ptr<Io> io,
+                                                    OpenMode mode);
+  static absl::StatusOr<std::unique_ptr<Pool>> Create(
+      std::unique_ptr<Io> io, const CreatePoolOptions& options);
+
+  // Destroying a Pool does not commit: writes since the last commit are
+  // dropped, exactly as in a crash. Call Flush() first.
+  ~Pool();
+  Pool(const Pool&) = delete;
+  Pool& operator=(const Pool&) = delete;
+
+  PoolInfo Info();
+
+  // Volumes. Names are 1-200 bytes of [A-Za-z0-9._:-], not starting with '.'.
+  absl::Status CreateVolume(absl::string_view name, uint64_t size_bytes);
+  absl::StatusOr<std::vector<VolumeInfo>> ListVolumes();
+  absl::StatusOr<VolumeInfo> GetVolume(absl::string_view name);
+  // Shrinking discards data past the new end; snapshots keep theirs.
+  absl::Status ResizeVolume(absl::string_view name, uint64_t size_bytes);
+  // FailedPrecondition if the volume has snapshots, unless `with_snapshots`.
+  absl::Status DeleteVolume(absl::string_view name, bool with_snapshots);
+
+  // I/O at any byte offset and length within the volume. Partial chunks are
+  // read-modify-written. Durable after the next commit.
+  absl::Status Write(absl::string_view volume, uint64_t offset_bytes,
+                     std::span<const std::byte> data);
+  // Reads the live volume, or `snapshot` of it when non-empty. Every data
+  // chunk is checked against its digest (DataLoss on mismatch).
+  absl::Status Read(absl::string_view volume, absl::string_view snapshot,
+                    uint64_t offset_bytes, std::span<std::byte> out);
+  // Trimmed bytes read as zeros; whole chunks in the range free their space.
+  absl::Status Trim(absl::string_view volume, uint64_t offset_bytes,
+                    uint64_t length_bytes);
+  // Commits the open transaction (no-op when nothing changed).
+  absl::Status Flush();
+
+  // Snapshots: O(1) in the volume size; committed on return.
+  absl::StatusOr<SnapshotInfo> CreateSnapshot(absl::string_view volume,
+                                              absl::string_view name);
+  absl::StatusOr<std::vector<SnapshotInfo>> ListSnapshots(
+      absl::string_view volume);
+  absl::StatusOr<SnapshotInfo> GetSnapshot(absl::string_view volume,
+                                           absl::string_view name);
+  absl::Status DeleteSnapshot(absl::string_view volume, absl::string_view name);
+  // The live volume becomes the snapshot's content and size (metadata only).
+  absl::Status Rollback(absl::string_view volume, absl::string_view snapshot);
+
+  // Root digest of the live volume (commits first) or of a snapshot: equal
+  // content + size + chunk size <=> equal digest (up to XXH3 collisions).
+  absl::StatusOr<Digest> RootDigest(absl::string_view volume,
+                                    absl::string_view snapshot);
+
+  // The scrub: walks every tree from disk (not the cache), verifying node
+  // checksums, Merkle digests, reference counts, free-space accounting and
+  // canonical form; with `verify_data`, re-hashes every referenced chunk.
+  // FailedPrecondition if there are uncommitted changes (Flush first).
+  struct CheckReport {
+    std::vector<std::string> problems;  // empty = consistent
+    std::vector<std::string> notes;     // expected after a crash, not errors
+    uint64_t nodes_checked = 0;
+    uint64_t chunks_checked = 0;  // data chunks re-hashed
+  };
+  absl::StatusOr<CheckReport> Check(bool verify_data);
+
+  uint32_t chunk_size() const { return sb_.chunk_size; }
+  const Superblock& superblock() const { return sb_; }
+
+  // Counters for tests and benchmarks.
+  struct Stats {
+    uint64_t commits = 0;
+    uint64_t metadata_bytes_written = 0;  // nodes, refcount pages, superblocks
+    uint64_t data_bytes_written = 0;
+    uint64_t nodes_loaded = 0;
+    uint64_t cached_nodes = 0;
+  };
+  Stats stats();
+
+ private:
+  struct Node {
+    uint64_t id = 0;
+    uint64_t birth = 0;
+    int level = 0;
+    bool dirty = false;  // not yet written; modifiable in place if rc == 1
+    bool stale = false;  // entry digests below may be out of date
+    std::array<Entry, kFanout> e;
+  };
+  struct SnapshotRec {
+    std::string name;
+    Guid guid{};
+    int64_t create_time_ns = 0;
+    uint64_t generation = 0;
+    uint64_t size_bytes = 0;
+    Entry root;
+  };
+  struct VolumeRec {
+    std::string name;
+    Guid guid{};
+    int64_t create_time_ns = 0;
+    uint64_t size_bytes = 0;
+    Entry root;                         // digest valid after a commit
+    std::vector<SnapshotRec> snapshots;  // in creation order
+  };
+
+  Pool(Io& io, std::unique_ptr<Io> owned, OpenMode mode);
+
+  absl::Status LoadLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status FormatLocked(const CreatePoolOptions& options)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status CheckWritable() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Fail(absl::Status s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<VolumeRec*> FindVolume(absl::string_view name)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<const SnapshotRec*> FindSnapshot(const VolumeRec& v,
+                                                  absl::string_view name)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // Tree shape.
+  uint64_t ChunkCount(uint64_t size_bytes) const;
+  static int Depth(uint64_t chunk_count);
+  Digest EmptyDigest(int level) const;  // an empty subtree at `level`
+  Digest VolumeDigest(const Entry& root, uint64_t size_bytes) const;
+
+  // Refcounts and allocation.
+  uint64_t NodeIndex(uint64_t id) const { return id - sb_.meta_start; }
+  uint64_t ChunkIndex(uint64_t chunk) const {
+    return sb_.meta_count + (chunk - sb_.data_start);
+  }
+  void SetCount(uint64_t index, uint32_t count)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<uint64_t> AllocNode() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<uint64_t> AllocChunk() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void IncRef(uint64_t ptr, int level) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `level` is the level of the node holding the pointer: 0 = data chunk.
+  absl::Status DecRef(uint64_t ptr, int level)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status DecRefNode(uint64_t id, int level)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Hold(uint64_t index) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void TrimCache() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  Digest NullEntryDigest(int node_level) const;
+  absl::Status EnsureSpace(uint64_t chunks, uint64_t nodes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // Nodes.
+  absl::StatusOr<Node*> Load(uint64_t id, int level)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Makes the node `ref` points at (at `level`) writable, copying it if it
+  // is shared or already on disk, materializing it if empty; updates `ref`.
+  absl::StatusOr<Node*> Cow(Entry& ref, int level)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<Entry*> LeafEntryForWrite(VolumeRec& v, uint64_t chunk)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<Entry> LookupChunk(const Entry& root, int depth,
+                                    uint64_t chunk)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status TrimChunks(Entry& ref, int level, uint64_t base, uint64_t first,
+                          uint64_t end) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status ReadLocked(const Entry& root, uint64_t size_bytes,
+                          absl::string_view what, uint64_t offset_bytes,
+                          std::span<std::byte> out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status WriteLocked(VolumeRec& v, uint64_t offset_bytes,
+                           std::span<const std::byte> data)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status TrimLocked(VolumeRec& v, uint64_t offset_bytes,
+                          uint64_t length_bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status ResizeLocked(VolumeRec& v, uint64_t size_bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // Commit.
+  // Recomputes digests below `ref` and folds empty dirty nodes into empty
+  // pointers.
+  absl::Status UpdateDigests(Entry& ref, int level)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status UpdateAllDigests() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status CommitLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status MaybeCommit() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  struct CheckState;
+  std::optional<Digest> CheckTree(CheckState& st, uint64_t id, int level,
+                                  uint64_t base, uint64_t chunk_count,
+                                  uint64_t parent_birth,
+                                  const std::string& where)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::string SerializeCatalog() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status ParseCatalog(absl::string_view bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  Io& io_;
+  std::unique_ptr<Io> owned_io_;
+  const OpenMode mode_;
+
+  absl::Mutex mu_;
+  absl::Status failed_ ABSL_GUARDED_BY(mu_);
+  Superblock sb_ ABSL_GUARDED_BY(mu_);
+  uint64_t gen_ ABSL_GUARDED_BY(mu_) = 0;  // open transaction
+  bool changed_ ABSL_GUARDED_BY(mu_) = false;
+  std::map<std::string, VolumeRec, std::less<>> volumes_ ABSL_GUARDED_BY(mu_);
+  std::vector<uint64_t> catalog_nodes_ ABSL_GUARDED_BY(mu_);
+
+  std::vector<uint32_t> counts_ ABSL_GUARDED_BY(mu_);
+  std::vector<bool> held_ ABSL_GUARDED_BY(mu_);  // freed, not yet reusable
+  std::vector<uint64_t> held_list_ ABSL_GUARDED_BY(mu_);
+  uint64_t free_nodes_ ABSL_GUARDED_BY(mu_) = 0;   // allocatable now
+  uint64_t free_chunks_ ABSL_GUARDED_BY(mu_) = 0;  // allocatable now
+  uint64_t used_nodes_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t used_chunks_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t node_cursor_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t chunk_cursor_ ABSL_GUARDED_BY(mu_) = 0;
+  std::unordered_set<uint64_t> dirty_pages_ ABSL_GUARDED_BY(mu_);
+  std::unordered_set<uint64_t> prev_dirty_pages_ ABSL_GUARDED_BY(mu_);
+  bool all_pages_dirty_ ABSL_GUARDED_BY(mu_) = true;
+
+  std::unordered_map<uint64_t, std::unique_ptr<Node>> cache_
+      ABSL_GUARDED_BY(mu_);
+  uint64_t dirty_nodes_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<Digest> empty_digests_;  // [0] = zero chunk, [1+l] = level l
+  Stats stats_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace blockstore
+
+#endif  // TANDEM_BLOCKSTORE_POOL_H_

@@ -1,0 +1,148 @@
+#include "blockstore/util.h"
+
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace blockstore {
+
+absl::Status ErrnoError(int err, absl::string_view context) {
+  std::string msg = absl::StrCat(context, ": ", std::strerror(err));
+  switch (err) {
+    case ENOENT:
+      return absl::NotFoundError(msg);
+    case EEXIST:
+      return absl::AlreadyExistsError(msg);
+    case EACCES:
+    case EPERM:
+      return absl::PermissionDeniedError(msg);
+    case ENOSPC:
+    case EDQUOT:
+    case ENOMEM:
+      return absl::ResourceExhaustedError(msg);
+    case EINVAL:
+    case ENOTDIR:
+    case EISDIR:
+      return absl::InvalidArgumentError(msg);
+    case EAGAIN:
+    case EBUSY:
+      return absl::UnavailableError(msg);
+    case ENOSYS:
+    case EOPNOTSUPP:
+      return absl::UnimplementedError(msg);
+    default:
+      // EIO and the rest: the device failed us; nothing the caller did.
+      return absl::DataLossError(msg);
+  }
+}
+
+absl::StatusOr<uint64_t> ParseSize(absl::string_view text,
+                                   absl::string_view what) {
+  absl::string_view s = absl::StripAsciiWhitespace(text);
+  auto bad = [&] {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "bad ", what, " '", text,
+        "': expected a number of bytes with an optional K, M, G or T suffix"));
+  };
+  if (s.empty()) return bad();
+  // Optional "B" / "iB" after the multiplier.
+  if (absl::EndsWithIgnoreCase(s, "ib")) {
+    s.remove_suffix(2);
+  } else if (s.size() > 1 && (s.back() == 'B' || s.back() == 'b')) {
+    s.remove_suffix(1);
+  }
+  uint64_t mult = 1;
+  if (!s.empty()) {
+    switch (absl::ascii_toupper(s.back())) {
+      case 'K': mult = 1ull << 10; break;
+      case 'M': mult = 1ull << 20; break;
+      case 'G': mult = 1ull << 30; break;
+      case 'T': mult = 1ull << 40; break;
+      case 'P': mult = 1ull << 50; break;
+      default: break;
+    }
+    if (mult != 1) s.remove_suffix(1);
+  }
+  if (s.empty() || !(absl::ascii_isdigit(s[0]))) return bad();
+  uint64_t whole = 0;
+  if (absl::SimpleAtoi(s, &whole)) {
+    if (whole > UINT64_MAX / mult) return bad();
+    return whole * mult;
+  }
+  double d = 0;
+  if (mult == 1 || !absl::SimpleAtod(s, &d) || !std::isfinite(d) || d < 0) {
+    return bad();
+  }
+  long double v = static_cast<long double>(d) * mult;
+  if (v >= 18446744073709551615.0L) return bad();
+  return static_cast<uint64_t>(v);
+}
+
+std::string FormatBytes(uint64_t bytes) {
+  static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB",
+                                           "PiB"};
+  if (bytes < 1024) return absl::StrCat(bytes, " B");
+  double v = static_cast<double>(bytes);
+  int unit = 0;
+  while (v >= 1024 && unit < 5) {
+    v /= 1024;
+    ++unit;
+  }
+  if (v == std::floor(v)) return absl::StrFormat("%.0f %s", v, kUnits[unit]);
+  return absl::StrFormat("%.2f %s", v, kUnits[unit]);
+}
+
+std::string Hex(std::span<const std::byte> data) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(data.size() * 2);
+  for (std::byte b : data) {
+    out.push_back(kDigits[static_cast<uint8_t>(b) >> 4]);
+    out.push_back(kDigits[static_cast<uint8_t>(b) & 15]);
+  }
+  return out;
+}
+
+AlignedBuffer::AlignedBuffer(size_t size_bytes) : size_(size_bytes) {
+  size_t alloc = RoundUp(size_bytes == 0 ? 1 : size_bytes, kIoAlign);
+  void* p = std::aligned_alloc(kIoAlign, alloc);
+  if (p == nullptr) std::abort();  // Out of memory: nothing sane to do.
+  std::memset(p, 0, alloc);
+  data_.reset(static_cast<std::byte*>(p));
+}
+
+void AlignedBuffer::Free::operator()(std::byte* p) const { std::free(p); }
+
+bool IsAllZero(std::span<const std::byte> data) {
+  if (data.empty()) return true;
+  // Check a word first so typical non-zero data exits at once, then compare
+  // the buffer with itself shifted by one: all equal and the first zero.
+  if (data[0] != std::byte{0}) return false;
+  return std::memcmp(data.data(), data.data() + 1, data.size() - 1) == 0;
+}
+
+void PutLe64(std::byte* p, uint64_t v) {
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
+}
+void PutLe32(std::byte* p, uint32_t v) {
+  for (int i = 0; i < 4; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
+}
+uint64_t GetLe64(const std::byte* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | static_cast<uint8_t>(p[i]);
+  return v;
+}
+uint32_t GetLe32(const std::byte* p) {
+  uint32_t v = 0;
+  for (int i = 3; i >= 0; --i) v = (v << 8) | static_cast<uint8_t>(p[i]);
+  return v;
+}
+
+}  // namespace blockstore

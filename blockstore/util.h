@@ -1,0 +1,80 @@
+// Small helpers every layer needs: errno to Status, byte sizes, hex, and
+// aligned buffers for direct I/O. Thread-safe (all are pure or own their data).
+#ifndef TANDEM_BLOCKSTORE_UTIL_H_
+#define TANDEM_BLOCKSTORE_UTIL_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace blockstore {
+
+// Every offset, length and buffer address handed to an Io is a multiple of
+// this, so the same code runs with O_DIRECT on files and block devices.
+inline constexpr size_t kIoAlign = 4096;
+
+// The one place errno (or a negated io_uring result) becomes a Status.
+// `context` says what was being done, e.g. "read pool.img at 8192".
+absl::Status ErrnoError(int err, absl::string_view context);
+
+// Parses "4096", "64K", "1.5G", "2T" (binary multiples, optional "iB"/"B").
+// InvalidArgument naming `what` and the text on anything else or on overflow.
+absl::StatusOr<uint64_t> ParseSize(absl::string_view text,
+                                   absl::string_view what = "size");
+
+// "1.50 GiB", "64 KiB", "12 B".
+std::string FormatBytes(uint64_t bytes);
+
+// Lowercase hex of `data`.
+std::string Hex(std::span<const std::byte> data);
+
+inline constexpr uint64_t RoundUp(uint64_t v, uint64_t align) {
+  return (v + align - 1) / align * align;
+}
+inline constexpr uint64_t DivRoundUp(uint64_t v, uint64_t d) {
+  return (v + d - 1) / d;
+}
+inline constexpr bool IsPowerOfTwo(uint64_t v) {
+  return v != 0 && (v & (v - 1)) == 0;
+}
+
+// A zero-filled heap buffer aligned to kIoAlign. Move-only.
+class AlignedBuffer {
+ public:
+  AlignedBuffer() = default;
+  explicit AlignedBuffer(size_t size_bytes);
+  AlignedBuffer(AlignedBuffer&&) = default;
+  AlignedBuffer& operator=(AlignedBuffer&&) = default;
+
+  std::byte* data() { return data_.get(); }
+  const std::byte* data() const { return data_.get(); }
+  size_t size() const { return size_; }
+  std::span<std::byte> span() { return {data_.get(), size_}; }
+  std::span<const std::byte> span() const { return {data_.get(), size_}; }
+
+ private:
+  struct Free {
+    void operator()(std::byte* p) const;
+  };
+  std::unique_ptr<std::byte[], Free> data_;
+  size_t size_ = 0;
+};
+
+// True if every byte of `data` is zero.
+bool IsAllZero(std::span<const std::byte> data);
+
+// Little-endian fixed-width encoding into / out of byte arrays.
+void PutLe64(std::byte* p, uint64_t v);
+void PutLe32(std::byte* p, uint32_t v);
+uint64_t GetLe64(const std::byte* p);
+uint32_t GetLe32(const std::byte* p);
+
+}  // namespace blockstore
+
+#endif  // TANDEM_BLOCKSTORE_UTIL_H_
