@@ -79,19 +79,33 @@ size_t MemIo::pending_writes() const {
 }
 
 void MemIo::Crash(size_t keep_writes, size_t tear_bytes) {
+  CrashKeeping([&](size_t i, size_t len) -> size_t {
+    if (i < keep_writes) return len;
+    if (i == keep_writes) return std::min(tear_bytes, len);
+    return 0;
+  });
+}
+
+void MemIo::CrashKeeping(const std::function<size_t(size_t, size_t)>& kept) {
   absl::MutexLock lock(&mu_);
-  size_t keep = std::min(keep_writes, pending_.size());
-  for (size_t i = 0; i < keep; ++i) {
-    Apply(durable_, pending_[i].offset, pending_[i].data);
-  }
-  tear_bytes = tear_bytes / 512 * 512;
-  if (tear_bytes > 0 && keep < pending_.size()) {
-    const Pending& p = pending_[keep];
-    Apply(durable_, p.offset,
-          std::span(p.data).first(std::min(tear_bytes, p.data.size())));
+  for (size_t i = 0; i < pending_.size(); ++i) {
+    const Pending& p = pending_[i];
+    size_t n = std::min(kept(i, p.data.size()), p.data.size());
+    if (n < p.data.size()) n = n / 512 * 512;
+    if (n > 0) Apply(durable_, p.offset, std::span(p.data).first(n));
   }
   pending_.clear();
   current_ = durable_;
+}
+
+std::unique_ptr<MemIo> MemIo::Clone() const {
+  absl::MutexLock lock(&mu_);
+  auto copy = std::make_unique<MemIo>(size_);
+  absl::MutexLock lock2(&copy->mu_);
+  copy->current_ = current_;
+  copy->durable_ = durable_;
+  copy->pending_ = pending_;
+  return copy;
 }
 
 void MemIo::FlipBit(uint64_t offset_bytes, int bit) {

@@ -6,6 +6,7 @@
 #define TANDEM_BLOCKSTORE_MEM_IO_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <vector>
@@ -32,6 +33,13 @@ class MemIo final : public Io {
   // survive; if `tear_bytes` > 0 the next one survives only in its first
   // `tear_bytes` bytes (rounded down to 512, a sector); the rest are lost.
   void Crash(size_t keep_writes = 0, size_t tear_bytes = 0);
+  // The general form: `kept(i, len)` says how many leading bytes of the i-th
+  // unflushed write survive (0 lost, len whole, else torn; rounded down to a
+  // 512-byte sector).
+  void CrashKeeping(const std::function<size_t(size_t, size_t)>& kept);
+
+  // An independent copy of the current state, pending writes included.
+  std::unique_ptr<MemIo> Clone() const;
 
   // Test hooks on the current contents, bypassing durability tracking.
   void FlipBit(uint64_t offset_bytes, int bit);

@@ -253,7 +253,7 @@ absl::Status Pool::FormatLocked(const CreatePoolOptions& options) {
   free_chunks_ = sb_.data_count;
   gen_ = 1;
   changed_ = true;
-  all_pages_dirty_ = true;
+  full_table_writes_ = 2;
   return CommitLocked();
 }
 
@@ -368,7 +368,7 @@ absl::Status Pool::LoadLocked() {
   }
   if (absl::Status s = ParseCatalog(catalog); !s.ok()) return s;
   gen_ = sb_.generation + 1;
-  all_pages_dirty_ = true;  // the other table copy may be stale or torn
+  full_table_writes_ = 1;  // the other table copy may be stale or torn
   return absl::OkStatus();
 }
 
@@ -1392,7 +1392,7 @@ absl::Status Pool::CommitLocked() {
   // Reference-count pages. This generation's copy was last complete two
   // commits ago, so it needs the pages changed in this and the previous one.
   std::vector<uint64_t> pages;
-  if (all_pages_dirty_) {
+  if (full_table_writes_ > 0) {
     for (uint64_t p = 0; p < sb_.refcount_pages; ++p) pages.push_back(p);
   } else {
     pages.assign(dirty_pages_.begin(), dirty_pages_.end());
@@ -1443,7 +1443,7 @@ absl::Status Pool::CommitLocked() {
   dirty_nodes_ = 0;
   prev_dirty_pages_ = std::move(dirty_pages_);
   dirty_pages_.clear();
-  all_pages_dirty_ = false;
+  if (full_table_writes_ > 0) --full_table_writes_;
   for (uint64_t i : held_list_) {
     held_[i] = false;
     if (counts_[i] == 0) ++(i < sb_.meta_count ? free_nodes_ : free_chunks_);

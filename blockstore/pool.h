@@ -139,7 +139,7 @@ class Pool {
   // The scrub: walks every tree from disk (not the cache), verifying node
   // checksums, Merkle digests, reference counts, free-space accounting and
   // canonical form; with `verify_data`, re-hashes every referenced chunk.
-  // FailedPrecondition if there are uncommitted changes (Flush first).
+  // Commits pending changes first.
   struct CheckReport {
     std::vector<std::string> problems;  // empty = consistent
     std::vector<std::string> notes;     // expected after a crash, not errors
@@ -295,7 +295,9 @@ class Pool {
   uint64_t chunk_cursor_ ABSL_GUARDED_BY(mu_) = 0;
   std::unordered_set<uint64_t> dirty_pages_ ABSL_GUARDED_BY(mu_);
   std::unordered_set<uint64_t> prev_dirty_pages_ ABSL_GUARDED_BY(mu_);
-  bool all_pages_dirty_ ABSL_GUARDED_BY(mu_) = true;
+  // Commits that must still write the whole table: 2 after format (both
+  // copies start blank), 1 after open (the other copy may be torn).
+  int full_table_writes_ ABSL_GUARDED_BY(mu_) = 0;
 
   std::unordered_map<uint64_t, std::unique_ptr<Node>> cache_
       ABSL_GUARDED_BY(mu_);

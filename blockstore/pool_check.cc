@@ -112,8 +112,8 @@ absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
   absl::MutexLock lock(&mu_);
   if (!failed_.ok()) return failed_;
   if (changed_ || dirty_nodes_ != 0 || !held_list_.empty()) {
-    return absl::FailedPreconditionError(
-        "pool has uncommitted changes; flush before checking");
+    // The check reads what is on disk: commit first.
+    if (absl::Status s = Fail(CommitLocked()); !s.ok()) return s;
   }
   CheckState st;
   st.refs.assign(counts_.size(), 0);

@@ -1,0 +1,440 @@
+#include "blockstore/pool.h"
+
+#include <cerrno>
+#include <cstring>
+#include <memory>
+#include <random>
+
+#include "blockstore/mem_io.h"
+#include "blockstore/util.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testing/fault_io.h"
+#include "tests/testing/model.h"
+
+namespace blockstore {
+namespace {
+
+using ::testing::HasSubstr;
+using testing_util::PoolModel;
+using testing_util::TestData;
+
+constexpr uint32_t kChunk = 4096;
+
+std::unique_ptr<Pool> MakePool(MemIo& io, uint32_t chunk = kChunk) {
+  absl::StatusOr<std::unique_ptr<Pool>> pool =
+      Pool::Create(io, {.chunk_size_bytes = chunk});
+  EXPECT_TRUE(pool.ok()) << pool.status();
+  return std::move(*pool);
+}
+
+std::unique_ptr<Pool> Reopen(MemIo& io, OpenMode mode = OpenMode::kReadWrite) {
+  absl::StatusOr<std::unique_ptr<Pool>> pool = Pool::Open(io, mode);
+  EXPECT_TRUE(pool.ok()) << pool.status();
+  return pool.ok() ? std::move(*pool) : nullptr;
+}
+
+std::vector<std::byte> ReadAll(Pool& pool, const std::string& vol,
+                               const std::string& snap = "") {
+  uint64_t size = snap.empty() ? pool.GetVolume(vol)->size_bytes
+                               : pool.GetSnapshot(vol, snap)->size_bytes;
+  std::vector<std::byte> out(size);
+  absl::Status s = pool.Read(vol, snap, 0, out);
+  EXPECT_TRUE(s.ok()) << s;
+  return out;
+}
+
+void ExpectConsistent(Pool& pool, bool data = true) {
+  absl::StatusOr<Pool::CheckReport> r = pool.Check(data);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_THAT(r->problems, ::testing::IsEmpty());
+}
+
+TEST(PoolTest, DataSurvivesReopen) {
+  MemIo io(32 << 20);
+  auto pool = MakePool(io);
+  ASSERT_TRUE(pool->CreateVolume("v", 1 << 20).ok());
+  std::vector<std::byte> data = TestData(300000, 2);
+  ASSERT_TRUE(pool->Write("v", 12345, data).ok());
+  ASSERT_TRUE(pool->Flush().ok());
+  pool.reset();
+  pool = Reopen(io);
+  std::vector<std::byte> back(data.size());
+  ASSERT_TRUE(pool->Read("v", "", 12345, back).ok());
+  EXPECT_EQ(back, data);
+  ExpectConsistent(*pool);
+}
+
+TEST(PoolTest, UnflushedWritesAreGoneAfterReopenWithoutFlush) {
+  MemIo io(32 << 20);
+  auto pool = MakePool(io);
+  ASSERT_TRUE(pool->CreateVolume("v", 1 << 20).ok());
+  ASSERT_TRUE(pool->Write("v", 0, TestData(8192, 2)).ok());
+  pool.reset();  // no Flush: as a crash
+  io.Crash();
+  pool = Reopen(io);
+  EXPECT_TRUE(IsAllZero(ReadAll(*pool, "v")));
+  ExpectConsistent(*pool);
+}
+
+TEST(PoolTest, UnalignedWritesMatchTheModel) {
+  MemIo io(32 << 20);
+  auto pool = MakePool(io);
+  PoolModel model(kChunk);
+  const uint64_t size = 100 * kChunk + 123;  // a partial last chunk too
+  ASSERT_TRUE(pool->CreateVolume("v", size).ok());
+  model.volumes["v"].size_bytes = size;
+  std::mt19937_64 rng(5);
+  for (int i = 0; i < 200; ++i) {
+    uint64_t off = rng() % size;
+    uint64_t len = std::min<uint64_t>(1 + rng() % (3 * kChunk), size - off);
+    std::vector<std::byte> data = TestData(len, rng());
+    ASSERT_TRUE(pool->Write("v", off, data).ok());
+    model.Write("v", off, data);
+  }
+  EXPECT_EQ(testing_util::DiffPool(*pool, model), "");
+  ASSERT_TRUE(pool->Flush().ok());
+  ExpectConsistent(*pool);
+}
+
+TEST(PoolTest, SnapshotKeepsItsContentWhileTheVolumeChanges) {
+  MemIo io(32 << 20);
+  auto pool = MakePool(io);
+  ASSERT_TRUE(pool->CreateVolume("v", 64 * kChunk).ok());
+  std::vector<std::byte> before = TestData(64 * kChunk, 3);
+  ASSERT_TRUE(pool->Write("v", 0, before).ok());
+  absl::StatusOr<SnapshotInfo> s1 = pool->CreateSnapshot("v", "s1");
+  ASSERT_TRUE(s1.ok());
+  ASSERT_TRUE(pool->Write("v", 5 * kChunk + 7, TestData(3 * kChunk, 6)).ok());
+  ASSERT_TRUE(pool->Trim("v", 40 * kChunk, 10 * kChunk).ok());
+  EXPECT_EQ(ReadAll(*pool, "v", "s1"), before);
+  EXPECT_NE(ReadAll(*pool, "v"), before);
+  EXPECT_EQ(*pool->RootDigest("v", "s1"), s1->root_digest);
+  EXPECT_NE(*pool->RootDigest("v", ""), s1->root_digest);
+  absl::StatusOr<std::vector<SnapshotInfo>> list = pool->ListSnapshots("v");
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].guid, s1->guid);
+  EXPECT_EQ((*list)[0].name, "s1");
+  ASSERT_TRUE(pool->Flush().ok());
+  ExpectConsistent(*pool);
+}
+
+TEST(PoolTest, SnapshotWritesTheSameMetadataForATinyAndAHugeVolume) {
+  // O(1) snapshots: the commit of a snapshot writes a bounded number of
+  // nodes whatever the volume size (a 1 GiB and a 1 TiB sparse volume).
+  uint64_t written[2];
+  for (int i = 0; i < 2; ++i) {
+    MemIo io(64 << 20);
+    auto pool = MakePool(io, 65536);
+    uint64_t size = i == 0 ? (1ull << 30) : (1ull << 40);
+    ASSERT_TRUE(pool->CreateVolume("v", size).ok());
+    for (uint64_t off : {uint64_t{0}, size / 2, size - 65536}) {
+      ASSERT_TRUE(pool->Write("v", off, TestData(65536, 2)).ok());
+    }
+    ASSERT_TRUE(pool->Flush().ok());
+    uint64_t before = pool->stats().metadata_bytes_written;
+    ASSERT_TRUE(pool->CreateSnapshot("v", "s").ok());
+    written[i] = pool->stats().metadata_bytes_written - before;
+  }
+  // Catalog node + refcount pages + superblock; no tree nodes at all.
+  EXPECT_EQ(written[0], written[1]);
+  EXPECT_LE(written[1], 4u * 4096);
+}
+
+TEST(PoolTest, DeletingSnapshotsAndVolumesFreesEverything) {
+  MemIo io(32 << 20);
+  auto pool = MakePool(io);
+  PoolInfo empty = pool->Info();
+  EXPECT_EQ(empty.used_bytes, 0u);
+  ASSERT_TRUE(pool->CreateVolume("v", 256 * kChunk).ok());
+  ASSERT_TRUE(pool->Write("v", 0, TestData(256 * kChunk, 2)).ok());
+  ASSERT_TRUE(pool->CreateSnapshot("v", "a").ok());
+  ASSERT_TRUE(pool->Write("v", 0, TestData(128 * kChunk, 3)).ok());
+  ASSERT_TRUE(pool->CreateSnapshot("v", "b").ok());
+  ASSERT_TRUE(pool->Write("v", 64 * kChunk, TestData(64 * kChunk, 5)).ok());
+  ASSERT_TRUE(pool->Flush().ok());
+  EXPECT_EQ(pool->Info().used_bytes, (256 + 128 + 64) * kChunk);
+  ASSERT_TRUE(pool->DeleteSnapshot("v", "a").ok());
+  // a's first half was overwritten in b and the live volume: freed; its
+  // second half is still shared.
+  EXPECT_EQ(pool->Info().used_bytes, (256 + 64) * kChunk);
+  absl::Status refused = pool->DeleteVolume("v", false);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("1 snapshot(s) (b)"));
+  ASSERT_TRUE(pool->DeleteVolume("v", true).ok());
+  PoolInfo after = pool->Info();
+  EXPECT_EQ(after.used_bytes, 0u);
+  EXPECT_EQ(after.free_bytes, after.capacity_bytes);
+  EXPECT_EQ(after.metadata_used_bytes, empty.metadata_used_bytes);
+  ExpectConsistent(*pool);
+  pool = Reopen(io);
+  EXPECT_EQ(pool->Info().used_bytes, 0u);
+  ExpectConsistent(*pool);
+}
+
+TEST(PoolTest, RollbackRestoresContentAndSize) {
+  MemIo io(32 << 20);
+  auto pool = MakePool(io);
+  ASSERT_TRUE(pool->CreateVolume("v", 10 * kChunk).ok());
+  std::vector<std::byte> before = TestData(10 * kChunk, 2);
+  ASSERT_TRUE(pool->Write("v", 0, before).ok());
+  absl::StatusOr<SnapshotInfo> s = pool->CreateSnapshot("v", "s");
+  ASSERT_TRUE(pool->ResizeVolume("v", 1000 * kChunk).ok());
+  ASSERT_TRUE(pool->Write("v", 900 * kChunk, TestData(kChunk, 3)).ok());
+  ASSERT_TRUE(pool->Write("v", 0, TestData(kChunk, 3)).ok());
+  ASSERT_TRUE(pool->Rollback("v", "s").ok());
+  EXPECT_EQ(pool->GetVolume("v")->size_bytes, 10 * kChunk);
+  EXPECT_EQ(ReadAll(*pool, "v"), before);
+  EXPECT_EQ(*pool->RootDigest("v", ""), s->root_digest);
+  ExpectConsistent(*pool);
+  EXPECT_EQ(pool->Rollback("v", "nope").code(), absl::StatusCode::kNotFound);
+}
+
+TEST(PoolTest, TrimReadsZerosAndFreesWholeChunks) {
+  MemIo io(32 << 20);
+  auto pool = MakePool(io);
+  ASSERT_TRUE(pool->CreateVolume("v", 100 * kChunk).ok());
+  std::vector<std::byte> data = TestData(100 * kChunk, 2);
+  ASSERT_TRUE(pool->Write("v", 0, data).ok());
+  // From the middle of chunk 10 to the middle of chunk 20: chunks 11-19 go.
+  ASSERT_TRUE(pool->Trim("v", 10 * kChunk + 100, 10 * kChunk).ok());
+  ASSERT_TRUE(pool->Flush().ok());
+  std::memset(data.data() + 10 * kChunk + 100, 0, 10 * kChunk);
+  EXPECT_EQ(ReadAll(*pool, "v"), data);
+  EXPECT_EQ(pool->Info().used_bytes, 91 * kChunk);
+  // Trimming everything frees everything and folds the tree away.
+  ASSERT_TRUE(pool->Trim("v", 0, 100 * kChunk).ok());
+  ASSERT_TRUE(pool->Flush().ok());
+  EXPECT_EQ(pool->Info().used_bytes, 0u);
+  EXPECT_TRUE(IsAllZero(ReadAll(*pool, "v")));
+  ExpectConsistent(*pool);
+}
+
+TEST(PoolTest, ZeroWritesUseNoSpace) {
+  MemIo io(32 << 20);
+  auto pool = MakePool(io);
+  ASSERT_TRUE(pool->CreateVolume("v", 100 * kChunk).ok());
+  std::vector<std::byte> zeros(50 * kChunk);
+  ASSERT_TRUE(pool->Write("v", 0, zeros).ok());
+  ASSERT_TRUE(pool->Flush().ok());
+  EXPECT_EQ(pool->Info().used_bytes, 0u);
+}
+
+TEST(PoolTest, ShrinkDiscardsAndGrowReadsZeros) {
+  MemIo io(32 << 20);
+  auto pool = MakePool(io);
+  PoolModel model(kChunk);
+  ASSERT_TRUE(pool->CreateVolume("v", 300 * kChunk).ok());
+  model.volumes["v"].size_bytes = 300 * kChunk;
+  std::vector<std::byte> data = TestData(300 * kChunk, 2);
+  ASSERT_TRUE(pool->Write("v", 0, data).ok());
+  model.Write("v", 0, data);
+  ASSERT_TRUE(pool->CreateSnapshot("v", "full").ok());
+  model.Snapshot("v", "full");
+  // Depth 2 -> 1 -> 3 (126^2 chunks is the depth-2 limit) and back.
+  for (uint64_t size : {uint64_t{50 * kChunk + 77}, uint64_t{20000} * kChunk,
+                        uint64_t{3 * kChunk}, uint64_t{130 * kChunk}}) {
+    ASSERT_TRUE(pool->ResizeVolume("v", size).ok()) << size;
+    model.Resize("v", size);
+    ASSERT_TRUE(pool->Write("v", size - 5000, TestData(5000, size)).ok());
+    model.Write("v", size - 5000, TestData(5000, size));
+    EXPECT_EQ(testing_util::DiffPool(*pool, model), "") << size;
+    ExpectConsistent(*pool);
+  }
+  EXPECT_EQ(pool->ResizeVolume("v", 0).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(PoolTest, EqualContentHasEqualDigestWhateverTheHistory) {
+  MemIo io_a(32 << 20), io_b(32 << 20);
+  auto a = MakePool(io_a);
+  auto b = MakePool(io_b);
+  const uint64_t size = 500 * kChunk;
+  ASSERT_TRUE(a->CreateVolume("x", size).ok());
+  ASSERT_TRUE(b->CreateVolume("y", size).ok());
+  // a: written front to back. b: filler first (other placement), written
+  // back to front, with junk that is later trimmed and rewritten.
+  ASSERT_TRUE(b->CreateVolume("filler", size).ok());
+  ASSERT_TRUE(b->Write("filler", 0, TestData(77 * kChunk, 3)).ok());
+  std::vector<std::byte> data = TestData(size, 2);
+  ASSERT_TRUE(a->Write("x", 0, data).ok());
+  ASSERT_TRUE(b->Write("y", 0, TestData(size, 7)).ok());
+  ASSERT_TRUE(b->CreateSnapshot("y", "junk").ok());
+  ASSERT_TRUE(b->Trim("y", 0, size).ok());
+  for (uint64_t c = 500; c-- > 0;) {
+    ASSERT_TRUE(
+        b->Write("y", c * kChunk, std::span(data).subspan(c * kChunk, kChunk)).ok());
+  }
+  EXPECT_EQ(*a->RootDigest("x", ""), *b->RootDigest("y", ""));
+  ASSERT_TRUE(b->Write("y", 1234, TestData(1, 9)).ok());
+  EXPECT_NE(*a->RootDigest("x", ""), *b->RootDigest("y", ""));
+  // An empty volume's digest depends only on its size.
+  ASSERT_TRUE(a->CreateVolume("e", size).ok());
+  ASSERT_TRUE(b->CreateVolume("e", size).ok());
+  EXPECT_EQ(*a->RootDigest("e", ""), *b->RootDigest("e", ""));
+}
+
+TEST(PoolTest, FullPoolRefusesWritesAndKeepsCommittedData) {
+  MemIo io(8 << 20);
+  auto pool = MakePool(io);
+  uint64_t capacity = pool->Info().capacity_bytes;
+  ASSERT_TRUE(pool->CreateVolume("v", 2 * capacity).ok());
+  std::vector<std::byte> first = TestData(capacity / 2, 2);
+  ASSERT_TRUE(pool->Write("v", 0, first).ok());
+  ASSERT_TRUE(pool->Flush().ok());
+  absl::Status s = pool->Write("v", capacity, TestData(capacity, 3));
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("out of space"));
+  // The handle still works and the committed data is intact.
+  std::vector<std::byte> back(first.size());
+  ASSERT_TRUE(pool->Read("v", "", 0, back).ok());
+  EXPECT_EQ(back, first);
+  ASSERT_TRUE(pool->Trim("v", 0, 2 * capacity).ok());
+  ASSERT_TRUE(pool->Write("v", 0, TestData(capacity / 2, 5)).ok());
+  ASSERT_TRUE(pool->Flush().ok());
+  ExpectConsistent(*pool);
+}
+
+TEST(PoolTest, ReadOnlyPoolRefusesChanges) {
+  MemIo io(32 << 20);
+  {
+    auto pool = MakePool(io);
+    ASSERT_TRUE(pool->CreateVolume("v", kChunk).ok());
+  }
+  auto pool = Reopen(io, OpenMode::kReadOnly);
+  absl::Status s = pool->Write("v", 0, TestData(10, 2));
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("read-only"));
+  EXPECT_EQ(pool->CreateSnapshot("v", "s").status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(PoolTest, BadInputNamesWhatIsWrong) {
+  MemIo io(32 << 20);
+  auto pool = MakePool(io);
+  ASSERT_TRUE(pool->CreateVolume("v", 10 * kChunk).ok());
+  absl::Status s = pool->CreateVolume("v", kChunk);
+  EXPECT_EQ(s.code(), absl::StatusCode::kAlreadyExists);
+  s = pool->CreateVolume("a@b", kChunk);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("bad volume name 'a@b'"));
+  s = pool->Write("v", 10 * kChunk - 1, TestData(2, 2));
+  EXPECT_EQ(s.code(), absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("past the end of volume 'v'"));
+  s = pool->Write("nope", 0, TestData(2, 2));
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("no volume 'nope'"));
+  std::vector<std::byte> buf(10);
+  s = pool->Read("v", "missing", 0, buf);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("no snapshot 'v@missing'"));
+  ASSERT_TRUE(pool->CreateSnapshot("v", "s").ok());
+  EXPECT_EQ(pool->CreateSnapshot("v", "s").status().code(),
+            absl::StatusCode::kAlreadyExists);
+}
+
+TEST(PoolTest, NotAPoolAndDamagedSuperblocksAreToldApart) {
+  MemIo blank(32 << 20);
+  absl::Status s = Pool::Open(blank, OpenMode::kReadOnly).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("not a tandem pool"));
+
+  MemIo io(32 << 20);
+  MakePool(io)->CreateVolume("v", kChunk).IgnoreError();
+  // One damaged superblock: the other (older) one is used.
+  io.FlipBit(4096 + 100, 3);
+  auto pool = Reopen(io);
+  ASSERT_NE(pool, nullptr);
+  io.FlipBit(100, 3);
+  s = Pool::Open(io, OpenMode::kReadOnly).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("both pool superblocks are damaged"));
+}
+
+// Finds the device offset of the first tree node of `pool` by scanning the
+// metadata area for a node that decodes as a tree node.
+uint64_t FirstTreeNodeOffset(MemIo& io, const Superblock& sb) {
+  for (uint64_t id = sb.meta_start; id < sb.meta_start + sb.meta_count; ++id) {
+    std::vector<std::byte> raw = io.Peek(id * kNodeSize, kNodeSize);
+    absl::StatusOr<NodeHeader> h =
+        OpenNode(std::span<const std::byte, kNodeSize>(raw.data(), kNodeSize), id);
+    if (h.ok() && h->kind == NodeKind::kTree) return id * kNodeSize;
+  }
+  return 0;
+}
+
+TEST(PoolTest, FlippedMetadataBitIsReportedNeverRead) {
+  MemIo io(32 << 20);
+  auto pool = MakePool(io);
+  ASSERT_TRUE(pool->CreateVolume("v", 50 * kChunk).ok());
+  ASSERT_TRUE(pool->Write("v", 0, TestData(50 * kChunk, 2)).ok());
+  ASSERT_TRUE(pool->Flush().ok());
+  Superblock sb = pool->superblock();
+  pool.reset();
+  uint64_t node = FirstTreeNodeOffset(io, sb);
+  ASSERT_NE(node, 0u);
+  for (uint64_t byte : {uint64_t{20}, uint64_t{64 + 5}, uint64_t{4000}}) {
+    io.FlipBit(node + byte, 1);
+    pool = Reopen(io, OpenMode::kReadOnly);
+    absl::StatusOr<Pool::CheckReport> r = pool->Check(false);
+    ASSERT_TRUE(r.ok());
+    ASSERT_FALSE(r->problems.empty()) << byte;
+    EXPECT_THAT(r->problems[0], HasSubstr("checksum mismatch"));
+    std::vector<std::byte> buf(kChunk);
+    absl::Status s = pool->Read("v", "", 0, buf);
+    EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
+    EXPECT_THAT(std::string(s.message()), HasSubstr("checksum mismatch"));
+    io.FlipBit(node + byte, 1);  // repair
+  }
+}
+
+TEST(PoolTest, FlippedDataBitFailsTheReadAndTheDataCheck) {
+  MemIo io(32 << 20);
+  auto pool = MakePool(io);
+  ASSERT_TRUE(pool->CreateVolume("v", 4 * kChunk).ok());
+  ASSERT_TRUE(pool->Write("v", 0, TestData(4 * kChunk, 2)).ok());
+  ASSERT_TRUE(pool->Flush().ok());
+  uint64_t data_at = pool->superblock().data_start * kChunk;
+  pool.reset();
+  io.FlipBit(data_at + 777, 0);
+  pool = Reopen(io, OpenMode::kReadOnly);
+  std::vector<std::byte> buf(4 * kChunk);
+  absl::Status s = pool->Read("v", "", 0, buf);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("'v' chunk 0"));
+  EXPECT_TRUE(pool->Check(false)->problems.empty());
+  std::vector<std::string> problems = pool->Check(true)->problems;
+  ASSERT_EQ(problems.size(), 1u);
+  EXPECT_THAT(problems[0], HasSubstr("does not match its digest"));
+}
+
+TEST(PoolTest, DeviceErrorStopsTheHandleAndReopenReturnsToLastCommit) {
+  MemIo mem(32 << 20);
+  {
+    auto pool = MakePool(mem);
+    ASSERT_TRUE(pool->CreateVolume("v", 10 * kChunk).ok());
+    ASSERT_TRUE(pool->Write("v", 0, TestData(kChunk, 2)).ok());
+    ASSERT_TRUE(pool->Flush().ok());
+  }
+  for (int n = 1; n <= 4; ++n) {
+    testing_util::FailNthWrite faulty(mem, n, EIO);
+    absl::StatusOr<std::unique_ptr<Pool>> p = Pool::Open(faulty, OpenMode::kReadWrite);
+    ASSERT_TRUE(p.ok());
+    absl::Status s = (*p)->Write("v", 0, TestData(2 * kChunk, 3));
+    if (s.ok()) s = (*p)->Flush();
+    ASSERT_FALSE(s.ok()) << n;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("injected write fault"));
+    // Everything after is refused with the same cause.
+    absl::Status again = (*p)->Write("v", 0, TestData(10, 3));
+    EXPECT_THAT(std::string(again.message()), HasSubstr("reopen the pool"));
+    p->reset();
+    mem.Crash();
+    auto back = Reopen(mem);
+    std::vector<std::byte> buf(kChunk);
+    ASSERT_TRUE(back->Read("v", "", 0, buf).ok());
+    EXPECT_EQ(buf, TestData(kChunk, 2)) << n;
+    ExpectConsistent(*back);
+  }
+}
+
+}  // namespace
+}  // namespace blockstore

@@ -1,0 +1,65 @@
+#include "blockstore/util.h"
+
+#include <cerrno>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace blockstore {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(ParseSizeTest, AcceptsPlainAndSuffixedSizes) {
+  EXPECT_EQ(*ParseSize("4096"), 4096u);
+  EXPECT_EQ(*ParseSize("64K"), 65536u);
+  EXPECT_EQ(*ParseSize("64k"), 65536u);
+  EXPECT_EQ(*ParseSize("1M"), 1u << 20);
+  EXPECT_EQ(*ParseSize("2GiB"), 2ull << 30);
+  EXPECT_EQ(*ParseSize("1T"), 1ull << 40);
+  EXPECT_EQ(*ParseSize("1.5G"), 3ull << 29);
+  EXPECT_EQ(*ParseSize("0"), 0u);
+}
+
+TEST(ParseSizeTest, RejectsGarbageNamingTheField) {
+  for (const char* bad : {"", "K", "12Q", "-1", "1..5G", "abc", "99999999999999999999",
+                          "20000P"}) {
+    absl::StatusOr<uint64_t> s = ParseSize(bad, "volume size");
+    ASSERT_FALSE(s.ok()) << bad;
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(s.status().message()), HasSubstr("bad volume size"));
+  }
+}
+
+TEST(FormatBytesTest, UsesBinaryUnits) {
+  EXPECT_EQ(FormatBytes(12), "12 B");
+  EXPECT_EQ(FormatBytes(65536), "64 KiB");
+  EXPECT_EQ(FormatBytes(3ull << 29), "1.50 GiB");
+}
+
+TEST(ErrnoErrorTest, MapsCommonErrnos) {
+  EXPECT_EQ(ErrnoError(ENOENT, "open x").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(ErrnoError(ENOSPC, "w").code(), absl::StatusCode::kResourceExhausted);
+  absl::Status eio = ErrnoError(EIO, "read pool.img at 8192");
+  EXPECT_EQ(eio.code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(eio.message()), HasSubstr("read pool.img at 8192"));
+}
+
+TEST(IsAllZeroTest, FindsAnyNonZeroByte) {
+  std::vector<std::byte> buf(65536);
+  EXPECT_TRUE(IsAllZero(buf));
+  for (size_t i : {size_t{0}, size_t{1}, size_t{4095}, size_t{65535}}) {
+    buf[i] = std::byte{1};
+    EXPECT_FALSE(IsAllZero(buf)) << i;
+    buf[i] = std::byte{0};
+  }
+}
+
+TEST(AlignedBufferTest, IsAlignedAndZeroed) {
+  AlignedBuffer b(10000);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(b.data()) % kIoAlign, 0u);
+  EXPECT_TRUE(IsAllZero(b.span()));
+}
+
+}  // namespace
+}  // namespace blockstore
