@@ -159,7 +159,7 @@ std::string DiffOne(blockstore::Pool& pool, const PoolModel& model,
       return absl::StrCat(what, ": read at ", at, ": ", s.message());
     }
     std::vector<std::byte> expect = model.Read(want, at, n);
-    if (got != expect) {
+    if (std::memcmp(got.data(), expect.data(), n) != 0) {
       size_t i = std::mismatch(got.begin(), got.end(), expect.begin()).first -
                  got.begin();
       return absl::StrCat(what, ": byte ", at + i, " differs from the model");

@@ -1,0 +1,306 @@
+// The tandem command line end to end, on a real pool file and on a loop
+// device (a stand-in for NVMe; skipped where loop devices are unavailable).
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
+#include "blockstore/io.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace {
+
+using ::testing::HasSubstr;
+using json = nlohmann::json;
+
+struct Result {
+  int code = -1;
+  std::string out;
+  std::string err;
+};
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+void WriteFile(const std::string& path, const std::string& data) {
+  std::ofstream f(path, std::ios::binary);
+  f << data;
+}
+
+std::string RandomBytes(size_t n, uint64_t seed) {
+  std::string s(n, '\0');
+  std::mt19937_64 rng(seed);
+  for (char& c : s) c = static_cast<char>(rng());
+  return s;
+}
+
+class CliTest : public ::testing::TestWithParam<bool> {
+ protected:
+  void SetUp() override {
+    const char* tmp = std::getenv("TMPDIR");
+    dir_ = absl::StrCat(tmp ? tmp : "/tmp", "/tandem-cli-XXXXXX");
+    ASSERT_NE(mkdtemp(dir_.data()), nullptr);
+    if (GetParam()) {
+      std::string backing = dir_ + "/loop.img";
+      ASSERT_EQ(truncate(backing.c_str(), 0), -1);  // does not exist yet
+      WriteFile(backing, "");
+      ASSERT_EQ(truncate(backing.c_str(), 256 << 20), 0);
+      Result r = Exec({"/sbin/losetup", "--find", "--show", backing});
+      if (r.code != 0 || r.out.empty()) {
+        GTEST_SKIP() << "no loop device here (" << r.err << ")";
+      }
+      loop_ = std::string(absl::StripTrailingAsciiWhitespace(r.out));
+      pool_ = loop_;
+    } else {
+      pool_ = dir_ + "/pool.img";
+    }
+  }
+
+  void TearDown() override {
+    if (!loop_.empty()) Exec({"/sbin/losetup", "-d", loop_});
+    Exec({"/bin/rm", "-rf", dir_});
+  }
+
+  // Runs argv with stdin from `input`, capturing stdout and stderr.
+  Result Exec(const std::vector<std::string>& argv, const std::string& input = "",
+              const std::vector<std::string>& env = {}) {
+    std::string in = dir_ + "/stdin", out = dir_ + "/stdout",
+                err = dir_ + "/stderr";
+    WriteFile(in, input);
+    pid_t pid = fork();
+    if (pid == 0) {
+      int i = open(in.c_str(), O_RDONLY);
+      int o = open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      int e = open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      dup2(i, 0);
+      dup2(o, 1);
+      dup2(e, 2);
+      std::vector<char*> args;
+      for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+      args.push_back(nullptr);
+      unsetenv("TANDEM_POOL");
+      for (const std::string& kv : env) putenv(const_cast<char*>(kv.c_str()));
+      execv(args[0], args.data());
+      _exit(127);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    Result r;
+    r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+    r.out = ReadFile(out);
+    r.err = ReadFile(err);
+    return r;
+  }
+
+  Result Tandem(std::vector<std::string> args, const std::string& input = "") {
+    args.insert(args.begin(), TANDEM_BIN);
+    return Exec(args, input);
+  }
+
+  // Runs a command that must succeed; returns its stdout.
+  std::string Ok(std::vector<std::string> args, const std::string& input = "") {
+    Result r = Tandem(args, input);
+    EXPECT_EQ(r.code, 0) << absl::StrJoin(args, " ") << ": " << r.err;
+    EXPECT_EQ(r.err, "") << absl::StrJoin(args, " ");
+    return r.out;
+  }
+
+  // Runs a command that must fail with one line on stderr containing `what`.
+  void Fails(std::vector<std::string> args, const std::string& what,
+             int code = 1) {
+    Result r = Tandem(args);
+    EXPECT_EQ(r.code, code) << absl::StrJoin(args, " ");
+    EXPECT_THAT(r.err, HasSubstr(what)) << absl::StrJoin(args, " ");
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1)
+        << "not one line: " << r.err;
+  }
+
+  std::string Digest(const std::string& ref) {
+    return std::string(absl::StripTrailingAsciiWhitespace(
+        Ok({"digest", "--pool", pool_, ref})));
+  }
+
+  std::string dir_, pool_, loop_;
+};
+
+TEST_P(CliTest, PoolVolumeSnapshotLifecycle) {
+  std::vector<std::string> create = {"pool", "create", pool_, "--chunk-size", "16K"};
+  if (!GetParam()) create.insert(create.end(), {"--size", "256M"});
+  EXPECT_THAT(Ok(create), HasSubstr("created pool"));
+  json info = json::parse(Ok({"pool", "info", pool_, "--json"}));
+  EXPECT_EQ(info["chunk_size_bytes"], 16384);
+  EXPECT_EQ(info["used_bytes"], 0);
+  if (GetParam()) {  // a block device always takes O_DIRECT
+    EXPECT_THAT(info["io"].get<std::string>(), HasSubstr("O_DIRECT"));
+  }
+
+  Ok({"volume", "create", "--pool", pool_, "vol", "--size", "10M"});
+  json vols = json::parse(Ok({"volume", "list", "--pool", pool_, "--json"}));
+  ASSERT_EQ(vols.size(), 1u);
+  EXPECT_EQ(vols[0]["name"], "vol");
+  EXPECT_EQ(vols[0]["size_bytes"], 10 << 20);
+
+  // Write a file at an unaligned offset, read it back exactly.
+  std::string data = RandomBytes(3'000'001, 1);
+  WriteFile(dir_ + "/data", data);
+  Ok({"write", "--pool", pool_, "vol", dir_ + "/data", "--offset", "1001"});
+  EXPECT_EQ(Ok({"read", "--pool", pool_, "vol", "--offset", "1001", "--length",
+                "3000001"}),
+            data);
+  std::string whole = Ok({"read", "--pool", pool_, "vol"});
+  ASSERT_EQ(whole.size(), 10u << 20);
+  EXPECT_EQ(whole.substr(0, 1001), std::string(1001, '\0'));
+
+  // Snapshot, then overwrite from stdin: the snapshot keeps the old bytes.
+  std::string snap_line = Ok({"snapshot", "create", "--pool", pool_, "vol@one"});
+  std::string patch = RandomBytes(70000, 2);
+  Ok({"write", "--pool", pool_, "vol", "--offset", "5000"}, patch);
+  EXPECT_EQ(Ok({"read", "--pool", pool_, "vol@one"}), whole);
+  std::string live = Ok({"read", "--pool", pool_, "vol"});
+  EXPECT_EQ(live.substr(5000, 70000), patch);
+  json snaps = json::parse(Ok({"snapshot", "list", "--pool", pool_, "vol", "--json"}));
+  ASSERT_EQ(snaps.size(), 1u);
+  EXPECT_EQ(snaps[0]["name"], "one");
+  EXPECT_EQ(snaps[0]["root_digest"], Digest("vol@one"));
+  EXPECT_THAT(snap_line, HasSubstr(snaps[0]["guid"].get<std::string>()));
+  EXPECT_NE(Digest("vol"), Digest("vol@one"));
+
+  // Rollback restores the snapshot; trim zeroes; resize changes the size.
+  Ok({"rollback", "--pool", pool_, "vol@one"});
+  EXPECT_EQ(Digest("vol"), Digest("vol@one"));
+  EXPECT_EQ(Ok({"read", "--pool", pool_, "vol"}), whole);
+  Ok({"trim", "--pool", pool_, "vol", "--offset", "0", "--length", "10M"});
+  EXPECT_EQ(Ok({"read", "--pool", pool_, "vol"}), std::string(10 << 20, '\0'));
+  Ok({"volume", "resize", "--pool", pool_, "vol", "--size", "1G"});
+  EXPECT_EQ(json::parse(Ok({"volume", "list", "--pool", pool_, "--json"}))[0]
+                ["size_bytes"],
+            1 << 30);
+  // An empty 1 GiB volume has the digest of any other empty 1 GiB volume.
+  Ok({"volume", "create", "--pool", pool_, "other", "--size", "1G"});
+  EXPECT_EQ(Digest("vol"), Digest("other"));
+
+  EXPECT_THAT(Ok({"pool", "check", pool_, "--data"}), HasSubstr("consistent"));
+
+  // Deleting everything frees everything.
+  Fails({"volume", "delete", "--pool", pool_, "vol"}, "has 1 snapshot(s) (one)");
+  Ok({"snapshot", "delete", "--pool", pool_, "vol@one"});
+  Ok({"volume", "delete", "--pool", pool_, "vol"});
+  Ok({"volume", "delete", "--pool", pool_, "other"});
+  info = json::parse(Ok({"pool", "info", pool_, "--json"}));
+  EXPECT_EQ(info["used_bytes"], 0);
+  EXPECT_EQ(info["free_bytes"], info["capacity_bytes"]);
+  EXPECT_EQ(info["volumes"], 0);
+  EXPECT_THAT(Ok({"pool", "check", pool_, "--data"}), HasSubstr("consistent"));
+}
+
+TEST_P(CliTest, BadInputIsOneClearLineAndChangesNothing) {
+  std::vector<std::string> create = {"pool", "create", pool_};
+  if (!GetParam()) create.insert(create.end(), {"--size", "64M"});
+  Ok(create);
+  Ok({"volume", "create", "--pool", pool_, "vol", "--size", "1M"});
+  Ok({"write", "--pool", pool_, "vol"}, RandomBytes(100000, 3));
+  Ok({"snapshot", "create", "--pool", pool_, "vol@s"});
+  std::string before = Digest("vol");
+
+  Fails({"read", "--pool", pool_, "nope"}, "no volume 'nope'");
+  Fails({"read", "--pool", pool_, "vol@nope"}, "no snapshot 'vol@nope'");
+  Fails({"read", "--pool", pool_, "vol", "--offset", "2M"},
+        "offset 2097152 is past the end of 'vol'");
+  Fails({"read", "--pool", pool_, "vol", "--length", "2M"}, "past the end");
+  Fails({"volume", "create", "--pool", pool_, "v2", "--size", "12Q"},
+        "bad volume size '12Q'");
+  Fails({"volume", "create", "--pool", pool_, "bad/name", "--size", "1M"},
+        "bad volume name 'bad/name'");
+  Fails({"volume", "create", "--pool", pool_, "vol", "--size", "1M"},
+        "already exists");
+  Fails({"snapshot", "create", "--pool", pool_, "vol"}, "names no snapshot");
+  Fails({"trim", "--pool", pool_, "vol", "--offset", "1M", "--length", "1"},
+        "past the end of volume 'vol'");
+  // Writing past the end from stdin: refused, nothing committed.
+  Result r = Tandem({"write", "--pool", pool_, "vol", "--offset", "1000000"},
+                    RandomBytes(100000, 4));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("past the end of volume 'vol'"));
+  // ... and from a file, refused before anything is written.
+  WriteFile(dir_ + "/big", RandomBytes(2 << 20, 5));
+  Fails({"write", "--pool", pool_, "vol", dir_ + "/big"},
+        "would pass the end of volume 'vol'");
+  EXPECT_EQ(Digest("vol"), before);
+
+  // Not a pool; no pool at all; a pool that is already there.
+  WriteFile(dir_ + "/junk", RandomBytes(1 << 20, 6));
+  Fails({"pool", "info", dir_ + "/junk"}, "is not a tandem pool");
+  Fails({"volume", "list", "--pool", dir_ + "/missing"}, "no such file");
+  Fails({"volume", "list"}, "no pool given");
+  Fails({"pool", "create", pool_}, "already holds a tandem pool");
+  Fails({"pool", "create", dir_ + "/junk"}, "exists and is not empty");
+  Fails({"pool", "create", dir_ + "/new", "--chunk-size", "3000"},
+        "bad chunk size");
+  Fails({"frobnicate"}, "see 'tandem --help'", 2);
+  EXPECT_EQ(Digest("vol"), before);
+  EXPECT_THAT(Ok({"pool", "check", pool_}), HasSubstr("consistent"));
+
+  // TANDEM_POOL stands in for --pool.
+  Result env = Exec({TANDEM_BIN, "volume", "list", "--json"}, "",
+                    {"TANDEM_POOL=" + pool_});
+  EXPECT_EQ(env.code, 0) << env.err;
+  EXPECT_EQ(json::parse(env.out)[0]["name"], "vol");
+}
+
+TEST_P(CliTest, SecondWriterIsRefusedNamingTheHolder) {
+  std::vector<std::string> create = {"pool", "create", pool_};
+  if (!GetParam()) create.insert(create.end(), {"--size", "64M"});
+  Ok(create);
+  blockstore::FileIoOptions o;
+  absl::StatusOr<std::unique_ptr<blockstore::Io>> held =
+      blockstore::OpenFileIo(pool_, o);
+  ASSERT_TRUE(held.ok()) << held.status();
+  Fails({"volume", "create", "--pool", pool_, "v", "--size", "1M"},
+        absl::StrCat("is in use by process ", getpid()));
+  held->reset();
+  Ok({"volume", "create", "--pool", pool_, "v", "--size", "1M"});
+}
+
+TEST_P(CliTest, DamagedPoolIsReportedByCheck) {
+  if (GetParam()) GTEST_SKIP() << "the file variant covers this";
+  Ok({"pool", "create", pool_, "--size", "64M", "--chunk-size", "4K"});
+  Ok({"volume", "create", "--pool", pool_, "v", "--size", "1M"});
+  Ok({"write", "--pool", pool_, "v"}, RandomBytes(1 << 20, 7));
+  EXPECT_THAT(Ok({"pool", "check", pool_, "--data"}), HasSubstr("consistent"));
+  // Flip a bit in the first data chunk: reads fail, check --data says so.
+  json info = json::parse(Ok({"pool", "info", pool_, "--json"}));
+  int64_t data_start = 64ll << 20;
+  data_start -= info["capacity_bytes"].get<int64_t>();
+  std::string bytes = ReadFile(pool_);
+  bytes[data_start + 100] ^= 1;
+  WriteFile(pool_, bytes);
+  Result r = Tandem({"pool", "check", pool_, "--data"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.out, HasSubstr("does not match its digest"));
+  EXPECT_THAT(r.err, HasSubstr("is inconsistent: 1 problem(s)"));
+  Fails({"read", "--pool", pool_, "v"}, "data does not match its digest");
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, CliTest, ::testing::Values(false, true),
+                         [](const auto& info) {
+                           return info.param ? "LoopDevice" : "File";
+                         });
+
+}  // namespace
