@@ -20,8 +20,8 @@ constexpr size_t kMaxCachedNodes = 16384;
 // A transaction commits by itself once this many nodes are dirty, bounding
 // the memory and the work a single commit holds.
 constexpr uint64_t kAutoCommitDirtyNodes = 8192;
-// Chunks handled per I/O batch in Read/Write (bounds the bounce buffer).
-constexpr uint64_t kBatchChunks = 256;
+// Bytes handled per I/O batch in Read/Write (bounds the bounce buffers).
+constexpr uint64_t kBatchBytes = 16 << 20;
 constexpr uint64_t kMaxVolumeBytes = uint64_t{1} << 60;
 
 int64_t NowNs() {
@@ -198,6 +198,10 @@ absl::StatusOr<std::unique_ptr<Pool>> Pool::Open(std::unique_ptr<Io> io,
 
 // ---------------------------------------------------------------------------
 // Shape and digests
+
+uint64_t Pool::BatchChunks() const {
+  return std::max<uint64_t>(1, kBatchBytes / sb_.chunk_size);
+}
 
 uint64_t Pool::ChunkCount(uint64_t size_bytes) const {
   return DivRoundUp(size_bytes, sb_.chunk_size);
@@ -917,10 +921,10 @@ absl::Status Pool::WriteLocked(VolumeRec& v, uint64_t offset_bytes,
   const int depth = Depth(ChunkCount(v.size_bytes));
   uint64_t pos = offset_bytes;
   const uint64_t end = offset_bytes + data.size();
-  AlignedBuffer buf;
+  AlignedBuffer& buf = write_scratch_;
   while (pos < end) {
     uint64_t first = pos / c_size;
-    uint64_t last = std::min((end - 1) / c_size, first + kBatchChunks - 1);
+    uint64_t last = std::min((end - 1) / c_size, first + BatchChunks() - 1);
     uint64_t n = last - first + 1;
     uint64_t batch_end = std::min(end, (last + 1) * c_size);
     if (absl::Status s = EnsureSpace(n, depth * (n / kFanout + 2)); !s.ok()) {
@@ -1026,12 +1030,12 @@ absl::Status Pool::ReadLocked(const Entry& root, uint64_t size_bytes,
   const int depth = Depth(ChunkCount(size_bytes));
   uint64_t pos = offset_bytes;
   const uint64_t end = offset_bytes + out.size();
-  AlignedBuffer buf;
+  AlignedBuffer& buf = read_scratch_;
   std::vector<ReadOp> ops;
   std::vector<std::pair<uint64_t, Entry>> mapped;  // chunk, entry
   while (pos < end) {
     uint64_t first = pos / c_size;
-    uint64_t last = std::min((end - 1) / c_size, first + kBatchChunks - 1);
+    uint64_t last = std::min((end - 1) / c_size, first + BatchChunks() - 1);
     uint64_t n = last - first + 1;
     uint64_t batch_end = std::min(end, (last + 1) * c_size);
     if (buf.size() < n * c_size) buf = AlignedBuffer(n * c_size);

@@ -33,6 +33,7 @@
 #include "blockstore/format.h"
 #include "blockstore/hash.h"
 #include "blockstore/io.h"
+#include "blockstore/util.h"
 
 namespace blockstore {
 
@@ -202,6 +203,7 @@ class Pool {
 
   // Tree shape.
   uint64_t ChunkCount(uint64_t size_bytes) const;
+  uint64_t BatchChunks() const;
   static int Depth(uint64_t chunk_count);
   Digest EmptyDigest(int level) const;  // an empty subtree at `level`
   Digest VolumeDigest(const Entry& root, uint64_t size_bytes) const;
@@ -302,6 +304,11 @@ class Pool {
   std::unordered_map<uint64_t, std::unique_ptr<Node>> cache_
       ABSL_GUARDED_BY(mu_);
   uint64_t dirty_nodes_ ABSL_GUARDED_BY(mu_) = 0;
+  // Bounce buffers for Read/Write batches, reused so the hot path neither
+  // maps nor zeroes fresh memory per call. The read one also serves the
+  // read half of a write's read-modify-write.
+  AlignedBuffer read_scratch_ ABSL_GUARDED_BY(mu_);
+  AlignedBuffer write_scratch_ ABSL_GUARDED_BY(mu_);
   std::vector<Digest> empty_digests_;  // [0] = zero chunk, [1+l] = level l
   Stats stats_ ABSL_GUARDED_BY(mu_);
 };

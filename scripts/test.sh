@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds and runs the default test suite (everything but the "soak" label).
+#   scripts/test.sh                      # the suite CI runs
+#   scripts/test.sh --sanitize address,undefined   # in build-address,undefined/
+#   scripts/test.sh --sanitize thread
+#   scripts/test.sh --soak               # only the long randomized runs
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sanitize="" labels=(-LE soak)
+while (($#)); do
+  case "$1" in
+    --sanitize) sanitize=$2; shift 2 ;;
+    --soak) labels=(-L soak); shift ;;
+    *) echo "test.sh: unknown argument '$1' (see the comment at the top)" >&2; exit 2 ;;
+  esac
+done
+if [[ -n $sanitize ]]; then
+  export BUILD_DIR="build-${sanitize//,/-}"
+  scripts/setup.sh -DTANDEM_SANITIZE="$sanitize" -DTANDEM_BUILD_BENCH=OFF
+else
+  export BUILD_DIR=build
+  scripts/setup.sh
+fi
+cd "$BUILD_DIR"
+ctest --output-on-failure -j"$(nproc)" "${labels[@]}"
