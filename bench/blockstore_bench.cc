@@ -95,13 +95,21 @@ void BM_SnapshotCreate(benchmark::State& state) {
 BENCHMARK(BM_SnapshotCreate)->Arg(1)->Arg(1024)->Unit(benchmark::kMillisecond)
     ->Iterations(50)->UseRealTime();
 
-// Sequential 1 MiB writes through a volume (redirect-on-write: every pass
-// allocates fresh chunks), 1 GiB per iteration, flushed.
+// Sequential 1 MiB writes through a volume, 1 GiB per iteration, flushed.
+// Redirect-on-write sends each pass to the chunks the pass before last
+// freed; four untimed passes first make the file's blocks exist and warm
+// the virtual disk, so this is the steady state of a used pool.
 void BM_VolumeSeqWrite(benchmark::State& state) {
   BenchPool bp;
   Check(bp.pool->CreateVolume("v", kVolumeBytes));
   AlignedBuffer buf(kIoBytes);
   FillRandom(buf.span(), 2);
+  for (int warm = 0; warm < 4; ++warm) {
+    for (uint64_t off = 0; off < kVolumeBytes; off += kIoBytes) {
+      Check(bp.pool->Write("v", off, buf.span()));
+    }
+    Check(bp.pool->Flush());
+  }
   for (auto _ : state) {
     for (uint64_t off = 0; off < kVolumeBytes; off += kIoBytes) {
       buf.data()[0] = static_cast<std::byte>(off);
@@ -145,16 +153,20 @@ void BM_RawUring(benchmark::State& state) {
   AlignedBuffer buf(kIoBytes);
   FillRandom(buf.span(), 4);
   bool write = state.range(0) == 1;
-  if (!write) {
+  // Writes alternate between two 1 GiB regions as redirect-on-write does;
+  // the same four untimed warm-up passes as the volume benchmarks.
+  for (int warm = 0; warm < 4; ++warm) {
     for (uint64_t off = 0; off < kVolumeBytes; off += kIoBytes) {
-      Check((*io)->WriteAt(base + off, buf.span()));
+      Check((*io)->WriteAt(base + (warm % 2) * kVolumeBytes + off, buf.span()));
     }
     Check((*io)->Flush());
   }
+  uint64_t pass = 0;
   for (auto _ : state) {
+    uint64_t region = base + (write ? (pass++ % 2) * kVolumeBytes : 0);
     for (uint64_t off = 0; off < kVolumeBytes; off += kIoBytes) {
-      Check(write ? (*io)->WriteAt(base + off, buf.span())
-                  : (*io)->ReadAt(base + off, buf.span()));
+      Check(write ? (*io)->WriteAt(region + off, buf.span())
+                  : (*io)->ReadAt(region + off, buf.span()));
     }
     if (write) Check((*io)->Flush());
   }

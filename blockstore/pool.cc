@@ -919,10 +919,11 @@ absl::Status Pool::WriteLocked(VolumeRec& v, uint64_t offset_bytes,
                                std::span<const std::byte> data) {
   const uint64_t c_size = sb_.chunk_size;
   const int depth = Depth(ChunkCount(v.size_bytes));
-  uint64_t pos = offset_bytes;
+  const uint64_t size_bytes = v.size_bytes;
   const uint64_t end = offset_bytes + data.size();
   AlignedBuffer& buf = write_scratch_;
-  while (pos < end) {
+  std::vector<WriteOp> ops;
+  for (uint64_t pos = offset_bytes; pos < end;) {
     uint64_t first = pos / c_size;
     uint64_t last = std::min((end - 1) / c_size, first + BatchChunks() - 1);
     uint64_t n = last - first + 1;
@@ -931,35 +932,39 @@ absl::Status Pool::WriteLocked(VolumeRec& v, uint64_t offset_bytes,
       return s;
     }
     if (buf.size() < n * c_size) buf = AlignedBuffer(n * c_size);
-    // Read-modify-write of partial chunks at either edge.
-    uint64_t size_bytes = v.size_bytes;
-    for (uint64_t c : {first, last}) {
-      uint64_t cb = c * c_size;
-      uint64_t ce = std::min(cb + c_size, size_bytes);
-      std::span<std::byte> slot(buf.data() + (c - first) * c_size, c_size);
-      if (pos <= cb && batch_end >= ce) {
-        continue;  // fully overwritten (bytes past the volume end stay zero)
-      }
-      std::memset(slot.data(), 0, c_size);
-      if (absl::Status s = ReadLocked(v.root, size_bytes, v.name, cb,
-                                      slot.first(ce - cb));
-          !s.ok()) {
-        return s;
-      }
-    }
-    if (uint64_t tail = (last + 1) * c_size; batch_end < tail && batch_end == size_bytes) {
-      // Keep the bytes past the volume end zero.
-      std::memset(buf.data() + (batch_end - first * c_size), 0, tail - batch_end);
-    }
-    std::memcpy(buf.data() + (pos - first * c_size),
-                data.data() + (pos - offset_bytes), batch_end - pos);
-
-    std::vector<WriteOp> ops;
+    ops.clear();
     uint64_t prev_phys = 0;
     for (uint64_t c = first; c <= last; ++c) {
-      std::span<const std::byte> slot(buf.data() + (c - first) * c_size, c_size);
-      bool zero = IsAllZero(slot);
-      Digest digest = zero ? NullEntryDigest(0) : Hash128(slot);
+      const uint64_t cb = c * c_size;
+      const uint64_t ce = std::min(cb + c_size, size_bytes);  // volume end
+      std::span<const std::byte> src;
+      const std::byte* user = data.data() + (std::max(cb, pos) - offset_bytes);
+      if (pos <= cb && cb + c_size <= batch_end &&
+          reinterpret_cast<uintptr_t>(user) % kIoAlign == 0) {
+        // The caller's buffer covers the chunk and is aligned: write it as
+        // it is, without a copy.
+        src = {user, c_size};
+      } else {
+        std::span<std::byte> slot(buf.data() + (c - first) * c_size, c_size);
+        if (pos > cb || batch_end < ce) {
+          // Partial chunk: read-modify-write. Bytes past the volume end
+          // stay zero.
+          std::memset(slot.data(), 0, c_size);
+          if (absl::Status s = ReadLocked(v.root, size_bytes, v.name, cb,
+                                          slot.first(ce - cb));
+              !s.ok()) {
+            return s;
+          }
+        } else if (ce < cb + c_size) {
+          std::memset(slot.data() + (ce - cb), 0, cb + c_size - ce);
+        }
+        uint64_t from = std::max(cb, pos);
+        uint64_t to = std::min(cb + c_size, batch_end);
+        std::memcpy(slot.data() + (from - cb), user, to - from);
+        src = slot;
+      }
+      bool zero = IsAllZero(src);
+      Digest digest = zero ? NullEntryDigest(0) : Hash128(src);
       absl::StatusOr<Entry*> e = LeafEntryForWrite(v, c);
       if (!e.ok()) return e.status();
       Entry& entry = **e;
@@ -978,11 +983,11 @@ absl::Status Pool::WriteLocked(VolumeRec& v, uint64_t offset_bytes,
           entry.ptr = *phys;
         }
         if (!ops.empty() && entry.ptr == prev_phys + 1 &&
-            ops.back().data.data() + ops.back().data.size() == slot.data()) {
+            ops.back().data.data() + ops.back().data.size() == src.data()) {
           ops.back().data = {ops.back().data.data(),
                              ops.back().data.size() + c_size};
         } else {
-          ops.push_back({entry.ptr * c_size, slot});
+          ops.push_back({entry.ptr * c_size, src});
         }
         prev_phys = entry.ptr;
         stats_.data_bytes_written += c_size;
@@ -1028,12 +1033,16 @@ absl::Status Pool::ReadLocked(const Entry& root, uint64_t size_bytes,
                               std::span<std::byte> out) {
   const uint64_t c_size = sb_.chunk_size;
   const int depth = Depth(ChunkCount(size_bytes));
-  uint64_t pos = offset_bytes;
   const uint64_t end = offset_bytes + out.size();
   AlignedBuffer& buf = read_scratch_;
   std::vector<ReadOp> ops;
-  std::vector<std::pair<uint64_t, Entry>> mapped;  // chunk, entry
-  while (pos < end) {
+  struct Mapped {
+    uint64_t chunk;
+    Entry entry;
+    std::byte* dst;
+  };
+  std::vector<Mapped> mapped;
+  for (uint64_t pos = offset_bytes; pos < end;) {
     uint64_t first = pos / c_size;
     uint64_t last = std::min((end - 1) / c_size, first + BatchChunks() - 1);
     uint64_t n = last - first + 1;
@@ -1043,33 +1052,47 @@ absl::Status Pool::ReadLocked(const Entry& root, uint64_t size_bytes,
     mapped.clear();
     uint64_t prev_phys = 0;
     for (uint64_t c = first; c <= last; ++c) {
-      std::span<std::byte> slot(buf.data() + (c - first) * c_size, c_size);
+      const uint64_t cb = c * c_size;
+      std::byte* user = out.data() + (std::max(cb, pos) - offset_bytes);
+      // Whole chunks land straight in an aligned caller buffer; the rest go
+      // through the bounce buffer.
+      bool direct = pos <= cb && cb + c_size <= batch_end &&
+                    reinterpret_cast<uintptr_t>(user) % kIoAlign == 0;
+      std::byte* dst = direct ? user : buf.data() + (c - first) * c_size;
       absl::StatusOr<Entry> e = LookupChunk(root, depth, c);
       if (!e.ok()) return e.status();
       if (!IsDataPtr(e->ptr)) {
-        std::memset(slot.data(), 0, c_size);
-        continue;
-      }
-      mapped.emplace_back(c, *e);
-      if (!ops.empty() && e->ptr == prev_phys + 1 &&
-          ops.back().out.data() + ops.back().out.size() == slot.data()) {
-        ops.back().out = {ops.back().out.data(), ops.back().out.size() + c_size};
+        std::memset(dst, 0, c_size);
       } else {
-        ops.push_back({e->ptr * c_size, slot});
+        mapped.push_back({c, *e, dst});
+        if (!ops.empty() && e->ptr == prev_phys + 1 &&
+            ops.back().out.data() + ops.back().out.size() == dst) {
+          ops.back().out = {ops.back().out.data(),
+                            ops.back().out.size() + c_size};
+        } else {
+          ops.push_back({e->ptr * c_size, {dst, c_size}});
+        }
+        prev_phys = e->ptr;
       }
-      prev_phys = e->ptr;
     }
     if (absl::Status s = io_.Read(ops); !s.ok()) return s;
-    for (const auto& [c, e] : mapped) {
-      std::span<const std::byte> slot(buf.data() + (c - first) * c_size, c_size);
-      if (Hash128(slot) != e.digest) {
+    for (const Mapped& m : mapped) {
+      if (Hash128({m.dst, c_size}) != m.entry.digest) {
         return absl::DataLossError(absl::StrCat(
-            "'", what, "' chunk ", c, " (pool chunk ", e.ptr,
+            "'", what, "' chunk ", m.chunk, " (pool chunk ", m.entry.ptr,
             "): data does not match its digest"));
       }
     }
-    std::memcpy(out.data() + (pos - offset_bytes),
-                buf.data() + (pos - first * c_size), batch_end - pos);
+    for (uint64_t c = first; c <= last; ++c) {
+      const uint64_t cb = c * c_size;
+      uint64_t from = std::max(cb, pos);
+      uint64_t to = std::min(cb + c_size, batch_end);
+      std::byte* user = out.data() + (from - offset_bytes);
+      const std::byte* slot = buf.data() + (c - first) * c_size + (from - cb);
+      bool direct = from == cb && to == cb + c_size &&
+                    reinterpret_cast<uintptr_t>(user) % kIoAlign == 0;
+      if (!direct) std::memcpy(user, slot, to - from);
+    }
     pos = batch_end;
   }
   return absl::OkStatus();

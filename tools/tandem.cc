@@ -289,7 +289,9 @@ absl::Status WriteCommand(const std::string& path, const std::string& volume,
         " would pass the end of volume '", volume, "' (", vol->size_bytes,
         " bytes)"));
   }
-  std::vector<std::byte> buf(kStreamPiece);
+  // Aligned, so whole chunks go to disk without a copy.
+  blockstore::AlignedBuffer aligned(kStreamPiece);
+  std::span<std::byte> buf = aligned.span();
   uint64_t at = *offset;
   while (true) {
     size_t got = 0;
@@ -305,7 +307,7 @@ absl::Status WriteCommand(const std::string& path, const std::string& volume,
     }
     if (got == 0) break;
     // On error nothing is committed: the pool closes without a flush.
-    if (absl::Status s = (*pool)->Write(volume, at, std::span(buf).first(got));
+    if (absl::Status s = (*pool)->Write(volume, at, buf.first(got));
         !s.ok()) {
       return s;
     }
@@ -351,11 +353,12 @@ absl::Status ReadCommand(const std::string& path, const std::string& ref_text,
         "read of ", length, " bytes at offset ", *offset,
         " is past the end of '", ref_text, "' (", size, " bytes)"));
   }
-  std::vector<std::byte> buf(kStreamPiece);
+  blockstore::AlignedBuffer aligned(kStreamPiece);
+  std::span<std::byte> buf = aligned.span();
   for (uint64_t done = 0; done < length;) {
     size_t n = std::min<uint64_t>(buf.size(), length - done);
     if (absl::Status s = (*pool)->Read(ref.volume, ref.snapshot, *offset + done,
-                                       std::span(buf).first(n));
+                                       buf.first(n));
         !s.ok()) {
       return s;
     }
