@@ -92,8 +92,12 @@ void BM_SnapshotCreate(benchmark::State& state) {
   }
   state.counters["volume_GiB"] = static_cast<double>(size >> 30);
 }
-BENCHMARK(BM_SnapshotCreate)->Arg(1)->Arg(1024)->Unit(benchmark::kMillisecond)
-    ->Iterations(50)->UseRealTime();
+BENCHMARK(BM_SnapshotCreate)
+    ->Arg(1)
+    ->Arg(1024)
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(50)
+    ->UseRealTime();
 
 // Sequential 1 MiB writes through a volume, 1 GiB per iteration, flushed.
 // Redirect-on-write sends each pass to the chunks the pass before last
@@ -119,7 +123,10 @@ void BM_VolumeSeqWrite(benchmark::State& state) {
   }
   state.SetBytesProcessed(state.iterations() * kVolumeBytes);
 }
-BENCHMARK(BM_VolumeSeqWrite)->Unit(benchmark::kMillisecond)->Iterations(3)->UseRealTime();
+BENCHMARK(BM_VolumeSeqWrite)
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(3)
+    ->UseRealTime();
 
 void BM_VolumeSeqRead(benchmark::State& state) {
   BenchPool bp;
@@ -137,7 +144,10 @@ void BM_VolumeSeqRead(benchmark::State& state) {
   }
   state.SetBytesProcessed(state.iterations() * kVolumeBytes);
 }
-BENCHMARK(BM_VolumeSeqRead)->Unit(benchmark::kMillisecond)->Iterations(3)->UseRealTime();
+BENCHMARK(BM_VolumeSeqRead)
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(3)
+    ->UseRealTime();
 
 // The physical limit for the two above: the same 1 MiB requests at queue
 // depth 1, io_uring + O_DIRECT, on the same file (range(0): 1 = write).
@@ -173,7 +183,12 @@ void BM_RawUring(benchmark::State& state) {
   state.SetBytesProcessed(state.iterations() * kVolumeBytes);
   state.SetLabel(write ? "write" : "read");
 }
-BENCHMARK(BM_RawUring)->Arg(1)->Arg(0)->Unit(benchmark::kMillisecond)->Iterations(3)->UseRealTime();
+BENCHMARK(BM_RawUring)
+    ->Arg(1)
+    ->Arg(0)
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(3)
+    ->UseRealTime();
 
 // 4 KiB random writes into a 1 GiB volume just snapshotted (every first
 // touch of a chunk copies it), a commit every 1000 writes. Counters: IOPS,
@@ -199,16 +214,20 @@ void BM_RandomWrite4KAfterSnapshot(benchmark::State& state) {
   Check(bp.pool->Flush());
   Pool::Stats after = bp.pool->stats();
   double user = static_cast<double>(writes) * 4096;
-  state.counters["IOPS"] =
-      benchmark::Counter(static_cast<double>(writes), benchmark::Counter::kIsRate);
+  state.counters["IOPS"] = benchmark::Counter(static_cast<double>(writes),
+                                              benchmark::Counter::kIsRate);
   state.counters["meta_per_byte"] =
       (after.metadata_bytes_written - before.metadata_bytes_written) / user;
   state.counters["data_per_byte"] =
       (after.data_bytes_written - before.data_bytes_written) / user;
   state.counters["chunk_KiB"] = chunk / 1024.0;
 }
-BENCHMARK(BM_RandomWrite4KAfterSnapshot)->Arg(64 << 10)->Arg(4 << 10)
-    ->Iterations(20000)->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_RandomWrite4KAfterSnapshot)
+    ->Arg(64 << 10)
+    ->Arg(4 << 10)
+    ->Iterations(20000)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
 
 }  // namespace
 

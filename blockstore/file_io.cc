@@ -22,15 +22,14 @@ absl::Status CheckIoOp(absl::string_view what, absl::string_view name,
                        uint64_t size_bytes) {
   if (offset_bytes % kIoAlign != 0 || len % kIoAlign != 0 ||
       reinterpret_cast<uintptr_t>(buf) % kIoAlign != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        what, " ", name, " at ", offset_bytes, " length ", len,
-        ": not aligned to ", kIoAlign, " bytes"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " ", name, " at ", offset_bytes, " length ", len,
+                     ": not aligned to ", kIoAlign, " bytes"));
   }
   if (offset_bytes > size_bytes || len > size_bytes - offset_bytes) {
-    return absl::OutOfRangeError(absl::StrCat(what, " ", name, " at ",
-                                              offset_bytes, " length ", len,
-                                              ": past the end (", size_bytes,
-                                              " bytes)"));
+    return absl::OutOfRangeError(
+        absl::StrCat(what, " ", name, " at ", offset_bytes, " length ", len,
+                     ": past the end (", size_bytes, " bytes)"));
   }
   return absl::OkStatus();
 }
@@ -66,8 +65,8 @@ class PosixIo final : public FileIo {
 
   absl::Status Read(std::span<const ReadOp> ops) override {
     for (const ReadOp& op : ops) {
-      if (absl::Status s = Check("read", op.offset_bytes, op.out.size(),
-                                 op.out.data());
+      if (absl::Status s =
+              Check("read", op.offset_bytes, op.out.size(), op.out.data());
           !s.ok()) {
         return s;
       }
@@ -92,8 +91,8 @@ class PosixIo final : public FileIo {
 
   absl::Status Write(std::span<const WriteOp> ops) override {
     for (const WriteOp& op : ops) {
-      if (absl::Status s = Check("write", op.offset_bytes, op.data.size(),
-                                 op.data.data());
+      if (absl::Status s =
+              Check("write", op.offset_bytes, op.data.size(), op.data.data());
           !s.ok()) {
         return s;
       }
@@ -103,9 +102,9 @@ class PosixIo final : public FileIo {
                            op.offset_bytes + done);
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0) {
-          return ErrnoError(n < 0 ? errno : EIO,
-                            absl::StrCat("write ", path_, " at ",
-                                         op.offset_bytes + done));
+          return ErrnoError(
+              n < 0 ? errno : EIO,
+              absl::StrCat("write ", path_, " at ", op.offset_bytes + done));
         }
         done += n;
       }
@@ -132,8 +131,7 @@ class UringIo final : public FileIo {
  public:
   static constexpr unsigned kDepth = 128;
 
-  UringIo(int fd, std::string path, uint64_t size, bool direct,
-          io_uring ring)
+  UringIo(int fd, std::string path, uint64_t size, bool direct, io_uring ring)
       : FileIo(fd, std::move(path), size, direct), ring_(ring) {}
   ~UringIo() override { io_uring_queue_exit(&ring_); }
 
@@ -141,8 +139,8 @@ class UringIo final : public FileIo {
     std::vector<Piece> pieces;
     pieces.reserve(ops.size());
     for (const ReadOp& op : ops) {
-      if (absl::Status s = Check("read", op.offset_bytes, op.out.size(),
-                                 op.out.data());
+      if (absl::Status s =
+              Check("read", op.offset_bytes, op.out.size(), op.out.data());
           !s.ok()) {
         return s;
       }
@@ -155,8 +153,8 @@ class UringIo final : public FileIo {
     std::vector<Piece> pieces;
     pieces.reserve(ops.size());
     for (const WriteOp& op : ops) {
-      if (absl::Status s = Check("write", op.offset_bytes, op.data.size(),
-                                 op.data.data());
+      if (absl::Status s =
+              Check("write", op.offset_bytes, op.data.size(), op.data.data());
           !s.ok()) {
         return s;
       }
@@ -168,6 +166,7 @@ class UringIo final : public FileIo {
 
   absl::Status Flush() override {
     absl::MutexLock lock(&mu_);
+    if (!broken_.ok()) return broken_;
     io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
     io_uring_prep_fsync(sqe, fd_, IORING_FSYNC_DATASYNC);
     io_uring_sqe_set_data(sqe, nullptr);
@@ -196,6 +195,7 @@ class UringIo final : public FileIo {
 
   absl::Status Run(std::vector<Piece>& pieces) {
     absl::MutexLock lock(&mu_);
+    if (!broken_.ok()) return broken_;
     std::deque<Piece*> todo;
     for (Piece& p : pieces) {
       if (p.len > 0) todo.push_back(&p);
@@ -210,7 +210,8 @@ class UringIo final : public FileIo {
         if (sqe == nullptr) break;
         todo.pop_front();
         // Split huge pieces: a single SQE moves at most 1 GiB here.
-        unsigned len = static_cast<unsigned>(std::min<size_t>(p->len, 1u << 30));
+        unsigned len =
+            static_cast<unsigned>(std::min<size_t>(p->len, 1u << 30));
         if (p->write) {
           io_uring_prep_write(sqe, fd_, p->buf, len, p->offset);
         } else {
@@ -220,9 +221,12 @@ class UringIo final : public FileIo {
         ++queued;
       }
       int rc = io_uring_submit_and_wait(&ring_, 1);
-      if (rc < 0 && rc != -EINTR) {
-        // Nothing from this batch was submitted; in-flight ones still are.
-        return ErrnoError(-rc, absl::StrCat("io_uring submit on ", path_));
+      if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) {
+        // The ring refused the batch for a reason retrying will not mend;
+        // queued entries may still go out later and point into `pieces`,
+        // so this ring is done for good.
+        broken_ = ErrnoError(-rc, absl::StrCat("io_uring submit on ", path_));
+        return broken_;
       }
       in_flight += queued;
       io_uring_cqe* cqe = nullptr;
@@ -237,18 +241,18 @@ class UringIo final : public FileIo {
           todo.push_back(p);
         } else if (res < 0) {
           if (first_error.ok()) {
-            first_error = ErrnoError(
-                -res, absl::StrCat(p->write ? "write " : "read ", path_,
-                                   " at ", p->offset));
+            first_error =
+                ErrnoError(-res, absl::StrCat(p->write ? "write " : "read ",
+                                              path_, " at ", p->offset));
           }
         } else if (res == 0) {
           if (first_error.ok()) {
-            first_error = p->write
-                              ? ErrnoError(EIO, absl::StrCat("write ", path_,
-                                                             " at ", p->offset))
-                              : absl::OutOfRangeError(absl::StrCat(
-                                    "read ", path_, " at ", p->offset,
-                                    ": end of file"));
+            first_error =
+                p->write
+                    ? ErrnoError(
+                          EIO, absl::StrCat("write ", path_, " at ", p->offset))
+                    : absl::OutOfRangeError(absl::StrCat(
+                          "read ", path_, " at ", p->offset, ": end of file"));
           }
         } else {
           p->offset += res;
@@ -265,6 +269,7 @@ class UringIo final : public FileIo {
 
   absl::Mutex mu_;
   io_uring ring_;
+  absl::Status broken_;
 };
 
 absl::Status Lock(int fd, absl::string_view path, OpenMode mode) {
@@ -294,8 +299,8 @@ absl::Status Lock(int fd, absl::string_view path, OpenMode mode) {
 absl::StatusOr<std::unique_ptr<Io>> OpenFileIo(absl::string_view path_view,
                                                const FileIoOptions& options) {
   std::string path(path_view);
-  int flags = O_CLOEXEC |
-              (options.mode == OpenMode::kReadWrite ? O_RDWR : O_RDONLY);
+  int flags =
+      O_CLOEXEC | (options.mode == OpenMode::kReadWrite ? O_RDWR : O_RDONLY);
   if (options.create_size_bytes > 0) flags |= O_CREAT;
   bool direct = options.direct;
   int fd = open(path.c_str(), flags | (direct ? O_DIRECT : 0), 0644);

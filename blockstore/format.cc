@@ -17,9 +17,9 @@ constexpr uint64_t kNodeChecksumAt = 56;
 absl::StatusOr<Superblock> LayOut(uint64_t device_bytes, uint32_t chunk_size) {
   if (!IsPowerOfTwo(chunk_size) || chunk_size < 4096 ||
       chunk_size > (1u << 20)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "bad chunk size ", chunk_size,
-        ": must be a power of two from 4K to 1M"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad chunk size ", chunk_size,
+                     ": must be a power of two from 4K to 1M"));
   }
   Superblock sb;
   sb.chunk_size = chunk_size;
@@ -159,13 +159,13 @@ absl::StatusOr<NodeHeader> OpenNode(std::span<const std::byte, kNodeSize> in,
   h.birth = GetLe64(p + 24);
   h.next = GetLe64(p + 32);
   if (h.id != expected_id) {
-    return absl::DataLossError(absl::StrCat(
-        "metadata node ", expected_id, ": holds node ", h.id,
-        " (misdirected write)"));
+    return absl::DataLossError(absl::StrCat("metadata node ", expected_id,
+                                            ": holds node ", h.id,
+                                            " (misdirected write)"));
   }
   if (h.kind != NodeKind::kTree && h.kind != NodeKind::kCatalog) {
-    return absl::DataLossError(absl::StrCat(
-        "metadata node ", expected_id, ": unknown kind ", int(p[4])));
+    return absl::DataLossError(absl::StrCat("metadata node ", expected_id,
+                                            ": unknown kind ", int(p[4])));
   }
   if (h.payload_bytes > kCatalogPayload) {
     return absl::DataLossError(absl::StrCat("metadata node ", expected_id,

@@ -60,8 +60,8 @@ inline constexpr uint64_t kCatalogPayload = kNodeSize - kNodeHeaderSize;
 inline constexpr uint64_t kCountsPerPage = (4096 - 16) / 4;
 inline constexpr int kMaxDepth = 10;
 
-inline constexpr uint64_t kPhysUnmapped = 0;           // never written/trimmed
-inline constexpr uint64_t kPhysZero = ~uint64_t{0};    // written as zeros
+inline constexpr uint64_t kPhysUnmapped = 0;         // never written/trimmed
+inline constexpr uint64_t kPhysZero = ~uint64_t{0};  // written as zeros
 inline bool IsDataPtr(uint64_t ptr) {
   return ptr != kPhysUnmapped && ptr != kPhysZero;
 }

@@ -60,8 +60,8 @@ absl::Status MemIo::Write(std::span<const WriteOp> ops) {
   }
   for (const WriteOp& op : ops) {
     Apply(current_, op.offset_bytes, op.data);
-    pending_.push_back(
-        {op.offset_bytes, std::vector<std::byte>(op.data.begin(), op.data.end())});
+    pending_.push_back({op.offset_bytes, std::vector<std::byte>(
+                                             op.data.begin(), op.data.end())});
   }
   return absl::OkStatus();
 }

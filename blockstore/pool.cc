@@ -44,8 +44,8 @@ Guid RandomGuid() {
 }
 
 absl::Status ValidName(absl::string_view name, absl::string_view what) {
-  bool ok = !name.empty() && name.size() <= 200 && name[0] != '.' &&
-            name[0] != '-';
+  bool ok =
+      !name.empty() && name.size() <= 200 && name[0] != '.' && name[0] != '-';
   for (char c : name) {
     if (!(absl::ascii_isalnum(c) || c == '.' || c == '_' || c == ':' ||
           c == '-')) {
@@ -174,7 +174,8 @@ absl::StatusOr<std::unique_ptr<Pool>> Pool::Create(
 absl::StatusOr<std::unique_ptr<Pool>> Pool::Create(
     std::unique_ptr<Io> io, const CreatePoolOptions& options) {
   Io& ref = *io;
-  std::unique_ptr<Pool> pool(new Pool(ref, std::move(io), OpenMode::kReadWrite));
+  std::unique_ptr<Pool> pool(
+      new Pool(ref, std::move(io), OpenMode::kReadWrite));
   absl::MutexLock lock(&pool->mu_);
   if (absl::Status s = pool->FormatLocked(options); !s.ok()) return s;
   return pool;
@@ -233,7 +234,8 @@ Digest Pool::VolumeDigest(const Entry& root, uint64_t size_bytes) const {
 // Open and format
 
 absl::Status Pool::FormatLocked(const CreatePoolOptions& options) {
-  absl::StatusOr<Superblock> sb = LayOut(io_.size_bytes(), options.chunk_size_bytes);
+  absl::StatusOr<Superblock> sb =
+      LayOut(io_.size_bytes(), options.chunk_size_bytes);
   if (!sb.ok()) return sb.status();
   sb_ = *sb;
   sb_.pool_guid = RandomGuid();
@@ -350,15 +352,15 @@ absl::Status Pool::LoadLocked() {
     if (absl::Status s = io_.ReadAt(id * kNodeSize, node.span()); !s.ok()) {
       return s;
     }
-    absl::StatusOr<NodeHeader> h =
-        OpenNode(std::span<const std::byte, kNodeSize>(node.data(), kNodeSize), id);
+    absl::StatusOr<NodeHeader> h = OpenNode(
+        std::span<const std::byte, kNodeSize>(node.data(), kNodeSize), id);
     if (!h.ok()) {
       return absl::DataLossError(
           absl::StrCat(io_.name(), ": catalog ", h.status().message()));
     }
     if (h->kind != NodeKind::kCatalog) {
-      return absl::DataLossError(absl::StrCat(
-          io_.name(), ": metadata node ", id, " is not a catalog node"));
+      return absl::DataLossError(absl::StrCat(io_.name(), ": metadata node ",
+                                              id, " is not a catalog node"));
     }
     catalog.append(reinterpret_cast<const char*>(node.data() + kNodeHeaderSize),
                    h->payload_bytes);
@@ -468,8 +470,8 @@ void Pool::Hold(uint64_t index) {
 absl::StatusOr<uint64_t> Pool::AllocNode() {
   if (free_nodes_ == 0) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "pool ", io_.name(), " has no free metadata space (",
-        sb_.meta_count, " nodes in use); delete snapshots or volumes"));
+        "pool ", io_.name(), " has no free metadata space (", sb_.meta_count,
+        " nodes in use); delete snapshots or volumes"));
   }
   for (uint64_t n = 0; n < sb_.meta_count; ++n) {
     uint64_t i = (node_cursor_ + n) % sb_.meta_count;
@@ -511,8 +513,8 @@ absl::Status Pool::EnsureSpace(uint64_t chunks, uint64_t nodes) {
   }
   if (free_chunks_ < chunks) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "pool ", io_.name(), " is out of space: need ", chunks,
-        " chunks, ", free_chunks_, " free; delete snapshots or volumes"));
+        "pool ", io_.name(), " is out of space: need ", chunks, " chunks, ",
+        free_chunks_, " free; delete snapshots or volumes"));
   }
   if (free_nodes_ < nodes) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -578,9 +580,9 @@ absl::Status Pool::DecRefNode(uint64_t id, int level) {
 absl::StatusOr<Pool::Node*> Pool::Load(uint64_t id, int level) {
   if (auto it = cache_.find(id); it != cache_.end()) {
     if (it->second->level != level) {
-      return absl::DataLossError(absl::StrCat("metadata node ", id, " is level ",
-                                              it->second->level, ", expected ",
-                                              level));
+      return absl::DataLossError(absl::StrCat("metadata node ", id,
+                                              " is level ", it->second->level,
+                                              ", expected ", level));
     }
     return it->second.get();
   }
@@ -605,11 +607,12 @@ absl::StatusOr<Pool::Node*> Pool::Load(uint64_t id, int level) {
   node->level = level;
   DecodeEntries(raw, node->e);
   for (const Entry& e : node->e) {
-    bool ok = level == 0
-                  ? (!IsDataPtr(e.ptr) || (e.ptr >= sb_.data_start &&
-                                           e.ptr < sb_.data_start + sb_.data_count))
-                  : (e.ptr == 0 || (e.ptr >= sb_.meta_start &&
-                                    e.ptr < sb_.meta_start + sb_.meta_count));
+    bool ok =
+        level == 0
+            ? (!IsDataPtr(e.ptr) || (e.ptr >= sb_.data_start &&
+                                     e.ptr < sb_.data_start + sb_.data_count))
+            : (e.ptr == 0 || (e.ptr >= sb_.meta_start &&
+                              e.ptr < sb_.meta_start + sb_.meta_count));
     if (!ok) {
       return absl::DataLossError(absl::StrCat(
           "metadata node ", id, ": pointer ", e.ptr, " out of range"));
@@ -733,8 +736,8 @@ absl::StatusOr<const Pool::SnapshotRec*> Pool::FindSnapshot(
   for (const SnapshotRec& s : v.snapshots) {
     if (s.name == name) return &s;
   }
-  return absl::NotFoundError(
-      absl::StrCat("no snapshot '", v.name, "@", name, "' in pool ", io_.name()));
+  return absl::NotFoundError(absl::StrCat("no snapshot '", v.name, "@", name,
+                                          "' in pool ", io_.name()));
 }
 
 PoolInfo Pool::Info() {
@@ -769,13 +772,13 @@ absl::Status Pool::CreateVolume(absl::string_view name, uint64_t size_bytes) {
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   if (absl::Status s = ValidName(name, "volume"); !s.ok()) return s;
   if (volumes_.contains(name)) {
-    return absl::AlreadyExistsError(
-        absl::StrCat("volume '", name, "' already exists in pool ", io_.name()));
+    return absl::AlreadyExistsError(absl::StrCat(
+        "volume '", name, "' already exists in pool ", io_.name()));
   }
   if (size_bytes == 0 || size_bytes > kMaxVolumeBytes) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "bad size ", size_bytes, " for volume '", name,
-        "': must be from 1 byte to 1 EiB"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad size ", size_bytes, " for volume '", name,
+                     "': must be from 1 byte to 1 EiB"));
   }
   if (absl::Status s = EnsureSpace(0, 1); !s.ok()) return s;
   VolumeRec v;
@@ -793,8 +796,8 @@ absl::StatusOr<std::vector<VolumeInfo>> Pool::ListVolumes() {
   absl::MutexLock lock(&mu_);
   std::vector<VolumeInfo> out;
   for (const auto& [name, v] : volumes_) {
-    out.push_back({v.name, v.guid, v.create_time_ns, v.size_bytes,
-                   v.snapshots.size()});
+    out.push_back(
+        {v.name, v.guid, v.create_time_ns, v.size_bytes, v.snapshots.size()});
   }
   return out;
 }
@@ -813,9 +816,9 @@ absl::Status Pool::ResizeVolume(absl::string_view name, uint64_t size_bytes) {
   absl::StatusOr<VolumeRec*> v = FindVolume(name);
   if (!v.ok()) return v.status();
   if (size_bytes == 0 || size_bytes > kMaxVolumeBytes) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "bad size ", size_bytes, " for volume '", name,
-        "': must be from 1 byte to 1 EiB"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad size ", size_bytes, " for volume '", name,
+                     "': must be from 1 byte to 1 EiB"));
   }
   if (absl::Status s = ResizeLocked(**v, size_bytes); !s.ok()) return Fail(s);
   return Fail(CommitLocked());
@@ -875,10 +878,10 @@ absl::Status Pool::DeleteVolume(absl::string_view name, bool with_snapshots) {
   if (!(*v)->snapshots.empty() && !with_snapshots) {
     std::vector<std::string> names;
     for (const SnapshotRec& s : (*v)->snapshots) names.push_back(s.name);
-    return absl::FailedPreconditionError(absl::StrCat(
-        "volume '", name, "' has ", names.size(), " snapshot(s) (",
-        absl::StrJoin(names, ", "),
-        "): delete them first or delete recursively"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("volume '", name, "' has ", names.size(), " snapshot(s) (",
+                     absl::StrJoin(names, ", "),
+                     "): delete them first or delete recursively"));
   }
   for (const SnapshotRec& s : (*v)->snapshots) {
     if (absl::Status st = DecRef(s.root.ptr, Depth(ChunkCount(s.size_bytes)));
@@ -904,10 +907,10 @@ absl::Status Pool::Write(absl::string_view volume, uint64_t offset_bytes,
   if (!v.ok()) return v.status();
   if (offset_bytes > (*v)->size_bytes ||
       data.size() > (*v)->size_bytes - offset_bytes) {
-    return absl::OutOfRangeError(absl::StrCat(
-        "write of ", data.size(), " bytes at offset ", offset_bytes,
-        " is past the end of volume '", volume, "' (", (*v)->size_bytes,
-        " bytes)"));
+    return absl::OutOfRangeError(
+        absl::StrCat("write of ", data.size(), " bytes at offset ",
+                     offset_bytes, " is past the end of volume '", volume,
+                     "' (", (*v)->size_bytes, " bytes)"));
   }
   absl::Status s = WriteLocked(**v, offset_bytes, data);
   if (s.ok()) s = MaybeCommit();
@@ -1019,9 +1022,9 @@ absl::Status Pool::Read(absl::string_view volume, absl::string_view snapshot,
     what = absl::StrCat(what, "@", snapshot);
   }
   if (offset_bytes > size || out.size() > size - offset_bytes) {
-    return absl::OutOfRangeError(absl::StrCat(
-        "read of ", out.size(), " bytes at offset ", offset_bytes,
-        " is past the end of '", what, "' (", size, " bytes)"));
+    return absl::OutOfRangeError(
+        absl::StrCat("read of ", out.size(), " bytes at offset ", offset_bytes,
+                     " is past the end of '", what, "' (", size, " bytes)"));
   }
   absl::Status s = ReadLocked(root, size, what, offset_bytes, out);
   TrimCache();
@@ -1078,9 +1081,9 @@ absl::Status Pool::ReadLocked(const Entry& root, uint64_t size_bytes,
     if (absl::Status s = io_.Read(ops); !s.ok()) return s;
     for (const Mapped& m : mapped) {
       if (Hash128({m.dst, c_size}) != m.entry.digest) {
-        return absl::DataLossError(absl::StrCat(
-            "'", what, "' chunk ", m.chunk, " (pool chunk ", m.entry.ptr,
-            "): data does not match its digest"));
+        return absl::DataLossError(
+            absl::StrCat("'", what, "' chunk ", m.chunk, " (pool chunk ",
+                         m.entry.ptr, "): data does not match its digest"));
       }
     }
     for (uint64_t c = first; c <= last; ++c) {
@@ -1106,10 +1109,10 @@ absl::Status Pool::Trim(absl::string_view volume, uint64_t offset_bytes,
   if (!v.ok()) return v.status();
   if (offset_bytes > (*v)->size_bytes ||
       length_bytes > (*v)->size_bytes - offset_bytes) {
-    return absl::OutOfRangeError(absl::StrCat(
-        "trim of ", length_bytes, " bytes at offset ", offset_bytes,
-        " is past the end of volume '", volume, "' (", (*v)->size_bytes,
-        " bytes)"));
+    return absl::OutOfRangeError(
+        absl::StrCat("trim of ", length_bytes, " bytes at offset ",
+                     offset_bytes, " is past the end of volume '", volume,
+                     "' (", (*v)->size_bytes, " bytes)"));
   }
   absl::Status s = TrimLocked(**v, offset_bytes, length_bytes);
   if (s.ok()) s = MaybeCommit();
@@ -1186,8 +1189,8 @@ absl::StatusOr<SnapshotInfo> Pool::CreateSnapshot(absl::string_view volume,
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
   if (FindSnapshot(**v, name).ok()) {
-    return absl::AlreadyExistsError(absl::StrCat(
-        "snapshot '", volume, "@", name, "' already exists"));
+    return absl::AlreadyExistsError(
+        absl::StrCat("snapshot '", volume, "@", name, "' already exists"));
   }
   if (absl::Status s = EnsureSpace(0, 1); !s.ok()) return s;
   int depth = Depth(ChunkCount((*v)->size_bytes));
@@ -1205,8 +1208,12 @@ absl::StatusOr<SnapshotInfo> Pool::CreateSnapshot(absl::string_view volume,
   (*v)->snapshots.push_back(rec);
   changed_ = true;
   if (absl::Status s = Fail(CommitLocked()); !s.ok()) return s;
-  return SnapshotInfo{(*v)->name,       rec.name,       rec.guid,
-                      rec.create_time_ns, rec.size_bytes, rec.generation,
+  return SnapshotInfo{(*v)->name,
+                      rec.name,
+                      rec.guid,
+                      rec.create_time_ns,
+                      rec.size_bytes,
+                      rec.generation,
                       VolumeDigest(rec.root, rec.size_bytes)};
 }
 
@@ -1230,8 +1237,12 @@ absl::StatusOr<SnapshotInfo> Pool::GetSnapshot(absl::string_view volume,
   if (!v.ok()) return v.status();
   absl::StatusOr<const SnapshotRec*> s = FindSnapshot(**v, name);
   if (!s.ok()) return s.status();
-  return SnapshotInfo{(*v)->name,          (*s)->name,       (*s)->guid,
-                      (*s)->create_time_ns, (*s)->size_bytes, (*s)->generation,
+  return SnapshotInfo{(*v)->name,
+                      (*s)->name,
+                      (*s)->guid,
+                      (*s)->create_time_ns,
+                      (*s)->size_bytes,
+                      (*s)->generation,
                       VolumeDigest((*s)->root, (*s)->size_bytes)};
 }
 
@@ -1291,8 +1302,8 @@ absl::StatusOr<Digest> Pool::RootDigest(absl::string_view volume,
     if (!s.ok()) return s.status();
     return VolumeDigest((*s)->root, (*s)->size_bytes);
   }
-  if (absl::Status s = UpdateDigests(
-          (*v)->root, Depth(ChunkCount((*v)->size_bytes)) - 1);
+  if (absl::Status s =
+          UpdateDigests((*v)->root, Depth(ChunkCount((*v)->size_bytes)) - 1);
       !s.ok()) {
     return Fail(s);
   }
@@ -1453,9 +1464,9 @@ absl::Status Pool::CommitLocked() {
   next.used_chunks = used_chunks_;
   const uint64_t slot = (gen_ % 2) * kSuperblockSize;
   AlignedBuffer sb_buf(kSuperblockSize);
-  EncodeSuperblock(next, slot,
-                   std::span<std::byte, kSuperblockSize>(sb_buf.data(),
-                                                         kSuperblockSize));
+  EncodeSuperblock(
+      next, slot,
+      std::span<std::byte, kSuperblockSize>(sb_buf.data(), kSuperblockSize));
 
   if (absl::Status s = io_.Write(ops); !s.ok()) return s;
   if (absl::Status s = io_.Flush(); !s.ok()) return s;

@@ -58,8 +58,8 @@ struct VolumeInfo {
 };
 
 struct PoolInfo {
-  std::string device;       // path or "memory"
-  std::string io;           // backend, e.g. "io_uring, O_DIRECT"
+  std::string device;  // path or "memory"
+  std::string io;      // backend, e.g. "io_uring, O_DIRECT"
   Guid pool_guid{};
   uint32_t chunk_size_bytes = 0;
   uint64_t capacity_bytes = 0;  // data area
@@ -184,7 +184,7 @@ class Pool {
     Guid guid{};
     int64_t create_time_ns = 0;
     uint64_t size_bytes = 0;
-    Entry root;                         // digest valid after a commit
+    Entry root;                          // digest valid after a commit
     std::vector<SnapshotRec> snapshots;  // in creation order
   };
 

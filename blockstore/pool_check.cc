@@ -10,8 +10,8 @@ namespace blockstore {
 
 struct Pool::CheckState {
   CheckReport report;
-  std::vector<uint32_t> refs;                        // computed counts
-  std::unordered_map<uint64_t, Digest> node_digest;  // visited nodes
+  std::vector<uint32_t> refs;                         // computed counts
+  std::unordered_map<uint64_t, Digest> node_digest;   // visited nodes
   std::unordered_map<uint64_t, Digest> chunk_digest;  // data chunk -> digest
   void Problem(std::string s) {
     if (report.problems.size() < 1000) report.problems.push_back(std::move(s));
@@ -66,14 +66,16 @@ std::optional<Digest> Pool::CheckTree(CheckState& st, uint64_t id, int level,
     }
     if (level == 0) {
       if (IsDataPtr(e.ptr)) {
-        if (e.ptr < sb_.data_start || e.ptr >= sb_.data_start + sb_.data_count) {
+        if (e.ptr < sb_.data_start ||
+            e.ptr >= sb_.data_start + sb_.data_count) {
           st.Problem(absl::StrCat(at, ": data chunk ", e.ptr, " out of range"));
         } else {
           ++st.refs[ChunkIndex(e.ptr)];
           auto [it, fresh] = st.chunk_digest.emplace(e.ptr, e.digest);
           if (!fresh && it->second != e.digest) {
-            st.Problem(absl::StrCat(at, ": data chunk ", e.ptr,
-                                    " is referenced with two different digests"));
+            st.Problem(
+                absl::StrCat(at, ": data chunk ", e.ptr,
+                             " is referenced with two different digests"));
           }
         }
         if (cb >= chunk_count) {
@@ -124,10 +126,10 @@ absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
   for (int i = 0; i < 2; ++i) {
     Superblock other;
     std::string why;
-    SuperblockState state = DecodeSuperblock(
-        std::span<const std::byte, kSuperblockSize>(
-            sbs.data() + i * kSuperblockSize, kSuperblockSize),
-        i * kSuperblockSize, io_.size_bytes(), &other, &why);
+    SuperblockState state =
+        DecodeSuperblock(std::span<const std::byte, kSuperblockSize>(
+                             sbs.data() + i * kSuperblockSize, kSuperblockSize),
+                         i * kSuperblockSize, io_.size_bytes(), &other, &why);
     if (state != SuperblockState::kValid) {
       st.report.notes.push_back(
           absl::StrCat("superblock ", i == 0 ? "A" : "B", ": ", why,
@@ -147,9 +149,8 @@ absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
                         const std::string& where) {
     if (root.ptr == 0) return;
     int depth = Depth(ChunkCount(size_bytes));
-    std::optional<Digest> d = CheckTree(st, root.ptr, depth - 1, 0,
-                                        ChunkCount(size_bytes), root.birth,
-                                        where);
+    std::optional<Digest> d = CheckTree(
+        st, root.ptr, depth - 1, 0, ChunkCount(size_bytes), root.birth, where);
     if (d.has_value() && *d != root.digest) {
       st.Problem(absl::StrCat(where, ": root digest does not match its tree"));
     }
@@ -169,8 +170,9 @@ absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
     if (counts_[i] != 0) ++(is_node ? used_nodes : used_chunks);
     if (counts_[i] == st.refs[i]) continue;
     std::string what =
-        is_node ? absl::StrCat("metadata node ", sb_.meta_start + i)
-                : absl::StrCat("data chunk ", sb_.data_start + i - sb_.meta_count);
+        is_node
+            ? absl::StrCat("metadata node ", sb_.meta_start + i)
+            : absl::StrCat("data chunk ", sb_.data_start + i - sb_.meta_count);
     if (st.refs[i] == 0) {
       st.Problem(absl::StrCat(what, ": leaked (reference count ", counts_[i],
                               ", no references)"));
@@ -198,8 +200,8 @@ absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
       size_t n = std::min(kBatch, chunks.size() - at);
       std::vector<ReadOp> ops;
       for (size_t k = 0; k < n; ++k) {
-        ops.push_back({chunks[at + k].first * c_size,
-                       {buf.data() + k * c_size, c_size}});
+        ops.push_back(
+            {chunks[at + k].first * c_size, {buf.data() + k * c_size, c_size}});
       }
       if (absl::Status s = io_.Read(ops); !s.ok()) {
         st.Problem(absl::StrCat("reading data: ", s.message()));
@@ -207,7 +209,8 @@ absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
       }
       for (size_t k = 0; k < n; ++k) {
         ++st.report.chunks_checked;
-        if (Hash128({buf.data() + k * c_size, c_size}) != chunks[at + k].second) {
+        if (Hash128({buf.data() + k * c_size, c_size}) !=
+            chunks[at + k].second) {
           st.Problem(absl::StrCat("data chunk ", chunks[at + k].first,
                                   ": content does not match its digest"));
         }

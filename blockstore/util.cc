@@ -61,12 +61,23 @@ absl::StatusOr<uint64_t> ParseSize(absl::string_view text,
   uint64_t mult = 1;
   if (!s.empty()) {
     switch (absl::ascii_toupper(s.back())) {
-      case 'K': mult = 1ull << 10; break;
-      case 'M': mult = 1ull << 20; break;
-      case 'G': mult = 1ull << 30; break;
-      case 'T': mult = 1ull << 40; break;
-      case 'P': mult = 1ull << 50; break;
-      default: break;
+      case 'K':
+        mult = 1ull << 10;
+        break;
+      case 'M':
+        mult = 1ull << 20;
+        break;
+      case 'G':
+        mult = 1ull << 30;
+        break;
+      case 'T':
+        mult = 1ull << 40;
+        break;
+      case 'P':
+        mult = 1ull << 50;
+        break;
+      default:
+        break;
     }
     if (mult != 1) s.remove_suffix(1);
   }
@@ -86,8 +97,8 @@ absl::StatusOr<uint64_t> ParseSize(absl::string_view text,
 }
 
 std::string FormatBytes(uint64_t bytes) {
-  static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB",
-                                           "PiB"};
+  static constexpr const char* kUnits[] = {"B",   "KiB", "MiB",
+                                           "GiB", "TiB", "PiB"};
   if (bytes < 1024) return absl::StrCat(bytes, " B");
   double v = static_cast<double>(bytes);
   int unit = 0;

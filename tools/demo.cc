@@ -32,7 +32,8 @@ void Check(bool ok, const std::string& what) {
 
 bool Ok(const absl::Status& s, const std::string& what) {
   if (!s.ok()) {
-    std::printf("  [FAIL] %s: %s\n", what.c_str(), std::string(s.message()).c_str());
+    std::printf("  [FAIL] %s: %s\n", what.c_str(),
+                std::string(s.message()).c_str());
     ++failures;
   }
   return s.ok();
@@ -128,19 +129,22 @@ int Walkthrough(const std::string& path) {
   std::printf("== read back the snapshot and the live volume\n");
   std::vector<std::byte> got(kVolumeBytes);
   if (!Ok(pool.Read("vol0", "base", 0, got), "read snapshot")) return 1;
-  Check(got == base, "vol0@base still holds the original 256 MiB, byte for byte");
+  Check(got == base,
+        "vol0@base still holds the original 256 MiB, byte for byte");
   if (!Ok(pool.Read("vol0", "", 0, got), "read live")) return 1;
   Check(got == live, "vol0 holds the new data, byte for byte");
   absl::StatusOr<blockstore::Digest> live_digest = pool.RootDigest("vol0", "");
   if (!Ok(live_digest.status(), "digest")) return 1;
-  Check(*live_digest != snap->root_digest,
-        absl::StrCat("live digest ", live_digest->ToHex(), " differs from base"));
+  Check(
+      *live_digest != snap->root_digest,
+      absl::StrCat("live digest ", live_digest->ToHex(), " differs from base"));
 
   std::printf("== roll vol0 back to base\n");
   if (!Ok(pool.Rollback("vol0", "base"), "rollback")) return 1;
   live_digest = pool.RootDigest("vol0", "");
   if (!Ok(live_digest.status(), "digest")) return 1;
-  Check(*live_digest == snap->root_digest, "live digest equals vol0@base again");
+  Check(*live_digest == snap->root_digest,
+        "live digest equals vol0@base again");
   if (!Ok(pool.Read("vol0", "", 0, got), "read live")) return 1;
   Check(got == base, "vol0 is the original data again");
   ShowSpace(pool);
@@ -157,7 +161,8 @@ int Walkthrough(const std::string& path) {
   std::printf("== pool check --data\n");
   absl::StatusOr<Pool::CheckReport> report = pool.Check(true);
   if (!Ok(report.status(), "check")) return 1;
-  for (const std::string& p : report->problems) std::printf("  %s\n", p.c_str());
+  for (const std::string& p : report->problems)
+    std::printf("  %s\n", p.c_str());
   Check(report->problems.empty(),
         absl::StrCat("checked ", report->nodes_checked, " nodes and ",
                      report->chunks_checked, " chunks: consistent"));
@@ -171,8 +176,8 @@ int RunDemo(const std::string& dir_arg) {
   bool temporary = dir.empty();
   if (temporary) {
     const char* tmp = std::getenv("TMPDIR");
-    std::string tmpl = absl::StrCat(tmp != nullptr ? tmp : "/tmp",
-                                    "/tandem-demo-XXXXXX");
+    std::string tmpl =
+        absl::StrCat(tmp != nullptr ? tmp : "/tmp", "/tandem-demo-XXXXXX");
     if (mkdtemp(tmpl.data()) == nullptr) {
       std::perror("tandem demo: mkdtemp");
       return 1;

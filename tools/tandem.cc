@@ -19,8 +19,8 @@
 #include "CLI/CLI.hpp"
 #include "absl/cleanup/cleanup.h"
 #include "absl/status/status.h"
-#include "absl/strings/match.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/time.h"
@@ -80,8 +80,8 @@ Ref ParseRef(const std::string& text) {
 
 absl::Status RequireSnapshot(const Ref& r, const std::string& text) {
   if (r.snapshot.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "'", text, "' names no snapshot: write VOLUME@SNAPSHOT"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", text, "' names no snapshot: write VOLUME@SNAPSHOT"));
   }
   return absl::OkStatus();
 }
@@ -116,8 +116,9 @@ absl::Status PoolCreate(const std::string& path, const std::string& size_text,
   absl::StatusOr<uint64_t> chunk = Size(chunk_text, "chunk size");
   if (!chunk.ok()) return chunk.status();
   if (*chunk > UINT32_MAX) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "bad chunk size ", chunk_text, ": must be a power of two from 4K to 1M"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad chunk size ", chunk_text,
+                     ": must be a power of two from 4K to 1M"));
   }
   struct stat st {};
   bool exists = stat(path.c_str(), &st) == 0;
@@ -143,7 +144,8 @@ absl::Status PoolCreate(const std::string& path, const std::string& size_text,
     if (!io.ok()) return io.status();
     absl::StatusOr<std::unique_ptr<Pool>> old =
         Pool::Open(std::move(*io), OpenMode::kReadOnly);
-    if (old.ok() || !absl::StrContains(old.status().message(), "not a tandem pool")) {
+    if (old.ok() ||
+        !absl::StrContains(old.status().message(), "not a tandem pool")) {
       return absl::AlreadyExistsError(absl::StrCat(
           path, " already holds a tandem pool; pass --force to destroy it"));
     }
@@ -193,20 +195,24 @@ absl::Status PoolInfo(const std::string& path, bool as_json) {
   }
   using blockstore::FormatBytes;
   std::printf("pool        %s\n", i.device.c_str());
-  std::printf("guid        %s\n", blockstore::GuidToString(i.pool_guid).c_str());
+  std::printf("guid        %s\n",
+              blockstore::GuidToString(i.pool_guid).c_str());
   std::printf("io          %s\n", i.io.c_str());
   std::printf("chunk size  %s\n", FormatBytes(i.chunk_size_bytes).c_str());
   std::printf("capacity    %s\n", FormatBytes(i.capacity_bytes).c_str());
-  std::printf("used        %s (%llu bytes)\n", FormatBytes(i.used_bytes).c_str(),
+  std::printf("used        %s (%llu bytes)\n",
+              FormatBytes(i.used_bytes).c_str(),
               static_cast<unsigned long long>(i.used_bytes));
   std::printf("free        %s\n", FormatBytes(i.free_bytes).c_str());
   std::printf("metadata    %s used of %s\n",
               FormatBytes(i.metadata_used_bytes).c_str(),
               FormatBytes(i.metadata_capacity_bytes).c_str());
-  std::printf("volumes     %llu\n", static_cast<unsigned long long>(i.volume_count));
+  std::printf("volumes     %llu\n",
+              static_cast<unsigned long long>(i.volume_count));
   std::printf("snapshots   %llu\n",
               static_cast<unsigned long long>(i.snapshot_count));
-  std::printf("generation  %llu\n", static_cast<unsigned long long>(i.generation));
+  std::printf("generation  %llu\n",
+              static_cast<unsigned long long>(i.generation));
   return absl::OkStatus();
 }
 
@@ -222,14 +228,15 @@ std::optional<Failure> PoolCheck(const std::string& path, bool data) {
   for (const std::string& p : report->problems) {
     std::printf("problem: %s\n", p.c_str());
   }
-  std::printf("checked %llu metadata nodes%s: %s\n",
-              static_cast<unsigned long long>(report->nodes_checked),
-              data ? absl::StrCat(" and ", report->chunks_checked, " data chunks")
-                         .c_str()
-                   : "",
-              report->problems.empty()
-                  ? "consistent"
-                  : absl::StrCat(report->problems.size(), " problem(s)").c_str());
+  std::printf(
+      "checked %llu metadata nodes%s: %s\n",
+      static_cast<unsigned long long>(report->nodes_checked),
+      data ? absl::StrCat(" and ", report->chunks_checked, " data chunks")
+                 .c_str()
+           : "",
+      report->problems.empty()
+          ? "consistent"
+          : absl::StrCat(report->problems.size(), " problem(s)").c_str());
   if (!report->problems.empty()) {
     return Failure{absl::StrCat("pool ", path, " is inconsistent: ",
                                 report->problems.size(), " problem(s)")};
@@ -270,7 +277,8 @@ absl::Status WriteCommand(const std::string& path, const std::string& volume,
   int fd = 0;
   if (!file.empty() && file != "-") {
     fd = open(file.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return blockstore::ErrnoError(errno, absl::StrCat("open ", file));
+    if (fd < 0)
+      return blockstore::ErrnoError(errno, absl::StrCat("open ", file));
   }
   absl::Cleanup close_fd = [fd] {
     if (fd != 0) close(fd);
@@ -284,10 +292,10 @@ absl::Status WriteCommand(const std::string& path, const std::string& volume,
   if (fd != 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
       (*offset > vol->size_bytes ||
        static_cast<uint64_t>(st.st_size) > vol->size_bytes - *offset)) {
-    return absl::OutOfRangeError(absl::StrCat(
-        "writing ", st.st_size, " bytes of ", file, " at offset ", *offset,
-        " would pass the end of volume '", volume, "' (", vol->size_bytes,
-        " bytes)"));
+    return absl::OutOfRangeError(
+        absl::StrCat("writing ", st.st_size, " bytes of ", file, " at offset ",
+                     *offset, " would pass the end of volume '", volume, "' (",
+                     vol->size_bytes, " bytes)"));
   }
   // Aligned, so whole chunks go to disk without a copy.
   blockstore::AlignedBuffer aligned(kStreamPiece);
@@ -307,8 +315,7 @@ absl::Status WriteCommand(const std::string& path, const std::string& volume,
     }
     if (got == 0) break;
     // On error nothing is committed: the pool closes without a flush.
-    if (absl::Status s = (*pool)->Write(volume, at, buf.first(got));
-        !s.ok()) {
+    if (absl::Status s = (*pool)->Write(volume, at, buf.first(got)); !s.ok()) {
       return s;
     }
     at += got;
@@ -418,12 +425,14 @@ int Run(int argc, char** argv) {
 
   // pool (its path is positional, apart from --pool of the others)
   std::string pool_file;
-  CLI::App* pool = app.add_subcommand("pool", "create, inspect and check pools");
+  CLI::App* pool =
+      app.add_subcommand("pool", "create, inspect and check pools");
   pool->require_subcommand(1);
   std::string size_text, chunk_text = "64K";
   bool force = false, data = false;
   CLI::App* pool_create = pool->add_subcommand("create", "create a pool");
-  pool_create->add_option("PATH", pool_file, "file or block device")->required();
+  pool_create->add_option("PATH", pool_file, "file or block device")
+      ->required();
   pool_create->add_option("--size", size_text,
                           "size of a new pool file (default 8G, sparse)");
   pool_create->add_option("--chunk-size", chunk_text,
@@ -435,14 +444,15 @@ int Run(int argc, char** argv) {
   pool_info->add_option("PATH", pool_file)->required();
   pool_info->add_flag("--json", as_json);
   pool_info->callback([&] { act(PoolInfo(pool_file, as_json)); });
-  CLI::App* pool_check =
-      pool->add_subcommand("check", "verify all metadata (exit 0 if consistent)");
+  CLI::App* pool_check = pool->add_subcommand(
+      "check", "verify all metadata (exit 0 if consistent)");
   pool_check->add_option("PATH", pool_file)->required();
   pool_check->add_flag("--data", data, "also re-hash every data chunk");
   pool_check->callback([&] { failure = PoolCheck(pool_file, data); });
 
   // volume
-  CLI::App* volume = app.add_subcommand("volume", "create, list, resize, delete");
+  CLI::App* volume =
+      app.add_subcommand("volume", "create, list, resize, delete");
   volume->require_subcommand(1);
   std::string name;
   bool recursive = false;
@@ -478,8 +488,7 @@ int Run(int argc, char** argv) {
   CLI::App* vol_delete = volume->add_subcommand("delete", "delete a volume");
   add_pool(vol_delete);
   vol_delete->add_option("NAME", name)->required();
-  vol_delete->add_flag("--recursive,-r", recursive,
-                       "delete its snapshots too");
+  vol_delete->add_flag("--recursive,-r", recursive, "delete its snapshots too");
   vol_delete->callback([&] {
     absl::StatusOr<std::unique_ptr<Pool>> p =
         OpenPool(pool_path, OpenMode::kReadWrite);
@@ -594,8 +603,9 @@ int Run(int argc, char** argv) {
   std::string demo_dir;
   CLI::App* demo = app.add_subcommand(
       "demo", "walk through the block store on pools in a temporary directory");
-  demo->add_option("DIR", demo_dir, "where to put the pools (default: a new "
-                                    "temporary directory, removed after)");
+  demo->add_option("DIR", demo_dir,
+                   "where to put the pools (default: a new "
+                   "temporary directory, removed after)");
   demo->callback([&] {
     int rc = RunDemo(demo_dir);
     if (rc != 0) failure = Failure{"demo: a check failed (see above)", rc};

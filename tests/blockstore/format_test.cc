@@ -15,7 +15,8 @@ TEST(LayOutTest, RejectsBadChunkSizesAndTinyDevices) {
   for (uint32_t c : {0u, 2048u, 4097u, 3u << 12, 2u << 20}) {
     absl::StatusOr<Superblock> sb = LayOut(1ull << 30, c);
     ASSERT_FALSE(sb.ok()) << c;
-    EXPECT_THAT(std::string(sb.status().message()), HasSubstr("bad chunk size"));
+    EXPECT_THAT(std::string(sb.status().message()),
+                HasSubstr("bad chunk size"));
   }
   absl::StatusOr<Superblock> tiny = LayOut(64 * 1024, 4096);
   ASSERT_FALSE(tiny.ok());
@@ -26,7 +27,8 @@ TEST(LayOutTest, RegionsDoNotOverlapAndFit) {
   for (uint32_t c : {4096u, 65536u, 1u << 20}) {
     absl::StatusOr<Superblock> sb = LayOut(10ull << 30, c);
     ASSERT_TRUE(sb.ok());
-    uint64_t table_end = sb->refcount_start_bytes + 2 * sb->refcount_pages * 4096;
+    uint64_t table_end =
+        sb->refcount_start_bytes + 2 * sb->refcount_pages * 4096;
     EXPECT_LE(table_end, sb->meta_start * kNodeSize);
     EXPECT_LE((sb->meta_start + sb->meta_count) * kNodeSize,
               sb->data_start * uint64_t{c});

@@ -1,4 +1,6 @@
 // One typed suite that every Io backend passes.
+#include "blockstore/io.h"
+
 #include <fcntl.h>
 #include <liburing.h>
 #include <sys/wait.h>
@@ -9,7 +11,6 @@
 #include <memory>
 #include <string>
 
-#include "blockstore/io.h"
 #include "blockstore/mem_io.h"
 #include "blockstore/util.h"
 #include "gmock/gmock.h"
@@ -73,7 +74,8 @@ class IoTest : public ::testing::Test {
   std::string path_;
 };
 
-using Backends = ::testing::Types<MemBackend, FileBackend<false>, FileBackend<true>>;
+using Backends =
+    ::testing::Types<MemBackend, FileBackend<false>, FileBackend<true>>;
 TYPED_TEST_SUITE(IoTest, Backends);
 
 TYPED_TEST(IoTest, BatchedWritesReadBack) {
@@ -82,8 +84,8 @@ TYPED_TEST(IoTest, BatchedWritesReadBack) {
   std::memset(a.data(), 0xa1, a.size());
   std::memset(b.data(), 0xb2, b.size());
   for (size_t i = 0; i < c.size(); ++i) c.data()[i] = std::byte(i * 31);
-  std::vector<WriteOp> ops = {{0, a.span()}, {8 * 4096, b.span()},
-                              {kSize - c.size(), c.span()}};
+  std::vector<WriteOp> ops = {
+      {0, a.span()}, {8 * 4096, b.span()}, {kSize - c.size(), c.span()}};
   ASSERT_TRUE(this->io_->Write(ops).ok());
   ASSERT_TRUE(this->io_->Flush().ok());
   AlignedBuffer ra(3 * 4096), rb(4096), rc(1 << 20), hole(4096);
@@ -143,8 +145,8 @@ TEST(FileIoTest, SecondWriterIsToldWhoHoldsThePool) {
     absl::StatusOr<std::unique_ptr<Io>> second = OpenFileIo(path, o);
     bool ok = !second.ok() &&
               second.status().code() == absl::StatusCode::kFailedPrecondition &&
-              std::string(second.status().message()).find(
-                  "in use by process " + std::to_string(getppid())) !=
+              std::string(second.status().message())
+                      .find("in use by process " + std::to_string(getppid())) !=
                   std::string::npos;
     _exit(ok ? 0 : 1);
   }

@@ -104,12 +104,13 @@ Outcome Workload(Io& io) {
       snapshot("a", "s1") && write("a", 100 << 10, 200 << 10, 6) &&
       trim("a", 400 << 10, (50 << 10) + 123) && flush() &&
       resize("a", (126 * 126 + 10) * kChunk) &&
-      write("a", (126 * 126 + 2) * kChunk, 10 << 10, 7) && snapshot("a", "s2") &&
-      create("b", 300 << 10) && write("b", 1000, 150 << 10, 9) && flush() &&
-      drop_snapshot("a", "s1") && rollback("a", "s2") &&
-      write("a", 5 * kChunk, 3 * kChunk, 10) && drop_volume("b") &&
-      resize("a", 100 << 10) && flush() && drop_snapshot("a", "s2") &&
-      trim("a", 0, 100 << 10) && write("a", 0, kChunk, 11) && flush();
+      write("a", (126 * 126 + 2) * kChunk, 10 << 10, 7) &&
+      snapshot("a", "s2") && create("b", 300 << 10) &&
+      write("b", 1000, 150 << 10, 9) && flush() && drop_snapshot("a", "s1") &&
+      rollback("a", "s2") && write("a", 5 * kChunk, 3 * kChunk, 10) &&
+      drop_volume("b") && resize("a", 100 << 10) && flush() &&
+      drop_snapshot("a", "s2") && trim("a", 0, 100 << 10) &&
+      write("a", 0, kChunk, 11) && flush();
   return out;
 }
 
@@ -132,7 +133,8 @@ TEST(PoolCrashTest, EveryCrashPointRecoversToACommittedState) {
     ASSERT_TRUE(out.in_flight.has_value()) << "point " << k;
 
     std::mt19937_64 rng(k);
-    const std::vector<std::pair<std::string, std::function<size_t(size_t, size_t)>>>
+    const std::vector<
+        std::pair<std::string, std::function<size_t(size_t, size_t)>>>
         modes = {
             {"drop all", [](size_t, size_t) -> size_t { return 0; }},
             {"keep all", [](size_t, size_t len) { return len; }},
@@ -143,9 +145,12 @@ TEST(PoolCrashTest, EveryCrashPointRecoversToACommittedState) {
             {"random subset",
              [&rng](size_t, size_t len) -> size_t {
                switch (rng() % 3) {
-                 case 0: return 0;
-                 case 1: return len;
-                 default: return rng() % len;
+                 case 0:
+                   return 0;
+                 case 1:
+                   return len;
+                 default:
+                   return rng() % len;
                }
              }},
         };
@@ -159,10 +164,11 @@ TEST(PoolCrashTest, EveryCrashPointRecoversToACommittedState) {
         // Crashed while formatting: no pool yet (or a torn first
         // superblock, said as such), or the empty new one.
         if (!pool.ok()) {
-          EXPECT_THAT(std::string(pool.status().message()),
-                      ::testing::AnyOf(
-                          ::testing::HasSubstr("not a tandem pool"),
-                          ::testing::HasSubstr("both pool superblocks are damaged")));
+          EXPECT_THAT(
+              std::string(pool.status().message()),
+              ::testing::AnyOf(
+                  ::testing::HasSubstr("not a tandem pool"),
+                  ::testing::HasSubstr("both pool superblocks are damaged")));
           ++unformatted;
           continue;
         }

@@ -32,7 +32,11 @@ uint64_t EnvOr(const char* name, uint64_t fallback) {
 class ModelRun {
  public:
   explicit ModelRun(uint64_t seed)
-      : seed_(seed), rng_(seed), io_(96 << 20), model_(kChunk), committed_(kChunk) {}
+      : seed_(seed),
+        rng_(seed),
+        io_(96 << 20),
+        model_(kChunk),
+        committed_(kChunk) {}
 
   // Returns "" or what went wrong, with the step.
   std::string Run(int steps) {
@@ -66,10 +70,14 @@ class ModelRun {
 
   uint64_t RandomSize() {
     switch (Rand(4)) {
-      case 0: return 1 + Rand(3 * kChunk);                      // one leaf
-      case 1: return (1 + Rand(300)) * kChunk - Rand(2) * Rand(kChunk);
-      case 2: return (126 * 126 + 1 + Rand(2000)) * kChunk;      // depth 3
-      default: return (1 + Rand(126)) * kChunk;
+      case 0:
+        return 1 + Rand(3 * kChunk);  // one leaf
+      case 1:
+        return (1 + Rand(300)) * kChunk - Rand(2) * Rand(kChunk);
+      case 2:
+        return (126 * 126 + 1 + Rand(2000)) * kChunk;  // depth 3
+      default:
+        return (1 + Rand(126)) * kChunk;
     }
   }
 
@@ -77,8 +85,9 @@ class ModelRun {
   // succeed; a refused one must leave things unchanged (checked later).
   std::string Expect(absl::Status s, bool should_succeed) {
     if (s.ok() != should_succeed) {
-      return absl::StrCat(should_succeed ? "failed: " : "succeeded, expected failure",
-                          s.message());
+      return absl::StrCat(
+          should_succeed ? "failed: " : "succeeded, expected failure",
+          s.message());
     }
     return "";
   }
@@ -90,7 +99,8 @@ class ModelRun {
       std::string name = absl::StrCat("vol", next_name_++);
       uint64_t size = RandomSize();
       last_op_ = absl::StrCat("create ", name, " size ", size);
-      if (std::string e = Expect(pool_->CreateVolume(name, size), true); !e.empty()) {
+      if (std::string e = Expect(pool_->CreateVolume(name, size), true);
+          !e.empty()) {
         return e;
       }
       model_.volumes[name].size_bytes = size;
@@ -137,7 +147,8 @@ class ModelRun {
       absl::StatusOr<SnapshotInfo> s = pool_->CreateSnapshot(v, name);
       if (!s.ok()) return std::string(s.status().message());
       model_.Snapshot(v, name);
-      if (s->root_digest != model_.RootDigest(vm)) return "snapshot digest differs";
+      if (s->root_digest != model_.RootDigest(vm))
+        return "snapshot digest differs";
       return "";
     }
     if (r < 67 && !vm.snapshots.empty()) {
@@ -145,7 +156,8 @@ class ModelRun {
       std::advance(it, Rand(vm.snapshots.size()));
       std::string name = it->first;
       last_op_ = absl::StrCat("delete snapshot ", v, "@", name);
-      if (std::string e = Expect(pool_->DeleteSnapshot(v, name), true); !e.empty()) {
+      if (std::string e = Expect(pool_->DeleteSnapshot(v, name), true);
+          !e.empty()) {
         return e;
       }
       vm.snapshots.erase(name);
@@ -155,14 +167,16 @@ class ModelRun {
       auto it = vm.snapshots.begin();
       std::advance(it, Rand(vm.snapshots.size()));
       last_op_ = absl::StrCat("rollback ", v, "@", it->first);
-      if (std::string e = Expect(pool_->Rollback(v, it->first), true); !e.empty()) {
+      if (std::string e = Expect(pool_->Rollback(v, it->first), true);
+          !e.empty()) {
         return e;
       }
       model_.Rollback(v, it->first);
       return Verify(v, 0, 0);
     }
     if (r < 77) {
-      uint64_t new_size = Rand(2) ? RandomSize() : std::max<uint64_t>(1, size / 2);
+      uint64_t new_size =
+          Rand(2) ? RandomSize() : std::max<uint64_t>(1, size / 2);
       last_op_ = absl::StrCat("resize ", v, " from ", size, " to ", new_size);
       if (std::string e = Expect(pool_->ResizeVolume(v, new_size), true);
           !e.empty()) {
@@ -175,7 +189,8 @@ class ModelRun {
       bool recursive = Rand(2) == 0;
       last_op_ = absl::StrCat("delete volume ", v, recursive ? " -r" : "");
       bool ok = recursive || vm.snapshots.empty();
-      if (std::string e = Expect(pool_->DeleteVolume(v, recursive), ok); !e.empty()) {
+      if (std::string e = Expect(pool_->DeleteVolume(v, recursive), ok);
+          !e.empty()) {
         return e;
       }
       if (ok) model_.volumes.erase(v);
@@ -200,7 +215,8 @@ class ModelRun {
 
   std::string Reopen() {
     pool_.reset();
-    absl::StatusOr<std::unique_ptr<Pool>> p = Pool::Open(io_, OpenMode::kReadWrite);
+    absl::StatusOr<std::unique_ptr<Pool>> p =
+        Pool::Open(io_, OpenMode::kReadWrite);
     if (!p.ok()) return absl::StrCat("reopen: ", p.status().message());
     pool_ = std::move(*p);
     return DiffPool(*pool_, model_);
@@ -234,12 +250,14 @@ class ModelRun {
     }
     absl::StatusOr<Digest> d = pool_->RootDigest(v, "");
     if (!d.ok()) return std::string(d.status().message());
-    if (*d != model_.RootDigest(vm)) return "live root digest differs from the model";
+    if (*d != model_.RootDigest(vm))
+      return "live root digest differs from the model";
     return "";
   }
 
   std::string FullCheck() {
-    if (absl::Status s = pool_->Flush(); !s.ok()) return std::string(s.message());
+    if (absl::Status s = pool_->Flush(); !s.ok())
+      return std::string(s.message());
     Track();
     if (std::string d = DiffPool(*pool_, model_); !d.empty()) return d;
     absl::StatusOr<Pool::CheckReport> r = pool_->Check(true);

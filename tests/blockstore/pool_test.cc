@@ -241,7 +241,8 @@ TEST(PoolTest, ShrinkDiscardsAndGrowReadsZeros) {
     EXPECT_EQ(testing_util::DiffPool(*pool, model), "") << size;
     ExpectConsistent(*pool);
   }
-  EXPECT_EQ(pool->ResizeVolume("v", 0).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(pool->ResizeVolume("v", 0).code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(PoolTest, EqualContentHasEqualDigestWhateverTheHistory) {
@@ -262,7 +263,8 @@ TEST(PoolTest, EqualContentHasEqualDigestWhateverTheHistory) {
   ASSERT_TRUE(b->Trim("y", 0, size).ok());
   for (uint64_t c = 500; c-- > 0;) {
     ASSERT_TRUE(
-        b->Write("y", c * kChunk, std::span(data).subspan(c * kChunk, kChunk)).ok());
+        b->Write("y", c * kChunk, std::span(data).subspan(c * kChunk, kChunk))
+            .ok());
   }
   EXPECT_EQ(*a->RootDigest("x", ""), *b->RootDigest("y", ""));
   ASSERT_TRUE(b->Write("y", 1234, TestData(1, 9)).ok());
@@ -319,7 +321,8 @@ TEST(PoolTest, BadInputNamesWhatIsWrong) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("bad volume name 'a@b'"));
   s = pool->Write("v", 10 * kChunk - 1, TestData(2, 2));
   EXPECT_EQ(s.code(), absl::StatusCode::kOutOfRange);
-  EXPECT_THAT(std::string(s.message()), HasSubstr("past the end of volume 'v'"));
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("past the end of volume 'v'"));
   s = pool->Write("nope", 0, TestData(2, 2));
   EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(std::string(s.message()), HasSubstr("no volume 'nope'"));
@@ -355,8 +358,8 @@ TEST(PoolTest, NotAPoolAndDamagedSuperblocksAreToldApart) {
 uint64_t FirstTreeNodeOffset(MemIo& io, const Superblock& sb) {
   for (uint64_t id = sb.meta_start; id < sb.meta_start + sb.meta_count; ++id) {
     std::vector<std::byte> raw = io.Peek(id * kNodeSize, kNodeSize);
-    absl::StatusOr<NodeHeader> h =
-        OpenNode(std::span<const std::byte, kNodeSize>(raw.data(), kNodeSize), id);
+    absl::StatusOr<NodeHeader> h = OpenNode(
+        std::span<const std::byte, kNodeSize>(raw.data(), kNodeSize), id);
     if (h.ok() && h->kind == NodeKind::kTree) return id * kNodeSize;
   }
   return 0;
@@ -417,7 +420,8 @@ TEST(PoolTest, DeviceErrorStopsTheHandleAndReopenReturnsToLastCommit) {
   }
   for (int n = 1; n <= 4; ++n) {
     testing_util::FailNthWrite faulty(mem, n, EIO);
-    absl::StatusOr<std::unique_ptr<Pool>> p = Pool::Open(faulty, OpenMode::kReadWrite);
+    absl::StatusOr<std::unique_ptr<Pool>> p =
+        Pool::Open(faulty, OpenMode::kReadWrite);
     ASSERT_TRUE(p.ok());
     absl::Status s = (*p)->Write("v", 0, TestData(2 * kChunk, 3));
     if (s.ok()) s = (*p)->Flush();

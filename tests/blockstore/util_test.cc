@@ -22,12 +22,13 @@ TEST(ParseSizeTest, AcceptsPlainAndSuffixedSizes) {
 }
 
 TEST(ParseSizeTest, RejectsGarbageNamingTheField) {
-  for (const char* bad : {"", "K", "12Q", "-1", "1..5G", "abc", "99999999999999999999",
-                          "20000P"}) {
+  for (const char* bad : {"", "K", "12Q", "-1", "1..5G", "abc",
+                          "99999999999999999999", "20000P"}) {
     absl::StatusOr<uint64_t> s = ParseSize(bad, "volume size");
     ASSERT_FALSE(s.ok()) << bad;
     EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
-    EXPECT_THAT(std::string(s.status().message()), HasSubstr("bad volume size"));
+    EXPECT_THAT(std::string(s.status().message()),
+                HasSubstr("bad volume size"));
   }
 }
 
@@ -39,7 +40,8 @@ TEST(FormatBytesTest, UsesBinaryUnits) {
 
 TEST(ErrnoErrorTest, MapsCommonErrnos) {
   EXPECT_EQ(ErrnoError(ENOENT, "open x").code(), absl::StatusCode::kNotFound);
-  EXPECT_EQ(ErrnoError(ENOSPC, "w").code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(ErrnoError(ENOSPC, "w").code(),
+            absl::StatusCode::kResourceExhausted);
   absl::Status eio = ErrnoError(EIO, "read pool.img at 8192");
   EXPECT_EQ(eio.code(), absl::StatusCode::kDataLoss);
   EXPECT_THAT(std::string(eio.message()), HasSubstr("read pool.img at 8192"));

@@ -57,7 +57,8 @@ class FailNthWrite : public blockstore::IoWrapper {
       : IoWrapper(target), left_(n), err_(err) {}
   absl::Status Write(std::span<const blockstore::WriteOp> ops) override {
     for (const blockstore::WriteOp& op : ops) {
-      if (--left_ == 0) return blockstore::ErrnoError(err_, "injected write fault");
+      if (--left_ == 0)
+        return blockstore::ErrnoError(err_, "injected write fault");
       if (absl::Status s = target().Write({&op, 1}); !s.ok()) return s;
     }
     return absl::OkStatus();

@@ -143,7 +143,8 @@ std::string DiffOne(blockstore::Pool& pool, const PoolModel& model,
     if (!v.ok()) return std::string(v.status().message());
     size = v->size_bytes;
   } else {
-    absl::StatusOr<blockstore::SnapshotInfo> s = pool.GetSnapshot(volume, snapshot);
+    absl::StatusOr<blockstore::SnapshotInfo> s =
+        pool.GetSnapshot(volume, snapshot);
     if (!s.ok()) return std::string(s.status().message());
     size = s->size_bytes;
   }

@@ -79,7 +79,8 @@ class CliTest : public ::testing::TestWithParam<bool> {
   }
 
   // Runs argv with stdin from `input`, capturing stdout and stderr.
-  Result Exec(const std::vector<std::string>& argv, const std::string& input = "",
+  Result Exec(const std::vector<std::string>& argv,
+              const std::string& input = "",
               const std::vector<std::string>& env = {}) {
     std::string in = dir_ + "/stdin", out = dir_ + "/stdout",
                 err = dir_ + "/stderr";
@@ -93,7 +94,8 @@ class CliTest : public ::testing::TestWithParam<bool> {
       dup2(o, 1);
       dup2(e, 2);
       std::vector<char*> args;
-      for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+      for (const std::string& a : argv)
+        args.push_back(const_cast<char*>(a.c_str()));
       args.push_back(nullptr);
       unsetenv("TANDEM_POOL");
       for (const std::string& kv : env) putenv(const_cast<char*>(kv.c_str()));
@@ -141,7 +143,8 @@ class CliTest : public ::testing::TestWithParam<bool> {
 };
 
 TEST_P(CliTest, PoolVolumeSnapshotLifecycle) {
-  std::vector<std::string> create = {"pool", "create", pool_, "--chunk-size", "16K"};
+  std::vector<std::string> create = {"pool", "create", pool_, "--chunk-size",
+                                     "16K"};
   if (!GetParam()) create.insert(create.end(), {"--size", "256M"});
   EXPECT_THAT(Ok(create), HasSubstr("created pool"));
   json info = json::parse(Ok({"pool", "info", pool_, "--json"}));
@@ -169,13 +172,15 @@ TEST_P(CliTest, PoolVolumeSnapshotLifecycle) {
   EXPECT_EQ(whole.substr(0, 1001), std::string(1001, '\0'));
 
   // Snapshot, then overwrite from stdin: the snapshot keeps the old bytes.
-  std::string snap_line = Ok({"snapshot", "create", "--pool", pool_, "vol@one"});
+  std::string snap_line =
+      Ok({"snapshot", "create", "--pool", pool_, "vol@one"});
   std::string patch = RandomBytes(70000, 2);
   Ok({"write", "--pool", pool_, "vol", "--offset", "5000"}, patch);
   EXPECT_EQ(Ok({"read", "--pool", pool_, "vol@one"}), whole);
   std::string live = Ok({"read", "--pool", pool_, "vol"});
   EXPECT_EQ(live.substr(5000, 70000), patch);
-  json snaps = json::parse(Ok({"snapshot", "list", "--pool", pool_, "vol", "--json"}));
+  json snaps =
+      json::parse(Ok({"snapshot", "list", "--pool", pool_, "vol", "--json"}));
   ASSERT_EQ(snaps.size(), 1u);
   EXPECT_EQ(snaps[0]["name"], "one");
   EXPECT_EQ(snaps[0]["root_digest"], Digest("vol@one"));
@@ -189,8 +194,8 @@ TEST_P(CliTest, PoolVolumeSnapshotLifecycle) {
   Ok({"trim", "--pool", pool_, "vol", "--offset", "0", "--length", "10M"});
   EXPECT_EQ(Ok({"read", "--pool", pool_, "vol"}), std::string(10 << 20, '\0'));
   Ok({"volume", "resize", "--pool", pool_, "vol", "--size", "1G"});
-  EXPECT_EQ(json::parse(Ok({"volume", "list", "--pool", pool_, "--json"}))[0]
-                ["size_bytes"],
+  EXPECT_EQ(json::parse(Ok({"volume", "list", "--pool", pool_,
+                            "--json"}))[0]["size_bytes"],
             1 << 30);
   // An empty 1 GiB volume has the digest of any other empty 1 GiB volume.
   Ok({"volume", "create", "--pool", pool_, "other", "--size", "1G"});
@@ -199,7 +204,8 @@ TEST_P(CliTest, PoolVolumeSnapshotLifecycle) {
   EXPECT_THAT(Ok({"pool", "check", pool_, "--data"}), HasSubstr("consistent"));
 
   // Deleting everything frees everything.
-  Fails({"volume", "delete", "--pool", pool_, "vol"}, "has 1 snapshot(s) (one)");
+  Fails({"volume", "delete", "--pool", pool_, "vol"},
+        "has 1 snapshot(s) (one)");
   Ok({"snapshot", "delete", "--pool", pool_, "vol@one"});
   Ok({"volume", "delete", "--pool", pool_, "vol"});
   Ok({"volume", "delete", "--pool", pool_, "other"});
