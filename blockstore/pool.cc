@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -158,8 +159,41 @@ std::string GuidToString(const Guid& g) {
                       "-", h.substr(16, 4), "-", h.substr(20));
 }
 
+namespace {
+
+// Marks every error of the device with a payload, so that a device that
+// ran out of space (ENOSPC from a full filesystem under a sparse pool file)
+// is told apart from the pool running out of chunks: the first leaves the
+// in-memory state ahead of the disk and must stop the handle, the second is
+// refused before anything changes.
+constexpr char kDeviceErrorPayload[] = "tandem.blockstore/device-error";
+
+class TagDeviceErrors final : public IoWrapper {
+ public:
+  using IoWrapper::IoWrapper;
+  absl::Status Read(std::span<const ReadOp> ops) override {
+    return Tag(IoWrapper::Read(ops));
+  }
+  absl::Status Write(std::span<const WriteOp> ops) override {
+    return Tag(IoWrapper::Write(ops));
+  }
+  absl::Status Flush() override { return Tag(IoWrapper::Flush()); }
+
+ private:
+  static absl::Status Tag(absl::Status s) {
+    if (!s.ok()) s.SetPayload(kDeviceErrorPayload, absl::Cord("1"));
+    return s;
+  }
+};
+
+}  // namespace
+
 Pool::Pool(Io& io, std::unique_ptr<Io> owned, OpenMode mode)
-    : io_(io), owned_io_(std::move(owned)), mode_(mode) {}
+    : owned_io_(std::move(owned)),
+      device_(io),
+      tagged_(std::make_unique<TagDeviceErrors>(io)),
+      io_(*tagged_),
+      mode_(mode) {}
 
 Pool::~Pool() = default;
 
@@ -713,7 +747,9 @@ absl::Status Pool::CheckWritable() const {
 }
 
 absl::Status Pool::Fail(absl::Status s) {
-  if (!s.ok() && failed_.ok() && !absl::IsResourceExhausted(s)) {
+  bool pool_full = absl::IsResourceExhausted(s) &&
+                   !s.GetPayload(kDeviceErrorPayload).has_value();
+  if (!s.ok() && failed_.ok() && !pool_full) {
     failed_ = absl::Status(
         s.code(), absl::StrCat(s.message(),
                                " (pool handle stopped; reopen the pool to "
@@ -744,7 +780,7 @@ PoolInfo Pool::Info() {
   absl::MutexLock lock(&mu_);
   PoolInfo info;
   info.device = io_.name();
-  info.io = DescribeFileIo(io_);
+  info.io = DescribeFileIo(device_);
   info.pool_guid = sb_.pool_guid;
   info.chunk_size_bytes = sb_.chunk_size;
   info.capacity_bytes = sb_.data_count * sb_.chunk_size;

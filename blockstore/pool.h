@@ -274,8 +274,10 @@ class Pool {
   absl::Status ParseCatalog(absl::string_view bytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  Io& io_;
   std::unique_ptr<Io> owned_io_;
+  Io& device_;                  // the Io the pool was opened on
+  std::unique_ptr<Io> tagged_;  // device_, marking each error as the device's
+  Io& io_;                      // *tagged_: all pool I/O goes through it
   const OpenMode mode_;
 
   absl::Mutex mu_;

@@ -410,7 +410,12 @@ TEST(PoolTest, FlippedDataBitFailsTheReadAndTheDataCheck) {
   EXPECT_THAT(problems[0], HasSubstr("does not match its digest"));
 }
 
-TEST(PoolTest, DeviceErrorStopsTheHandleAndReopenReturnsToLastCommit) {
+class DeviceErrorTest : public ::testing::TestWithParam<int> {};
+
+// EIO, or ENOSPC from a full filesystem under a sparse pool file: either
+// way the disk is behind the in-memory state, so the handle must stop, and
+// reopening must return to the last commit.
+TEST_P(DeviceErrorTest, StopsTheHandleAndReopenReturnsToLastCommit) {
   MemIo mem(32 << 20);
   {
     auto pool = MakePool(mem);
@@ -419,7 +424,7 @@ TEST(PoolTest, DeviceErrorStopsTheHandleAndReopenReturnsToLastCommit) {
     ASSERT_TRUE(pool->Flush().ok());
   }
   for (int n = 1; n <= 4; ++n) {
-    testing_util::FailNthWrite faulty(mem, n, EIO);
+    testing_util::FailNthWrite faulty(mem, n, GetParam());
     absl::StatusOr<std::unique_ptr<Pool>> p =
         Pool::Open(faulty, OpenMode::kReadWrite);
     ASSERT_TRUE(p.ok());
@@ -439,6 +444,11 @@ TEST(PoolTest, DeviceErrorStopsTheHandleAndReopenReturnsToLastCommit) {
     ExpectConsistent(*back);
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Errnos, DeviceErrorTest,
+                         ::testing::Values(EIO, ENOSPC), [](const auto& info) {
+                           return info.param == EIO ? "EIO" : "ENOSPC";
+                         });
 
 }  // namespace
 }  // namespace blockstore
