@@ -16,11 +16,6 @@
 namespace blockstore {
 namespace {
 
-// Clean nodes kept in memory between operations (4 KiB + overhead each).
-constexpr size_t kMaxCachedNodes = 16384;
-// A transaction commits by itself once this many nodes are dirty, bounding
-// the memory and the work a single commit holds.
-constexpr uint64_t kAutoCommitDirtyNodes = 8192;
 // Bytes handled per I/O batch in Read/Write (bounds the bounce buffers).
 constexpr uint64_t kBatchBytes = 16 << 20;
 constexpr uint64_t kMaxVolumeBytes = uint64_t{1} << 60;
@@ -659,7 +654,7 @@ absl::StatusOr<Pool::Node*> Pool::Load(uint64_t id, int level) {
 }
 
 void Pool::TrimCache() {
-  if (cache_.size() <= kMaxCachedNodes) return;
+  if (cache_.size() <= tuning_.max_cached_nodes) return;
   for (auto it = cache_.begin(); it != cache_.end();) {
     if (!it->second->dirty) {
       it = cache_.erase(it);
@@ -794,6 +789,11 @@ PoolInfo Pool::Info() {
     info.snapshot_count += v.snapshots.size();
   }
   return info;
+}
+
+void Pool::SetTuning(const PoolTuning& tuning) {
+  absl::MutexLock lock(&mu_);
+  tuning_ = tuning;
 }
 
 Pool::Stats Pool::stats() {
@@ -1394,7 +1394,7 @@ absl::Status Pool::UpdateAllDigests() {
 }
 
 absl::Status Pool::MaybeCommit() {
-  if (dirty_nodes_ < kAutoCommitDirtyNodes) return absl::OkStatus();
+  if (dirty_nodes_ < tuning_.auto_commit_dirty_nodes) return absl::OkStatus();
   return CommitLocked();
 }
 

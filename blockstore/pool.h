@@ -72,6 +72,16 @@ struct PoolInfo {
   uint64_t snapshot_count = 0;
 };
 
+// Memory and transaction-size knobs; the defaults suit production, tests
+// shrink them to reach the paths large pools take.
+struct PoolTuning {
+  // Clean metadata nodes kept in memory between operations (4 KiB each).
+  size_t max_cached_nodes = 16384;
+  // A transaction commits by itself once this many nodes are dirty,
+  // bounding its memory and the work one commit holds.
+  uint64_t auto_commit_dirty_nodes = 8192;
+};
+
 struct CreatePoolOptions {
   uint32_t chunk_size_bytes = 64 * 1024;
 };
@@ -148,6 +158,8 @@ class Pool {
     uint64_t chunks_checked = 0;  // data chunks re-hashed
   };
   absl::StatusOr<CheckReport> Check(bool verify_data);
+
+  void SetTuning(const PoolTuning& tuning);
 
   uint32_t chunk_size() const { return sb_.chunk_size; }
   const Superblock& superblock() const { return sb_; }
@@ -313,6 +325,7 @@ class Pool {
   AlignedBuffer write_scratch_ ABSL_GUARDED_BY(mu_);
   std::vector<Digest> empty_digests_;  // [0] = zero chunk, [1+l] = level l
   Stats stats_ ABSL_GUARDED_BY(mu_);
+  PoolTuning tuning_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace blockstore

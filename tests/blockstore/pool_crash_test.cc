@@ -34,7 +34,7 @@ struct Outcome {
 };
 
 // The scripted workload. Stops at the first failing op.
-Outcome Workload(Io& io) {
+Outcome Workload(Io& io, const PoolTuning& tuning) {
   Outcome out;
   absl::StatusOr<std::unique_ptr<Pool>> created =
       Pool::Create(io, {.chunk_size_bytes = kChunk});
@@ -43,6 +43,7 @@ Outcome Workload(Io& io) {
     return out;
   }
   Pool& pool = **created;
+  pool.SetTuning(tuning);
   PoolModel model(kChunk);
   out.acked.emplace_back(pool.Info().generation, model);
 
@@ -111,13 +112,23 @@ Outcome Workload(Io& io) {
       drop_volume("b") && resize("a", 100 << 10) && flush() &&
       drop_snapshot("a", "s2") && trim("a", 0, 100 << 10) &&
       write("a", 0, kChunk, 11) && flush();
+  // Enough snapshots with long names that the catalog spans two nodes.
+  for (int i = 0; i < 25 && !out.in_flight.has_value(); ++i) {
+    std::string name = absl::StrCat(std::string(100, 'n'), i);
+    (void)(write("a", i * 1000, 700, 20 + i) && snapshot("a", name));
+  }
   return out;
 }
 
-TEST(PoolCrashTest, EveryCrashPointRecoversToACommittedState) {
+// Default tuning, and a 3-node cache with a commit every 2 dirty nodes (so
+// automatic commits and cache eviction fall between the crash points too).
+class PoolCrashTest : public ::testing::TestWithParam<PoolTuning> {};
+
+TEST_P(PoolCrashTest, EveryCrashPointRecoversToACommittedState) {
+  const PoolTuning tuning = GetParam();
   MemIo probe(kPoolBytes);
   CrashingIo counter(probe, UINT64_MAX);
-  Outcome full = Workload(counter);
+  Outcome full = Workload(counter, tuning);
   ASSERT_FALSE(full.in_flight.has_value()) << "the workload itself failed";
   const uint64_t points = counter.points();
   ASSERT_GT(points, 60u);
@@ -128,7 +139,7 @@ TEST(PoolCrashTest, EveryCrashPointRecoversToACommittedState) {
   for (uint64_t k = 0; k < points; ++k) {
     MemIo mem(kPoolBytes);
     CrashingIo crash(mem, k);
-    Outcome out = Workload(crash);
+    Outcome out = Workload(crash, tuning);
     ASSERT_TRUE(crash.crashed()) << "point " << k;
     ASSERT_TRUE(out.in_flight.has_value()) << "point " << k;
 
@@ -204,6 +215,15 @@ TEST(PoolCrashTest, EveryCrashPointRecoversToACommittedState) {
   EXPECT_GT(landed_in_flight, 0);
   EXPECT_GT(unformatted, 0);
 }
+
+INSTANTIATE_TEST_SUITE_P(
+    Tunings, PoolCrashTest,
+    ::testing::Values(PoolTuning{}, PoolTuning{.max_cached_nodes = 3,
+                                               .auto_commit_dirty_nodes = 2}),
+    [](const auto& info) {
+      return info.param.max_cached_nodes == 3 ? "TinyCacheFrequentCommits"
+                                              : "Default";
+    });
 
 }  // namespace
 }  // namespace blockstore

@@ -44,6 +44,7 @@ class ModelRun {
         Pool::Create(io_, {.chunk_size_bytes = kChunk});
     if (!p.ok()) return std::string(p.status().message());
     pool_ = std::move(*p);
+    Tune();
     generation_ = pool_->Info().generation;
     for (step_ = 0; step_ < steps; ++step_) {
       std::string err = Step();
@@ -219,15 +220,28 @@ class ModelRun {
         Pool::Open(io_, OpenMode::kReadWrite);
     if (!p.ok()) return absl::StrCat("reopen: ", p.status().message());
     pool_ = std::move(*p);
+    Tune();
     return DiffPool(*pool_, model_);
   }
 
+  // Every third seed runs with a 3-node cache and a commit every 5 dirty
+  // nodes, so eviction and automatic commits happen all the time.
+  void Tune() {
+    if (seed_ % 3 == 0) {
+      pool_->SetTuning({.max_cached_nodes = 3, .auto_commit_dirty_nodes = 5});
+    }
+  }
+
   // After each op: whenever the pool committed, that is the model to return
-  // to after a crash.
+  // to after a crash. (A commit can fall inside an op, when it ran short of
+  // space or past the dirty-node limit; flush so the whole op is in it.)
   std::string Track() {
     uint64_t g = pool_->Info().generation;
     if (g != generation_) {
-      generation_ = g;
+      if (absl::Status s = pool_->Flush(); !s.ok()) {
+        return std::string(s.message());
+      }
+      generation_ = pool_->Info().generation;
       committed_ = model_;
     }
     return "";
