@@ -11,52 +11,20 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "blockstore/pool_internal.h"
 #include "blockstore/util.h"
 
 namespace blockstore {
+
+using internal::kMaxVolumeBytes;
+using internal::NowNs;
+using internal::RandomGuid;
+using internal::ValidName;
+
 namespace {
 
 // Bytes handled per I/O batch in Read/Write (bounds the bounce buffers).
 constexpr uint64_t kBatchBytes = 16 << 20;
-constexpr uint64_t kMaxVolumeBytes = uint64_t{1} << 60;
-
-int64_t NowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
-Guid RandomGuid() {
-  Guid g;
-  size_t got = 0;
-  while (got < g.size()) {
-    ssize_t n = getrandom(g.data() + got, g.size() - got, 0);
-    if (n > 0) got += n;
-  }
-  // RFC 4122 version 4, variant 1.
-  g[6] = (g[6] & std::byte{0x0f}) | std::byte{0x40};
-  g[8] = (g[8] & std::byte{0x3f}) | std::byte{0x80};
-  return g;
-}
-
-absl::Status ValidName(absl::string_view name, absl::string_view what) {
-  bool ok =
-      !name.empty() && name.size() <= 200 && name[0] != '.' && name[0] != '-';
-  for (char c : name) {
-    if (!(absl::ascii_isalnum(c) || c == '.' || c == '_' || c == ':' ||
-          c == '-')) {
-      ok = false;
-    }
-  }
-  if (!ok) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "bad ", what, " name '", name,
-        "': use 1-200 characters of A-Z a-z 0-9 . _ : - (not starting with . "
-        "or -)"));
-  }
-  return absl::OkStatus();
-}
-
 // Catalog encoding: little-endian, strings as u16 length + bytes.
 class Writer {
  public:
@@ -147,6 +115,47 @@ constexpr uint32_t kCatalogMagic = 0x54414354;  // "TCAT"
 constexpr uint32_t kCatalogVersion = 1;
 
 }  // namespace
+
+namespace internal {
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+Guid RandomGuid() {
+  Guid g;
+  size_t got = 0;
+  while (got < g.size()) {
+    ssize_t n = getrandom(g.data() + got, g.size() - got, 0);
+    if (n > 0) got += n;
+  }
+  // RFC 4122 version 4, variant 1.
+  g[6] = (g[6] & std::byte{0x0f}) | std::byte{0x40};
+  g[8] = (g[8] & std::byte{0x3f}) | std::byte{0x80};
+  return g;
+}
+
+absl::Status ValidName(absl::string_view name, absl::string_view what) {
+  bool ok =
+      !name.empty() && name.size() <= 200 && name[0] != '.' && name[0] != '-';
+  for (char c : name) {
+    if (!(absl::ascii_isalnum(c) || c == '.' || c == '_' || c == ':' ||
+          c == '-')) {
+      ok = false;
+    }
+  }
+  if (!ok) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "bad ", what, " name '", name,
+        "': use 1-200 characters of A-Z a-z 0-9 . _ : - (not starting with . "
+        "or -)"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace internal
 
 std::string GuidToString(const Guid& g) {
   std::string h = Hex(g);
@@ -832,6 +841,7 @@ absl::StatusOr<std::vector<VolumeInfo>> Pool::ListVolumes() {
   absl::MutexLock lock(&mu_);
   std::vector<VolumeInfo> out;
   for (const auto& [name, v] : volumes_) {
+    if (name[0] == '.') continue;  // staging volumes of a receive
     out.push_back(
         {v.name, v.guid, v.create_time_ns, v.size_bytes, v.snapshots.size()});
   }

@@ -82,6 +82,34 @@ struct PoolTuning {
   uint64_t auto_commit_dirty_nodes = 8192;
 };
 
+// A run of chunks whose content differs between two snapshots (Diff).
+struct ChangedRun {
+  enum class Kind : uint8_t {
+    kData,   // one chunk (count == 1) at `phys` with `digest`
+    kZero,   // chunks written as zeros
+    kUnmap,  // chunks never written or trimmed
+  };
+  Kind kind = Kind::kData;
+  uint64_t first_chunk = 0;
+  uint64_t count_chunks = 0;
+  uint64_t phys = 0;  // kData: where the chunk lives (for ReadChunks)
+  Digest digest;      // kData: XXH3-128 of the chunk
+};
+
+struct DiffBatch {
+  std::vector<ChangedRun> runs;  // in increasing chunk order
+  uint64_t next_chunk = 0;       // where the next batch starts
+  bool done = false;
+  uint64_t nodes_visited = 0;    // tree nodes read by this batch
+};
+
+// Who a received snapshot is: the sender's identity, kept as is.
+struct SnapshotIdentity {
+  std::string name;
+  Guid guid{};
+  int64_t create_time_ns = 0;
+};
+
 struct CreatePoolOptions {
   uint32_t chunk_size_bytes = 64 * 1024;
 };
@@ -141,6 +169,48 @@ class Pool {
   absl::Status DeleteSnapshot(absl::string_view volume, absl::string_view name);
   // The live volume becomes the snapshot's content and size (metadata only).
   absl::Status Rollback(absl::string_view volume, absl::string_view snapshot);
+
+  // Chunks of `volume@target` that differ from `volume@base` (base empty: from
+  // an empty volume), from chunk `from_chunk` on, stopping after about
+  // `max_data_chunks` data chunks. The walk skips every subtree whose
+  // pointer and birth are the same in both trees, so its cost follows the
+  // change, not the volume size. Chunks past the target's size are left out
+  // (the size itself is the caller's to carry). Snapshot `base` may be of
+  // another volume (a clone's origin).
+  absl::StatusOr<DiffBatch> Diff(absl::string_view volume,
+                                 absl::string_view base,
+                                 absl::string_view target,
+                                 uint64_t from_chunk, size_t max_data_chunks);
+
+  // Reads the data chunks `runs` (kData, from Diff) into `out`, one
+  // chunk_size() slot each, verifying every digest (DataLoss on mismatch).
+  // The snapshot they came from must still exist.
+  absl::Status ReadChunks(std::span<const ChangedRun> runs,
+                          std::span<std::byte> out);
+
+  // Receiving (atomic apply). A staging volume is a hidden volume (its name
+  // starts with '.') cloned from `base_snapshot` of `volume`, or empty of
+  // `size_bytes` when base_snapshot is empty. Write into it with Write/Trim/
+  // ResizeVolume, then FinishReceive. Until then the destination volume is
+  // untouched; a crash leaves at most the staging volume, which the next
+  // BeginReceive for the same volume deletes.
+  absl::Status BeginReceive(absl::string_view staging, absl::string_view volume,
+                            absl::string_view base_snapshot,
+                            uint64_t size_bytes);
+  // In one commit: checks the staging volume's root digest against
+  // `expected` (DataLoss if different, nothing changes), makes it the live
+  // content of `volume` (created with `volume_guid` if missing), adds
+  // snapshot `identity` of it, and drops the staging volume.
+  absl::StatusOr<SnapshotInfo> FinishReceive(absl::string_view staging,
+                                             absl::string_view volume,
+                                             const Guid& volume_guid,
+                                             const SnapshotIdentity& identity,
+                                             const Digest& expected);
+
+  // True if the live volume differs from `snapshot` in size or tree root
+  // (it was written, trimmed or resized since).
+  absl::StatusOr<bool> ChangedSince(absl::string_view volume,
+                                    absl::string_view snapshot);
 
   // Root digest of the live volume (commits first) or of a snapshot: equal
   // content + size + chunk size <=> equal digest (up to XXH3 collisions).
@@ -276,6 +346,19 @@ class Pool {
   absl::Status UpdateAllDigests() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CommitLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status MaybeCommit() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  struct DiffState;
+  struct WalkRef {
+    Entry e;
+    bool above_root = false;  // a level above the real root (depths differ)
+    int root_level = 0;       // the real root's level when above_root
+  };
+  absl::Status DiffWalk(DiffState& st, const WalkRef& b, const WalkRef& t,
+                        int level, uint64_t base)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<std::array<WalkRef, kFanout>> Children(const WalkRef& ref,
+                                                        int level,
+                                                        DiffState& st)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   struct CheckState;
   std::optional<Digest> CheckTree(CheckState& st, uint64_t id, int level,
                                   uint64_t base, uint64_t chunk_count,

@@ -1,0 +1,319 @@
+// Pool::Diff, ReadChunks and the receive side (BeginReceive/FinishReceive).
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "blockstore/pool.h"
+#include "blockstore/pool_internal.h"
+#include "blockstore/util.h"
+
+namespace blockstore {
+
+using internal::kMaxVolumeBytes;
+using internal::NowNs;
+using internal::RandomGuid;
+using internal::ValidName;
+
+struct Pool::DiffState {
+  uint64_t from = 0;  // first chunk to report
+  uint64_t end = 0;   // target chunk count
+  size_t max_data = 0;
+  size_t data = 0;
+  bool stop = false;
+  uint64_t stopped_at = 0;
+  DiffBatch batch;
+
+  void Emit(ChangedRun::Kind kind, uint64_t first, uint64_t count,
+            uint64_t phys = 0, const Digest& digest = {}) {
+    first = std::max(first, from);
+    uint64_t last = std::min(first + count, end);
+    if (first >= last) return;
+    count = last - first;
+    std::vector<ChangedRun>& runs = batch.runs;
+    if (kind != ChangedRun::Kind::kData && !runs.empty() &&
+        runs.back().kind == kind &&
+        runs.back().first_chunk + runs.back().count_chunks == first) {
+      runs.back().count_chunks += count;
+    } else {
+      runs.push_back({kind, first, count, phys, digest});
+    }
+    if (kind == ChangedRun::Kind::kData && ++data >= max_data) {
+      stop = true;
+      stopped_at = first + 1;
+    }
+  }
+};
+
+absl::StatusOr<std::array<Pool::WalkRef, kFanout>> Pool::Children(
+    const WalkRef& ref, int level, DiffState& st) {
+  std::array<WalkRef, kFanout> out;
+  if (ref.above_root) {
+    // Only child 0 exists: the real root, or another level above it.
+    for (WalkRef& c : out) c = WalkRef{{0, 0, {}}};
+    if (level - 1 == ref.root_level) {
+      out[0] = WalkRef{ref.e};
+    } else {
+      out[0] = ref;
+    }
+    return out;
+  }
+  if (ref.e.ptr == 0) {
+    for (WalkRef& c : out) c = WalkRef{{0, ref.e.birth, {}}};
+    return out;
+  }
+  absl::StatusOr<Node*> node = Load(ref.e.ptr, level);
+  if (!node.ok()) return node.status();
+  ++st.batch.nodes_visited;
+  for (int i = 0; i < kFanout; ++i) out[i] = WalkRef{(*node)->e[i]};
+  return out;
+}
+
+// Compares the subtrees `b` (base) and `t` (target) whose nodes are at
+// `level` (-1: leaf entries, i.e. single chunks) starting at chunk `base`.
+absl::Status Pool::DiffWalk(DiffState& st, const WalkRef& b, const WalkRef& t,
+                            int level, uint64_t base) {
+  const uint64_t span = level < 0 ? 1 : Span(level + 1);
+  if (st.stop || base + span <= st.from || base >= st.end) {
+    return absl::OkStatus();
+  }
+  // Same pointer and same birth: the very same subtree (node ids are reused
+  // only after a free, and a rewrite always carries a newer birth).
+  if (!b.above_root && !t.above_root && b.e.ptr == t.e.ptr &&
+      b.e.birth == t.e.birth) {
+    return absl::OkStatus();
+  }
+  using Kind = ChangedRun::Kind;
+  if (level < 0) {
+    bool t_data = IsDataPtr(t.e.ptr), b_data = IsDataPtr(b.e.ptr);
+    if (t_data) {
+      st.Emit(Kind::kData, base, 1, t.e.ptr, t.e.digest);
+    } else if (b_data) {
+      // Between ZERO and UNMAP nothing changes: both read as zeros and use
+      // no space, and their digests are equal.
+      st.Emit(t.e.ptr == kPhysZero ? Kind::kZero : Kind::kUnmap, base, 1);
+    }
+    return absl::OkStatus();
+  }
+  if (!t.above_root && t.e.ptr == 0) {
+    if (!b.above_root && b.e.ptr == 0) return absl::OkStatus();
+    st.Emit(Kind::kUnmap, base, span);
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::array<WalkRef, kFanout>> bc = Children(b, level, st);
+  if (!bc.ok()) return bc.status();
+  absl::StatusOr<std::array<WalkRef, kFanout>> tc = Children(t, level, st);
+  if (!tc.ok()) return tc.status();
+  const uint64_t child_span = level == 0 ? 1 : Span(level);
+  for (int i = 0; i < kFanout && !st.stop; ++i) {
+    if (absl::Status s =
+            DiffWalk(st, (*bc)[i], (*tc)[i], level - 1, base + i * child_span);
+        !s.ok()) {
+      return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<DiffBatch> Pool::Diff(absl::string_view volume,
+                                     absl::string_view base,
+                                     absl::string_view target,
+                                     uint64_t from_chunk,
+                                     size_t max_data_chunks) {
+  absl::MutexLock lock(&mu_);
+  if (!failed_.ok()) return failed_;
+  absl::StatusOr<VolumeRec*> v = FindVolume(volume);
+  if (!v.ok()) return v.status();
+  absl::StatusOr<const SnapshotRec*> t = FindSnapshot(**v, target);
+  if (!t.ok()) return t.status();
+  Entry base_root{0, 0, {}};
+  uint64_t base_size = 0;
+  if (!base.empty()) {
+    absl::StatusOr<const SnapshotRec*> b = FindSnapshot(**v, base);
+    if (!b.ok()) return b.status();
+    base_root = (*b)->root;
+    base_size = (*b)->size_bytes;
+  }
+  DiffState st;
+  st.from = from_chunk;
+  st.end = ChunkCount((*t)->size_bytes);
+  st.max_data = std::max<size_t>(1, max_data_chunks);
+  int dt = Depth(st.end);
+  int db = base.empty() ? 1 : Depth(ChunkCount(base_size));
+  int top = std::max(dt, db) - 1;
+  auto ref = [&](const Entry& root, int depth) {
+    WalkRef r{root};
+    if (depth - 1 < top) {
+      r.above_root = true;
+      r.root_level = depth - 1;
+    }
+    return r;
+  };
+  absl::Status s =
+      DiffWalk(st, ref(base_root, db), ref((*t)->root, dt), top, 0);
+  TrimCache();
+  if (!s.ok()) return s;
+  st.batch.done = !st.stop;
+  st.batch.next_chunk = st.stop ? st.stopped_at : st.end;
+  return std::move(st.batch);
+}
+
+absl::Status Pool::ReadChunks(std::span<const ChangedRun> runs,
+                              std::span<std::byte> out) {
+  absl::MutexLock lock(&mu_);
+  if (!failed_.ok()) return failed_;
+  const uint64_t c_size = sb_.chunk_size;
+  if (out.size() < runs.size() * c_size ||
+      reinterpret_cast<uintptr_t>(out.data()) % kIoAlign != 0) {
+    return absl::InvalidArgumentError(
+        "ReadChunks needs an aligned buffer of one chunk per run");
+  }
+  std::vector<ReadOp> ops;
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const ChangedRun& r = runs[i];
+    if (r.kind != ChangedRun::Kind::kData || r.phys < sb_.data_start ||
+        r.phys >= sb_.data_start + sb_.data_count) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("chunk ", r.first_chunk, " is not a data chunk"));
+    }
+    std::byte* dst = out.data() + i * c_size;
+    if (i > 0 && runs[i - 1].phys + 1 == r.phys) {
+      ops.back().out = {ops.back().out.data(), ops.back().out.size() + c_size};
+    } else {
+      ops.push_back({r.phys * c_size, {dst, c_size}});
+    }
+  }
+  if (absl::Status s = io_.Read(ops); !s.ok()) return s;
+  for (size_t i = 0; i < runs.size(); ++i) {
+    if (Hash128({out.data() + i * c_size, c_size}) != runs[i].digest) {
+      return absl::DataLossError(absl::StrCat(
+          "chunk ", runs[i].first_chunk, " (pool chunk ", runs[i].phys,
+          "): data does not match its digest"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> Pool::ChangedSince(absl::string_view volume,
+                                        absl::string_view snapshot) {
+  absl::MutexLock lock(&mu_);
+  absl::StatusOr<VolumeRec*> v = FindVolume(volume);
+  if (!v.ok()) return v.status();
+  absl::StatusOr<const SnapshotRec*> s = FindSnapshot(**v, snapshot);
+  if (!s.ok()) return s.status();
+  return (*v)->size_bytes != (*s)->size_bytes ||
+         (*v)->root.ptr != (*s)->root.ptr ||
+         (*v)->root.birth != (*s)->root.birth;
+}
+
+absl::Status Pool::BeginReceive(absl::string_view staging,
+                                absl::string_view volume,
+                                absl::string_view base_snapshot,
+                                uint64_t size_bytes) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = CheckWritable(); !s.ok()) return s;
+  if (staging.empty() || staging[0] != '.') {
+    return absl::InvalidArgumentError("staging volume names start with '.'");
+  }
+  // A staging volume left by an interrupted receive is garbage: drop it.
+  if (auto old = volumes_.find(staging); old != volumes_.end()) {
+    if (absl::Status s = DecRef(old->second.root.ptr,
+                                Depth(ChunkCount(old->second.size_bytes)));
+        !s.ok()) {
+      return Fail(s);
+    }
+    volumes_.erase(old);
+    changed_ = true;
+  }
+  VolumeRec v;
+  v.name = std::string(staging);
+  v.guid = RandomGuid();
+  v.create_time_ns = NowNs();
+  if (base_snapshot.empty()) {
+    if (size_bytes == 0 || size_bytes > kMaxVolumeBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("bad volume size ", size_bytes));
+    }
+    v.size_bytes = size_bytes;
+    v.root = {0, gen_, {}};
+  } else {
+    absl::StatusOr<VolumeRec*> src = FindVolume(volume);
+    if (!src.ok()) return src.status();
+    absl::StatusOr<const SnapshotRec*> snap = FindSnapshot(**src, base_snapshot);
+    if (!snap.ok()) return snap.status();
+    v.size_bytes = (*snap)->size_bytes;
+    v.root = (*snap)->root;
+    IncRef(v.root.ptr, Depth(ChunkCount(v.size_bytes)));
+  }
+  volumes_.emplace(v.name, std::move(v));
+  changed_ = true;
+  return Fail(CommitLocked());
+}
+
+absl::StatusOr<SnapshotInfo> Pool::FinishReceive(
+    absl::string_view staging, absl::string_view volume,
+    const Guid& volume_guid, const SnapshotIdentity& identity,
+    const Digest& expected) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = CheckWritable(); !s.ok()) return s;
+  if (absl::Status s = ValidName(identity.name, "snapshot"); !s.ok()) return s;
+  absl::StatusOr<VolumeRec*> st = FindVolume(staging);
+  if (!st.ok()) return st.status();
+  VolumeRec& stage = **st;
+  int depth = Depth(ChunkCount(stage.size_bytes));
+  if (absl::Status s = UpdateDigests(stage.root, depth - 1); !s.ok()) {
+    return Fail(s);
+  }
+  Digest got = VolumeDigest(stage.root, stage.size_bytes);
+  if (got != expected) {
+    return absl::DataLossError(absl::StrCat(
+        "received content of '", volume, "@", identity.name, "' has root digest ",
+        got.ToHex(), ", the sender's is ", expected.ToHex(),
+        "; nothing was changed"));
+  }
+  auto it = volumes_.find(volume);
+  if (it == volumes_.end()) {
+    if (absl::Status s = ValidName(volume, "volume"); !s.ok()) return s;
+    VolumeRec v;
+    v.name = std::string(volume);
+    v.guid = volume_guid;
+    v.create_time_ns = NowNs();
+    v.root = {0, gen_, {}};
+    v.size_bytes = stage.size_bytes;
+    it = volumes_.emplace(v.name, std::move(v)).first;
+  } else {
+    for (const SnapshotRec& s : it->second.snapshots) {
+      if (s.name == identity.name || s.guid == identity.guid) {
+        return absl::AlreadyExistsError(absl::StrCat(
+            "volume '", volume, "' already has snapshot '", s.name, "'"));
+      }
+    }
+  }
+  if (absl::Status s = EnsureSpace(0, 1); !s.ok()) return s;
+  VolumeRec& dest = it->second;
+  // The staging tree becomes the live volume (its reference moves along);
+  // the old live tree is released.
+  if (absl::Status s =
+          DecRef(dest.root.ptr, Depth(ChunkCount(dest.size_bytes)));
+      !s.ok()) {
+    return Fail(s);
+  }
+  dest.root = stage.root;
+  dest.size_bytes = stage.size_bytes;
+  SnapshotRec rec;
+  rec.name = identity.name;
+  rec.guid = identity.guid;
+  rec.create_time_ns = identity.create_time_ns;
+  rec.generation = gen_;
+  rec.size_bytes = dest.size_bytes;
+  rec.root = dest.root;
+  IncRef(rec.root.ptr, depth);
+  dest.snapshots.push_back(rec);
+  volumes_.erase(volumes_.find(staging));
+  changed_ = true;
+  if (absl::Status s = Fail(CommitLocked()); !s.ok()) return s;
+  return SnapshotInfo{std::string(volume), rec.name,       rec.guid,
+                      rec.create_time_ns,  rec.size_bytes, rec.generation,
+                      got};
+}
+
+}  // namespace blockstore
