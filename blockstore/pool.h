@@ -100,7 +100,7 @@ struct DiffBatch {
   std::vector<ChangedRun> runs;  // in increasing chunk order
   uint64_t next_chunk = 0;       // where the next batch starts
   bool done = false;
-  uint64_t nodes_visited = 0;    // tree nodes read by this batch
+  uint64_t nodes_visited = 0;  // tree nodes read by this batch
 };
 
 // Who a received snapshot is: the sender's identity, kept as is.
@@ -179,8 +179,8 @@ class Pool {
   // another volume (a clone's origin).
   absl::StatusOr<DiffBatch> Diff(absl::string_view volume,
                                  absl::string_view base,
-                                 absl::string_view target,
-                                 uint64_t from_chunk, size_t max_data_chunks);
+                                 absl::string_view target, uint64_t from_chunk,
+                                 size_t max_data_chunks);
 
   // Reads the data chunks `runs` (kData, from Diff) into `out`, one
   // chunk_size() slot each, verifying every digest (DataLoss on mismatch).

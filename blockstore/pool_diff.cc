@@ -185,9 +185,9 @@ absl::Status Pool::ReadChunks(std::span<const ChangedRun> runs,
   if (absl::Status s = io_.Read(ops); !s.ok()) return s;
   for (size_t i = 0; i < runs.size(); ++i) {
     if (Hash128({out.data() + i * c_size, c_size}) != runs[i].digest) {
-      return absl::DataLossError(absl::StrCat(
-          "chunk ", runs[i].first_chunk, " (pool chunk ", runs[i].phys,
-          "): data does not match its digest"));
+      return absl::DataLossError(
+          absl::StrCat("chunk ", runs[i].first_chunk, " (pool chunk ",
+                       runs[i].phys, "): data does not match its digest"));
     }
   }
   return absl::OkStatus();
@@ -238,7 +238,8 @@ absl::Status Pool::BeginReceive(absl::string_view staging,
   } else {
     absl::StatusOr<VolumeRec*> src = FindVolume(volume);
     if (!src.ok()) return src.status();
-    absl::StatusOr<const SnapshotRec*> snap = FindSnapshot(**src, base_snapshot);
+    absl::StatusOr<const SnapshotRec*> snap =
+        FindSnapshot(**src, base_snapshot);
     if (!snap.ok()) return snap.status();
     v.size_bytes = (*snap)->size_bytes;
     v.root = (*snap)->root;
@@ -265,10 +266,10 @@ absl::StatusOr<SnapshotInfo> Pool::FinishReceive(
   }
   Digest got = VolumeDigest(stage.root, stage.size_bytes);
   if (got != expected) {
-    return absl::DataLossError(absl::StrCat(
-        "received content of '", volume, "@", identity.name, "' has root digest ",
-        got.ToHex(), ", the sender's is ", expected.ToHex(),
-        "; nothing was changed"));
+    return absl::DataLossError(
+        absl::StrCat("received content of '", volume, "@", identity.name,
+                     "' has root digest ", got.ToHex(), ", the sender's is ",
+                     expected.ToHex(), "; nothing was changed"));
   }
   auto it = volumes_.find(volume);
   if (it == volumes_.end()) {
@@ -311,9 +312,9 @@ absl::StatusOr<SnapshotInfo> Pool::FinishReceive(
   volumes_.erase(volumes_.find(staging));
   changed_ = true;
   if (absl::Status s = Fail(CommitLocked()); !s.ok()) return s;
-  return SnapshotInfo{std::string(volume), rec.name,       rec.guid,
-                      rec.create_time_ns,  rec.size_bytes, rec.generation,
-                      got};
+  return SnapshotInfo{
+      std::string(volume), rec.name,       rec.guid, rec.create_time_ns,
+      rec.size_bytes,      rec.generation, got};
 }
 
 }  // namespace blockstore

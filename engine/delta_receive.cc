@@ -1,0 +1,526 @@
+#include "engine/delta_receive.h"
+
+#include <zstd.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "blockstore/digest_builder.h"
+#include "blockstore/util.h"
+
+namespace engine {
+
+absl::Status ReadFull(ByteSource& in, std::span<std::byte> out,
+                      const char* what, uint64_t stream_offset) {
+  size_t got = 0;
+  while (got < out.size()) {
+    absl::StatusOr<size_t> n = in.Read(out.subspan(got));
+    if (!n.ok()) return n.status();
+    if (*n == 0) {
+      return absl::DataLossError(
+          absl::StrCat("delta stream offset ", stream_offset + got,
+                       ": stream ends inside ", what, " (truncated)"));
+    }
+    got += *n;
+  }
+  return absl::OkStatus();
+}
+
+// --- DeltaReader -------------------------------------------------------------
+
+absl::StatusOr<std::unique_ptr<DeltaReader>> DeltaReader::Open(ByteSource& in) {
+  std::unique_ptr<DeltaReader> r(new DeltaReader(in));
+  std::vector<std::byte> bytes(kHeaderPrefixBytes);
+  if (absl::Status s = ReadFull(in, bytes, "the header", 0); !s.ok()) return s;
+  absl::StatusOr<uint32_t> length = DecodeHeaderLength(bytes);
+  if (!length.ok()) return length.status();
+  bytes.resize(*length);
+  if (absl::Status s =
+          ReadFull(in, std::span(bytes).subspan(kHeaderPrefixBytes),
+                   "the header", kHeaderPrefixBytes);
+      !s.ok()) {
+    return s;
+  }
+  absl::StatusOr<DeltaHeader> h = DecodeHeader(bytes, &r->chain_);
+  if (!h.ok()) return h.status();
+  r->header_ = std::move(*h);
+  r->offset_ = *length;
+  ZSTD_DCtx* dctx = ZSTD_createDCtx();
+  // Never let a frame make us allocate a window beyond 8 MiB.
+  ZSTD_DCtx_setParameter(dctx, ZSTD_d_windowLogMax, 23);
+  r->dctx_ = dctx;
+  return r;
+}
+
+DeltaReader::~DeltaReader() { ZSTD_freeDCtx(static_cast<ZSTD_DCtx*>(dctx_)); }
+
+absl::Status DeltaReader::ReadSegment() {
+  std::array<std::byte, kSegmentHeaderBytes> hdr;
+  // The first four bytes were read by Next() to tell a segment from the end.
+  std::memcpy(hdr.data(), stored_.data(), 4);
+  if (absl::Status s = ReadFull(in_, std::span(hdr).subspan(4),
+                                "a segment header", offset_ + 4);
+      !s.ok()) {
+    return s;
+  }
+  absl::StatusOr<SegmentHeader> h =
+      DecodeSegmentHeader(hdr, next_segment_, header_.features, offset_);
+  if (!h.ok()) return h.status();
+  offset_ += kSegmentHeaderBytes;
+  stored_.resize(h->stored_bytes);
+  if (absl::Status s = ReadFull(in_, stored_, "a segment", offset_); !s.ok()) {
+    return s;
+  }
+  if (ChainChecksum(stored_, chain_) != h->chain) {
+    return absl::DataLossError(absl::StrCat(
+        "delta segment ", h->sequence, " at stream offset ", offset_,
+        ": checksum mismatch (corrupt, or out of order)"));
+  }
+  if (h->codec == Codec::kRaw) {
+    records_ = stored_;
+  } else {
+    unsigned long long declared =
+        ZSTD_getFrameContentSize(stored_.data(), stored_.size());
+    if (declared != h->record_bytes) {
+      return absl::DataLossError(absl::StrCat(
+          "delta segment ", h->sequence,
+          ": zstd frame does not declare its size as ", h->record_bytes));
+    }
+    records_.resize(h->record_bytes);
+    size_t n =
+        ZSTD_decompressDCtx(static_cast<ZSTD_DCtx*>(dctx_), records_.data(),
+                            records_.size(), stored_.data(), stored_.size());
+    if (ZSTD_isError(n) || n != h->record_bytes) {
+      return absl::DataLossError(absl::StrCat(
+          "delta segment ", h->sequence, ": zstd frame does not decode (",
+          ZSTD_isError(n) ? ZSTD_getErrorName(n) : "wrong size", ")"));
+    }
+  }
+  offset_ += h->stored_bytes;
+  chain_ = h->chain;
+  record_pos_ = 0;
+  records_left_ = h->record_count;
+  record_index_ = 0;
+  ++next_segment_;
+  record_bytes_ += h->record_bytes;
+  stored_bytes_ += h->stored_bytes;
+  return absl::OkStatus();
+}
+
+absl::Status DeltaReader::FinishStream(std::span<const std::byte> first4) {
+  std::array<std::byte, kEndBytes> raw;
+  std::memcpy(raw.data(), first4.data(), 4);
+  if (absl::Status s = ReadFull(in_, std::span(raw).subspan(4),
+                                "the end record", offset_ + 4);
+      !s.ok()) {
+    return s;
+  }
+  absl::StatusOr<DeltaEnd> e = DecodeEnd(raw, offset_);
+  if (!e.ok()) return e.status();
+  auto mismatch = [&](const char* what, uint64_t said, uint64_t seen) {
+    return absl::DataLossError(absl::StrCat("delta end record says ", said, " ",
+                                            what, ", the stream had ", seen));
+  };
+  if (e->segment_count != next_segment_) {
+    return mismatch("segments", e->segment_count, next_segment_);
+  }
+  if (e->record_count != record_total_) {
+    return mismatch("records", e->record_count, record_total_);
+  }
+  if (e->chunks_written != chunks_written_) {
+    return mismatch("chunks written", e->chunks_written, chunks_written_);
+  }
+  if (e->chunks_cleared != chunks_cleared_) {
+    return mismatch("chunks cleared", e->chunks_cleared, chunks_cleared_);
+  }
+  if (e->record_bytes != record_bytes_) {
+    return mismatch("record bytes", e->record_bytes, record_bytes_);
+  }
+  if (e->stored_bytes != stored_bytes_) {
+    return mismatch("stored bytes", e->stored_bytes, stored_bytes_);
+  }
+  if (e->chain != chain_) {
+    return absl::DataLossError("delta end record's chain checksum mismatch");
+  }
+  if (e->target_digest != header_.target_digest) {
+    return absl::DataLossError(
+        "delta end record's target digest differs from the header's");
+  }
+  offset_ += kEndBytes;
+  std::byte extra;
+  absl::StatusOr<size_t> n = in_.Read({&extra, 1});
+  if (!n.ok()) return n.status();
+  if (*n != 0) {
+    return absl::DataLossError(absl::StrCat("delta stream offset ", offset_,
+                                            ": bytes after the end record"));
+  }
+  end_ = *e;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::optional<DeltaReader::Record>> DeltaReader::Next() {
+  while (records_left_ == 0) {
+    if (ended_) return std::nullopt;
+    if (record_pos_ != records_.size()) {
+      return absl::DataLossError(
+          absl::StrCat("delta segment ", next_segment_ - 1,
+                       ": bytes left after its last record"));
+    }
+    stored_.resize(4);
+    if (absl::Status s = ReadFull(in_, std::span(stored_).first(4),
+                                  "the next segment or the end", offset_);
+        !s.ok()) {
+      return s;
+    }
+    if (IsEndMagic(stored_)) {
+      if (absl::Status s = FinishStream(std::span(stored_).first(4)); !s.ok()) {
+        return s;
+      }
+      ended_ = true;
+      return std::nullopt;
+    }
+    if (absl::Status s = ReadSegment(); !s.ok()) return s;
+  }
+  std::span<const std::byte> rest =
+      std::span<const std::byte>(records_).subspan(record_pos_);
+  absl::StatusOr<RecordHeader> r =
+      DecodeRecord(rest, header_, order_, next_segment_ - 1, record_index_);
+  if (!r.ok()) return r.status();
+  Record out;
+  out.header = *r;
+  out.segment = next_segment_ - 1;
+  uint64_t length = r->length(header_.chunk_size);
+  out.payload = rest.subspan(kRecordHeaderBytes, length - kRecordHeaderBytes);
+  if (r->type == RecordType::kWrite) {
+    const size_t per = 16 + header_.chunk_size;
+    for (uint32_t i = 0; i < r->count_chunks; ++i) {
+      const std::byte* p = out.payload.data() + i * per;
+      Digest want;
+      std::memcpy(want.bytes.data(), p, 16);
+      if (blockstore::Hash128({p + 16, header_.chunk_size}) != want) {
+        return absl::DataLossError(absl::StrCat(
+            "delta segment ", out.segment, " record ", record_index_,
+            ": chunk ", r->first_chunk + i, " does not match its digest"));
+      }
+    }
+    chunks_written_ += r->count_chunks;
+  } else if (r->type != RecordType::kResize) {
+    chunks_cleared_ += r->count_chunks;
+  }
+  record_pos_ += length;
+  --records_left_;
+  ++record_index_;
+  ++record_total_;
+  return out;
+}
+
+// --- Apply to a pool ---------------------------------------------------------
+
+namespace {
+
+std::string GuidText(const Guid& g) { return blockstore::GuidToString(g); }
+
+// Copies the chunks of a WRITE record, without their digests, into `buf`.
+void GatherChunks(const DeltaReader::Record& r, uint32_t chunk_size,
+                  blockstore::AlignedBuffer& buf) {
+  size_t need = size_t{r.header.count_chunks} * chunk_size;
+  if (buf.size() < need) buf = blockstore::AlignedBuffer(need);
+  for (uint32_t i = 0; i < r.header.count_chunks; ++i) {
+    std::memcpy(buf.data() + size_t{i} * chunk_size,
+                r.payload.data() + size_t{i} * (16 + chunk_size) + 16,
+                chunk_size);
+  }
+}
+
+absl::Status CheckBase(blockstore::Pool& pool, absl::string_view volume,
+                       const DeltaHeader& h, bool rollback,
+                       std::string* base_name) {
+  absl::StatusOr<std::vector<blockstore::SnapshotInfo>> snaps =
+      pool.ListSnapshots(volume);
+  if (!snaps.ok()) {
+    if (absl::IsNotFound(snaps.status())) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("volume '", volume,
+                       "' does not exist but the delta is incremental "
+                       "(from snapshot '",
+                       h.base_name, "'); apply a full delta first"));
+    }
+    return snaps.status();
+  }
+  const blockstore::SnapshotInfo* base = nullptr;
+  for (const auto& s : *snaps) {
+    if (s.guid == h.base_guid) base = &s;
+  }
+  const blockstore::SnapshotInfo* newest =
+      snaps->empty() ? nullptr : &snaps->back();
+  std::string newest_text =
+      newest == nullptr ? "it has no snapshots"
+                        : absl::StrCat("its newest snapshot is '", newest->name,
+                                       "' (", GuidText(newest->guid), ")");
+  if (base == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "delta base is snapshot '", h.base_name, "' (", GuidText(h.base_guid),
+        ") but volume '", volume, "' has no such snapshot; ", newest_text));
+  }
+  *base_name = base->name;
+  if (base != newest && !rollback) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "delta base is snapshot '", h.base_name, "' (", GuidText(h.base_guid),
+        ") but on volume '", volume, "' ", newest_text,
+        "; pass --rollback to roll back to '", base->name, "' first"));
+  }
+  if (!rollback) {
+    absl::StatusOr<bool> changed = pool.ChangedSince(volume, base->name);
+    if (!changed.ok()) return changed.status();
+    if (*changed) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "volume '", volume, "' was written since snapshot '", base->name,
+          "'; pass --rollback to discard those writes"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ApplyStats> ApplyRecords(blockstore::Pool& pool,
+                                        const std::string& staging,
+                                        DeltaReader& reader,
+                                        const ApplyOptions& options) {
+  const DeltaHeader& h = reader.header();
+  const uint64_t c = h.chunk_size;
+  ApplyStats stats;
+  blockstore::AlignedBuffer buf;
+  uint64_t total = 0;  // unknown up front on the receive side
+  while (true) {
+    absl::StatusOr<std::optional<DeltaReader::Record>> r = reader.Next();
+    if (!r.ok()) return r.status();
+    if (!r->has_value()) break;
+    const DeltaReader::Record& rec = **r;
+    const RecordHeader& rh = rec.header;
+    absl::Status s;
+    switch (rh.type) {
+      case RecordType::kResize:
+        s = pool.ResizeVolume(staging, rh.first_chunk);
+        break;
+      case RecordType::kWrite: {
+        GatherChunks(rec, h.chunk_size, buf);
+        uint64_t off = rh.first_chunk * c;
+        uint64_t len =
+            std::min(uint64_t{rh.count_chunks} * c, h.size_bytes - off);
+        s = pool.Write(staging, off, buf.span().first(len));
+        stats.chunks_written += rh.count_chunks;
+        break;
+      }
+      case RecordType::kZero:
+      case RecordType::kUnmap: {
+        uint64_t off = rh.first_chunk * c;
+        uint64_t len =
+            std::min(uint64_t{rh.count_chunks} * c, h.size_bytes - off);
+        s = pool.Trim(staging, off, len);
+        stats.chunks_cleared += rh.count_chunks;
+        break;
+      }
+    }
+    if (!s.ok()) return s;
+    ++stats.records;
+    if (options.progress) options.progress(reader.record_bytes_read(), total);
+  }
+  stats.stream_bytes = reader.stream_offset();
+  return stats;
+}
+
+}  // namespace
+
+absl::StatusOr<ApplyStats> ApplyDelta(blockstore::Pool& pool,
+                                      absl::string_view volume, ByteSource& in,
+                                      const ApplyOptions& options) {
+  absl::StatusOr<std::unique_ptr<DeltaReader>> reader = DeltaReader::Open(in);
+  if (!reader.ok()) return reader.status();
+  const DeltaHeader& h = (*reader)->header();
+  if (pool.chunk_size() != h.chunk_size) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the delta has ", h.chunk_size,
+                     "-byte chunks but the pool has ", pool.chunk_size(),
+                     "-byte chunks; apply it to a pool created with "
+                     "--chunk-size ",
+                     h.chunk_size));
+  }
+  std::string staging = absl::StrCat(".recv-", volume);
+  absl::Status begun;
+  if (h.full()) {
+    if (pool.GetVolume(volume).ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("volume '", volume,
+                       "' exists and the delta is a full one; apply it "
+                       "under a new name or delete the volume first"));
+    }
+    begun = pool.BeginReceive(staging, volume, "", h.size_bytes);
+  } else {
+    std::string base_name;
+    if (absl::Status s =
+            CheckBase(pool, volume, h, options.rollback, &base_name);
+        !s.ok()) {
+      return s;
+    }
+    begun = pool.BeginReceive(staging, volume, base_name, 0);
+  }
+  if (!begun.ok()) return begun;
+  absl::StatusOr<ApplyStats> stats =
+      ApplyRecords(pool, staging, **reader, options);
+  if (stats.ok()) {
+    absl::StatusOr<blockstore::SnapshotInfo> snap = pool.FinishReceive(
+        staging, volume, h.volume_guid,
+        {h.target_name, h.target_guid, h.target_create_time_ns},
+        h.target_digest);
+    if (snap.ok()) {
+      stats->snapshot = *snap;
+      return stats;
+    }
+    stats = snap.status();
+  }
+  // Nothing reached `volume`; give the staging space back (best effort: a
+  // stopped pool drops it at the next receive).
+  pool.DeleteVolume(staging, true).IgnoreError();
+  return stats.status();
+}
+
+// --- Raw images
+// ----------------------------------------------------------------
+
+absl::StatusOr<Digest> ImageDigest(blockstore::Io& image, uint64_t size_bytes,
+                                   uint32_t chunk_size) {
+  blockstore::DigestBuilder digest(size_bytes, chunk_size);
+  const uint64_t piece = std::max<uint64_t>(chunk_size, 16 << 20);
+  blockstore::AlignedBuffer buf(piece);
+  const uint64_t readable =
+      std::min(image.size_bytes(), blockstore::RoundUp(size_bytes, 4096));
+  uint64_t padded = digest.chunk_count() * chunk_size;
+  for (uint64_t at = 0; at < padded; at += piece) {
+    uint64_t n = std::min(piece, padded - at);
+    std::memset(buf.data(), 0, n);
+    if (at < readable) {
+      uint64_t r = std::min(n, readable - at);
+      if (absl::Status s = image.ReadAt(at, buf.span().first(r)); !s.ok()) {
+        return s;
+      }
+    }
+    // Bytes past the volume end count as zeros.
+    if (at + n > size_bytes) {
+      uint64_t from = size_bytes > at ? size_bytes - at : 0;
+      std::memset(buf.data() + from, 0, n - from);
+    }
+    for (uint64_t c = 0; c < n; c += chunk_size) {
+      digest.AddChunk(buf.span().subspan(c, chunk_size));
+    }
+  }
+  return digest.Finish();
+}
+
+namespace {
+
+// Writes zeros over [from, to) of the image (to is rounded up to 4 KiB; a
+// partial first block is read, patched and written back).
+absl::Status ZeroImageRange(blockstore::Io& image, uint64_t from, uint64_t to,
+                            blockstore::AlignedBuffer& zeros) {
+  to = std::min(blockstore::RoundUp(to, 4096), image.size_bytes());
+  if (from >= to) return absl::OkStatus();
+  if (from % 4096 != 0) {
+    blockstore::AlignedBuffer block(4096);
+    uint64_t at = from / 4096 * 4096;
+    if (absl::Status s = image.ReadAt(at, block.span()); !s.ok()) return s;
+    std::memset(block.data() + (from - at), 0, 4096 - (from - at));
+    if (absl::Status s = image.WriteAt(at, block.span()); !s.ok()) return s;
+    from = at + 4096;
+  }
+  for (; from < to;) {
+    uint64_t n = std::min<uint64_t>(zeros.size(), to - from);
+    if (absl::Status s = image.WriteAt(from, zeros.span().first(n)); !s.ok()) {
+      return s;
+    }
+    from += n;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<ApplyStats> ApplyDeltaToImage(blockstore::Io& image,
+                                             ByteSource& in,
+                                             const ImageOptions& options) {
+  absl::StatusOr<std::unique_ptr<DeltaReader>> reader = DeltaReader::Open(in);
+  if (!reader.ok()) return reader.status();
+  const DeltaHeader& h = (*reader)->header();
+  const uint64_t c = h.chunk_size;
+  if (image.size_bytes() < blockstore::RoundUp(h.size_bytes, 4096)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("image ", image.name(), " has ", image.size_bytes(),
+                     " bytes but the volume needs ", h.size_bytes,
+                     "; grow the image first"));
+  }
+  if (!h.full() && options.verify_base) {
+    absl::StatusOr<Digest> d = ImageDigest(image, h.base_size_bytes, c);
+    if (!d.ok()) return d.status();
+    if (*d != h.base_digest) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "image ", image.name(), " does not hold the delta's base snapshot '",
+          h.base_name, "' (content digest ", d->ToHex(), ", expected ",
+          h.base_digest.ToHex(), "); refusing to apply"));
+    }
+  }
+  ApplyStats stats;
+  blockstore::AlignedBuffer buf;
+  blockstore::AlignedBuffer zeros(1 << 20);
+  // A full delta carries only data; everything between its records must
+  // become zeros, whatever the image held.
+  uint64_t cleared_to = h.full() ? 0 : h.size_bytes;
+  while (true) {
+    absl::StatusOr<std::optional<DeltaReader::Record>> r = (*reader)->Next();
+    if (!r.ok()) return r.status();
+    if (!r->has_value()) break;
+    const RecordHeader& rh = (**r).header;
+    absl::Status s;
+    if (rh.type == RecordType::kResize) {
+      // Growing: what lies past the old end must read as zeros.
+      if (rh.first_chunk > h.base_size_bytes) {
+        s = ZeroImageRange(image, h.base_size_bytes, rh.first_chunk, zeros);
+      }
+    } else {
+      uint64_t off = rh.first_chunk * c;
+      uint64_t len = blockstore::RoundUp(
+          std::min(uint64_t{rh.count_chunks} * c, h.size_bytes - off), 4096);
+      if (cleared_to < off) s = ZeroImageRange(image, cleared_to, off, zeros);
+      if (s.ok() && rh.type == RecordType::kWrite) {
+        GatherChunks(**r, h.chunk_size, buf);
+        s = image.WriteAt(off, buf.span().first(len));
+        stats.chunks_written += rh.count_chunks;
+      } else if (s.ok()) {
+        s = ZeroImageRange(image, off, off + len, zeros);
+        stats.chunks_cleared += rh.count_chunks;
+      }
+      cleared_to = std::max(cleared_to, off + len);
+    }
+    if (!s.ok()) return s;
+    ++stats.records;
+    if (options.progress) options.progress((*reader)->record_bytes_read(), 0);
+  }
+  if (cleared_to < h.size_bytes) {
+    if (absl::Status s = ZeroImageRange(image, cleared_to, h.size_bytes, zeros);
+        !s.ok()) {
+      return s;
+    }
+  }
+  if (absl::Status s = image.Flush(); !s.ok()) return s;
+  if (options.verify_target) {
+    absl::StatusOr<Digest> d = ImageDigest(image, h.size_bytes, c);
+    if (!d.ok()) return d.status();
+    if (*d != h.target_digest) {
+      return absl::DataLossError(absl::StrCat(
+          "image ", image.name(), " after apply has digest ", d->ToHex(),
+          ", the delta's target is ", h.target_digest.ToHex()));
+    }
+  }
+  stats.stream_bytes = (*reader)->stream_offset();
+  return stats;
+}
+
+}  // namespace engine

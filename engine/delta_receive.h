@@ -1,0 +1,119 @@
+// Reading a delta stream: check it, inspect it, apply it to a pool volume
+// (atomically) or to a raw image.
+#ifndef TANDEM_ENGINE_DELTA_RECEIVE_H_
+#define TANDEM_ENGINE_DELTA_RECEIVE_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "blockstore/io.h"
+#include "blockstore/pool.h"
+#include "engine/delta_format.h"
+#include "engine/stream.h"
+
+namespace engine {
+
+// Reads one stream front to back, checking everything before handing it
+// out: the header, each segment (checksum, chain, sequence, decompressed
+// size), each record (type, range, order) and each WRITE chunk's digest,
+// and at the end the counts, the chain and the digest. Memory: one segment
+// (about 2 MiB). Not thread-safe.
+class DeltaReader {
+ public:
+  struct Record {
+    RecordHeader header;
+    // WRITE: count_chunks x (digest[16], chunk bytes), digests verified.
+    std::span<const std::byte> payload;
+    uint64_t segment = 0;
+  };
+
+  // `in` must outlive the reader. Reads and checks the header.
+  static absl::StatusOr<std::unique_ptr<DeltaReader>> Open(ByteSource& in);
+  ~DeltaReader();
+
+  const DeltaHeader& header() const { return header_; }
+  // The next record, or nullopt after a valid end (and nothing after it).
+  absl::StatusOr<std::optional<Record>> Next();
+  // Valid once Next() returned nullopt.
+  const DeltaEnd& end() const { return end_; }
+  uint64_t stream_offset() const { return offset_; }
+  uint64_t record_bytes_read() const { return record_bytes_; }
+
+ private:
+  explicit DeltaReader(ByteSource& in) : in_(in) {}
+  absl::Status ReadSegment();
+  absl::Status FinishStream(std::span<const std::byte> first4);
+
+  ByteSource& in_;
+  DeltaHeader header_;
+  uint64_t offset_ = 0;
+  uint64_t chain_ = 0;
+  uint64_t next_segment_ = 0;
+  std::vector<std::byte> stored_;
+  std::vector<std::byte> records_;
+  size_t record_pos_ = 0;
+  uint32_t records_left_ = 0;
+  uint64_t record_index_ = 0;
+  RecordOrder order_;
+  bool ended_ = false;
+  DeltaEnd end_;
+  // Totals checked against the end.
+  uint64_t record_total_ = 0, chunks_written_ = 0, chunks_cleared_ = 0;
+  uint64_t record_bytes_ = 0, stored_bytes_ = 0;
+  void* dctx_ = nullptr;  // ZSTD_DCtx
+};
+
+struct ApplyStats {
+  uint64_t records = 0;
+  uint64_t chunks_written = 0;
+  uint64_t chunks_cleared = 0;
+  uint64_t stream_bytes = 0;
+  blockstore::SnapshotInfo snapshot;  // the received target (pool apply)
+};
+
+struct ApplyOptions {
+  // Apply even if `volume`'s newest snapshot is not the delta's base, or
+  // it changed since: the volume's live content is replaced by the base's
+  // first. Snapshots newer than the base are kept.
+  bool rollback = false;
+  std::function<void(uint64_t done, uint64_t total)> progress;
+};
+
+// Applies the stream to `volume` of `pool`, atomically: the records land in
+// a staging volume cloned from the base snapshot, and only a valid end whose
+// digest matches commits it as the target snapshot (same GUID, name and
+// creation time) and the live content. Any error or crash before that leaves
+// `volume` exactly as it was. A full delta creates `volume` (which must not
+// exist). FailedPrecondition when the base does not match (the message
+// names both snapshots).
+absl::StatusOr<ApplyStats> ApplyDelta(blockstore::Pool& pool,
+                                      absl::string_view volume, ByteSource& in,
+                                      const ApplyOptions& options = {});
+
+struct ImageOptions {
+  bool verify_base = true;    // image content must equal the base first
+  bool verify_target = true;  // and the target after
+  std::function<void(uint64_t done, uint64_t total)> progress;
+};
+
+// Applies the stream onto a raw image (a file or block device, through
+// `image`, at least the target size). Not atomic: a failure part way leaves
+// the image part written. FailedPrecondition if the image's content is not
+// the delta's base (for a full delta: no check).
+absl::StatusOr<ApplyStats> ApplyDeltaToImage(blockstore::Io& image,
+                                             ByteSource& in,
+                                             const ImageOptions& options = {});
+
+// Root digest of the first `size_bytes` of `image` as a volume of
+// `chunk_size` chunks (bytes past the image end read as zeros).
+absl::StatusOr<Digest> ImageDigest(blockstore::Io& image, uint64_t size_bytes,
+                                   uint32_t chunk_size);
+
+}  // namespace engine
+
+#endif  // TANDEM_ENGINE_DELTA_RECEIVE_H_

@@ -1,0 +1,429 @@
+#include "engine/delta_send.h"
+
+#include <zstd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "blockstore/util.h"
+#include "engine/delta_format.h"
+
+namespace engine {
+namespace {
+
+using blockstore::ChangedRun;
+
+struct Segment {
+  uint64_t sequence = 0;
+  uint32_t record_count = 0;
+  std::vector<std::byte> records;  // record bytes
+  std::vector<std::byte> stored;   // after compression (empty: raw)
+};
+
+// The send pipeline:
+//
+//   caller thread              N workers                 writer thread
+//   diff walk + chunk reads -> zstd each segment  ->     chain checksum,
+//   -> record bytes            (raw if no gain)          segments in order
+//      in ~1 MiB segments                                -> ByteSink
+//
+// `Push` blocks while 2N segments are in flight, so memory is bounded by
+// about 2N x 2 MiB plus the caller's read batch (16 MiB), whatever the
+// delta's size.
+class Pipeline {
+ public:
+  Pipeline(int workers, int level, ByteSink& out, uint64_t chain_seed,
+           const SendOptions& options, uint64_t total)
+      : level_(level),
+        out_(out),
+        chain_(chain_seed),
+        max_in_flight_(2 * workers),
+        options_(options),
+        total_(total) {
+    for (int i = 0; i < workers; ++i) {
+      workers_.emplace_back([this] { Work(); });
+    }
+    writer_ = std::thread([this] { WriteInOrder(); });
+  }
+
+  ~Pipeline() { Stop(); }
+
+  absl::Status Push(std::unique_ptr<Segment> seg) {
+    absl::MutexLock lock(&mu_);
+    auto room = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return in_flight_ < max_in_flight_ || !error_.ok();
+    };
+    mu_.Await(absl::Condition(&room));
+    if (!error_.ok()) return error_;
+    ++in_flight_;
+    todo_.push_back(std::move(seg));
+    return absl::OkStatus();
+  }
+
+  // Waits for everything pushed; returns the first error and the final
+  // chain checksum.
+  absl::Status Finish(uint64_t* chain, uint64_t* stored_bytes) {
+    {
+      absl::MutexLock lock(&mu_);
+      closed_ = true;
+    }
+    Stop();
+    absl::MutexLock lock(&mu_);
+    *chain = chain_;
+    *stored_bytes = stored_bytes_;
+    return error_;
+  }
+
+ private:
+  void Stop() {
+    {
+      absl::MutexLock lock(&mu_);
+      closed_ = true;
+    }
+    for (std::thread& t : workers_) {
+      if (t.joinable()) t.join();
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      workers_done_ = true;
+    }
+    if (writer_.joinable()) writer_.join();
+  }
+
+  void SetError(absl::Status s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (error_.ok()) error_ = std::move(s);
+  }
+
+  void Work() {
+    ZSTD_CCtx* cctx = ZSTD_createCCtx();
+    while (true) {
+      std::unique_ptr<Segment> seg;
+      {
+        absl::MutexLock lock(&mu_);
+        auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return !todo_.empty() || closed_ || !error_.ok();
+        };
+        mu_.Await(absl::Condition(&ready));
+        if (todo_.empty() || !error_.ok()) break;
+        seg = std::move(todo_.front());
+        todo_.pop_front();
+      }
+      if (level_ > 0) {
+        seg->stored.resize(ZSTD_compressBound(seg->records.size()));
+        size_t n =
+            ZSTD_compressCCtx(cctx, seg->stored.data(), seg->stored.size(),
+                              seg->records.data(), seg->records.size(), level_);
+        if (ZSTD_isError(n) || n >= seg->records.size()) {
+          seg->stored.clear();  // does not shrink: store raw
+        } else {
+          seg->stored.resize(n);
+        }
+      }
+      absl::MutexLock lock(&mu_);
+      done_.emplace(seg->sequence, std::move(seg));
+    }
+    ZSTD_freeCCtx(cctx);
+  }
+
+  void WriteInOrder() {
+    uint64_t next = 0;
+    uint64_t done_bytes = 0;
+    while (true) {
+      std::unique_ptr<Segment> seg;
+      {
+        absl::MutexLock lock(&mu_);
+        auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return done_.contains(next) || workers_done_ || !error_.ok();
+        };
+        mu_.Await(absl::Condition(&ready));
+        if (!error_.ok()) return;
+        auto it = done_.find(next);
+        if (it == done_.end()) return;  // workers finished, nothing left
+        seg = std::move(it->second);
+        done_.erase(it);
+      }
+      bool raw = seg->stored.empty();
+      std::span<const std::byte> payload =
+          raw ? std::span<const std::byte>(seg->records) : seg->stored;
+      SegmentHeader h;
+      h.codec = raw ? Codec::kRaw : Codec::kZstd;
+      h.sequence = seg->sequence;
+      h.record_bytes = static_cast<uint32_t>(seg->records.size());
+      h.stored_bytes = static_cast<uint32_t>(payload.size());
+      h.record_count = seg->record_count;
+      uint64_t chain;
+      {
+        absl::MutexLock lock(&mu_);
+        chain = chain_;
+      }
+      h.chain = ChainChecksum(payload, chain);
+      std::array<std::byte, kSegmentHeaderBytes> hdr;
+      EncodeSegmentHeader(h, hdr);
+      absl::Status s = out_.Write(hdr);
+      if (s.ok()) s = out_.Write(payload);
+      done_bytes += seg->records.size();
+      if (s.ok() && options_.progress) options_.progress(done_bytes, total_);
+      absl::MutexLock lock(&mu_);
+      if (!s.ok()) {
+        SetError(s);
+        return;
+      }
+      chain_ = h.chain;
+      stored_bytes_ += payload.size();
+      --in_flight_;
+      ++next;
+    }
+  }
+
+  const int level_;
+  ByteSink& out_;
+  absl::Mutex mu_;
+  uint64_t chain_ ABSL_GUARDED_BY(mu_);
+  uint64_t stored_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  const int max_in_flight_;
+  int in_flight_ ABSL_GUARDED_BY(mu_) = 0;
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  bool workers_done_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status error_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::unique_ptr<Segment>> todo_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, std::unique_ptr<Segment>> done_ ABSL_GUARDED_BY(mu_);
+  const SendOptions& options_;
+  const uint64_t total_;
+  std::vector<std::thread> workers_;
+  std::thread writer_;
+};
+
+// Packs records into segments and hands full ones to the pipeline.
+class SegmentBuilder {
+ public:
+  SegmentBuilder(Pipeline& pipeline, uint32_t chunk_size, SendStats& stats)
+      : pipeline_(pipeline), chunk_size_(chunk_size), stats_(stats) {
+    Start();
+  }
+
+  absl::Status Clear(ChangedRun::Kind kind, uint64_t first, uint64_t count) {
+    RecordType type = kind == ChangedRun::Kind::kZero ? RecordType::kZero
+                                                      : RecordType::kUnmap;
+    stats_.chunks_cleared += count;
+    while (count > 0) {
+      uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(count, UINT32_MAX));
+      if (absl::Status s = Record({type, n, first}); !s.ok()) return s;
+      first += n;
+      count -= n;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Resize(uint64_t size_bytes) {
+    return Record({RecordType::kResize, 0, size_bytes});
+  }
+
+  // One data chunk; adjacent ones extend the open WRITE record.
+  absl::Status Write(uint64_t chunk, const blockstore::Digest& digest,
+                     std::span<const std::byte> data) {
+    const size_t per_chunk = 16 + chunk_size_;
+    bool extend = write_at_ != kNone && write_next_ == chunk &&
+                  seg_->records.size() + per_chunk <= kMaxSegmentRecordBytes;
+    if (!extend) {
+      if (seg_->records.size() + kRecordHeaderBytes + per_chunk >
+          kMaxSegmentRecordBytes) {
+        if (absl::Status s = Flush(); !s.ok()) return s;
+      }
+      write_at_ = seg_->records.size();
+      seg_->records.resize(write_at_ + kRecordHeaderBytes);
+      EncodeRecordHeader({RecordType::kWrite, 0, chunk},
+                         seg_->records.data() + write_at_);
+      ++seg_->record_count;
+      ++stats_.records;
+    }
+    size_t at = seg_->records.size();
+    seg_->records.resize(at + per_chunk);
+    std::memcpy(seg_->records.data() + at, digest.bytes.data(), 16);
+    std::memcpy(seg_->records.data() + at + 16, data.data(), chunk_size_);
+    std::byte* count = seg_->records.data() + write_at_ + 4;
+    blockstore::PutLe32(count, blockstore::GetLe32(count) + 1);
+    write_next_ = chunk + 1;
+    ++stats_.chunks_written;
+    return absl::OkStatus();
+  }
+
+  absl::Status Flush() {
+    write_at_ = kNone;
+    if (seg_->record_count == 0) return absl::OkStatus();
+    stats_.record_bytes += seg_->records.size();
+    ++stats_.segments;
+    absl::Status s = pipeline_.Push(std::move(seg_));
+    Start();
+    return s;
+  }
+
+ private:
+  static constexpr size_t kNone = ~size_t{0};
+
+  void Start() {
+    seg_ = std::make_unique<Segment>();
+    seg_->sequence = next_sequence_++;
+    seg_->records.reserve(kMaxSegmentRecordBytes);
+  }
+
+  absl::Status Record(const RecordHeader& r) {
+    write_at_ = kNone;
+    if (seg_->records.size() + kRecordHeaderBytes > kMaxSegmentRecordBytes) {
+      if (absl::Status s = Flush(); !s.ok()) return s;
+    }
+    size_t at = seg_->records.size();
+    seg_->records.resize(at + kRecordHeaderBytes);
+    EncodeRecordHeader(r, seg_->records.data() + at);
+    ++seg_->record_count;
+    ++stats_.records;
+    return absl::OkStatus();
+  }
+
+  Pipeline& pipeline_;
+  const uint32_t chunk_size_;
+  SendStats& stats_;
+  std::unique_ptr<Segment> seg_;
+  uint64_t next_sequence_ = 0;
+  size_t write_at_ = kNone;
+  uint64_t write_next_ = 0;
+};
+
+}  // namespace
+
+absl::StatusOr<SendStats> SendDelta(blockstore::Pool& pool,
+                                    absl::string_view volume,
+                                    absl::string_view base,
+                                    absl::string_view target, ByteSink& out,
+                                    const SendOptions& options) {
+  absl::StatusOr<blockstore::VolumeInfo> vol = pool.GetVolume(volume);
+  if (!vol.ok()) return vol.status();
+  absl::StatusOr<blockstore::SnapshotInfo> t = pool.GetSnapshot(volume, target);
+  if (!t.ok()) return t.status();
+  DeltaHeader h;
+  h.features = kFeatureZstd;
+  h.chunk_size = pool.chunk_size();
+  h.size_bytes = t->size_bytes;
+  h.volume_guid = vol->guid;
+  h.target_guid = t->guid;
+  h.target_create_time_ns = t->create_time_ns;
+  h.target_digest = t->root_digest;
+  h.volume_name = std::string(volume);
+  h.target_name = t->name;
+  absl::StatusOr<std::vector<blockstore::SnapshotInfo>> all =
+      pool.ListSnapshots(volume);
+  if (!all.ok()) return all.status();
+  uint64_t base_generation = 0;
+  if (!base.empty()) {
+    absl::StatusOr<blockstore::SnapshotInfo> b = pool.GetSnapshot(volume, base);
+    if (!b.ok()) return b.status();
+    if (b->generation >= t->generation) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("base snapshot '", base, "' is not older than target '",
+                       target, "'"));
+    }
+    h.base_size_bytes = b->size_bytes;
+    h.base_guid = b->guid;
+    h.base_create_time_ns = b->create_time_ns;
+    h.base_digest = b->root_digest;
+    h.base_name = b->name;
+    base_generation = b->generation;
+  }
+  for (const blockstore::SnapshotInfo& s : *all) {
+    if (s.generation > base_generation && s.generation < t->generation &&
+        h.listed.size() < kMaxListedSnapshots) {
+      h.listed.push_back({s.guid, s.create_time_ns, s.name});
+    }
+  }
+
+  const uint32_t c_size = pool.chunk_size();
+  const size_t batch = std::max<size_t>(1, (16u << 20) / c_size);
+  // First pass over the metadata alone: the total, for progress.
+  SendStats stats;
+  uint64_t total = 0;
+  for (uint64_t from = 0;;) {
+    absl::StatusOr<blockstore::DiffBatch> d =
+        pool.Diff(volume, base, target, from, 65536);
+    if (!d.ok()) return d.status();
+    for (const ChangedRun& r : d->runs) {
+      total +=
+          r.kind == ChangedRun::Kind::kData ? 16 + c_size : kRecordHeaderBytes;
+    }
+    if (d->done) break;
+    from = d->next_chunk;
+  }
+
+  uint64_t chain = 0;
+  std::string header = EncodeHeader(h, &chain);
+  if (absl::Status s = out.Write(
+          {reinterpret_cast<const std::byte*>(header.data()), header.size()});
+      !s.ok()) {
+    return s;
+  }
+  int workers = options.threads > 0
+                    ? options.threads
+                    : std::max(1u, std::thread::hardware_concurrency());
+  Pipeline pipeline(workers, options.zstd_level, out, chain, options, total);
+  SegmentBuilder builder(pipeline, c_size, stats);
+  absl::Status status;
+  if (!base.empty() && h.base_size_bytes != h.size_bytes) {
+    status = builder.Resize(h.size_bytes);
+  }
+  blockstore::AlignedBuffer data(batch * c_size);
+  std::vector<ChangedRun> reads;
+  for (uint64_t from = 0; status.ok();) {
+    absl::StatusOr<blockstore::DiffBatch> d =
+        pool.Diff(volume, base, target, from, batch);
+    if (!d.ok()) {
+      status = d.status();
+      break;
+    }
+    stats.nodes_visited += d->nodes_visited;
+    reads.clear();
+    for (const ChangedRun& r : d->runs) {
+      if (r.kind == ChangedRun::Kind::kData) reads.push_back(r);
+    }
+    status = pool.ReadChunks(reads, data.span());
+    size_t next_read = 0;
+    for (const ChangedRun& r : d->runs) {
+      if (!status.ok()) break;
+      if (r.kind == ChangedRun::Kind::kData) {
+        status = builder.Write(r.first_chunk, r.digest,
+                               {data.data() + next_read++ * c_size, c_size});
+      } else {
+        status = builder.Clear(r.kind, r.first_chunk, r.count_chunks);
+      }
+    }
+    if (d->done) break;
+    from = d->next_chunk;
+  }
+  if (status.ok()) status = builder.Flush();
+  uint64_t end_chain = 0, stored = 0;
+  absl::Status finished = pipeline.Finish(&end_chain, &stored);
+  if (!status.ok()) return status;
+  if (!finished.ok()) return finished;
+
+  DeltaEnd e;
+  e.segment_count = stats.segments;
+  e.record_count = stats.records;
+  e.chunks_written = stats.chunks_written;
+  e.chunks_cleared = stats.chunks_cleared;
+  e.record_bytes = stats.record_bytes;
+  e.stored_bytes = stored;
+  e.chain = end_chain;
+  e.target_digest = h.target_digest;
+  std::array<std::byte, kEndBytes> end;
+  EncodeEnd(e, end);
+  if (absl::Status s = out.Write(end); !s.ok()) return s;
+  stats.stream_bytes =
+      header.size() + stats.segments * kSegmentHeaderBytes + stored + kEndBytes;
+  return stats;
+}
+
+}  // namespace engine

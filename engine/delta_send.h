@@ -1,0 +1,46 @@
+// Creating a delta stream from a pool: the changed chunks of one snapshot
+// since another (or all of it), compressed in parallel, written in order.
+#ifndef TANDEM_ENGINE_DELTA_SEND_H_
+#define TANDEM_ENGINE_DELTA_SEND_H_
+
+#include <cstdint>
+#include <functional>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "blockstore/pool.h"
+#include "engine/stream.h"
+
+namespace engine {
+
+struct SendOptions {
+  int zstd_level = 1;  // 0 stores every segment raw
+  int threads = 0;     // compression workers; 0: one per core
+  // Called from the writing thread with stream record bytes done and the
+  // total, which is known before the first byte is sent.
+  std::function<void(uint64_t done, uint64_t total)> progress;
+};
+
+struct SendStats {
+  uint64_t segments = 0;
+  uint64_t records = 0;
+  uint64_t chunks_written = 0;
+  uint64_t chunks_cleared = 0;  // ZERO and UNMAP
+  uint64_t record_bytes = 0;    // before compression
+  uint64_t stream_bytes = 0;    // on the wire, header and end included
+  uint64_t nodes_visited = 0;   // tree nodes the diff read
+};
+
+// Writes the delta of `volume@target` since `volume@base` (empty: a full
+// delta) to `out`. `pool` must keep both snapshots for the duration (open
+// it read-only, or hold them). NotFound for a missing volume or snapshot;
+// any error from `out` or the pool is returned as is.
+absl::StatusOr<SendStats> SendDelta(blockstore::Pool& pool,
+                                    absl::string_view volume,
+                                    absl::string_view base,
+                                    absl::string_view target, ByteSink& out,
+                                    const SendOptions& options = {});
+
+}  // namespace engine
+
+#endif  // TANDEM_ENGINE_DELTA_SEND_H_
