@@ -150,5 +150,204 @@ TEST(DeltaTest, RoundTripsFullAndIncrementalToPoolAndImage) {
   }
 }
 
+// A small incremental delta with every record type: RESIZE, WRITE (one
+// compressible and one random chunk), ZERO and UNMAP.
+struct SmallDelta {
+  MemIo src_io{16 << 20};
+  std::unique_ptr<Pool> src = MakePool(src_io);
+  std::string stream;
+  SmallDelta() {
+    EXPECT_TRUE(src->CreateVolume("v", 40 * kChunk).ok());
+    EXPECT_TRUE(src->Write("v", 0, TestData(40 * kChunk, 2)).ok());
+    EXPECT_TRUE(src->CreateSnapshot("v", "a").ok());
+    EXPECT_TRUE(src->ResizeVolume("v", 48 * kChunk).ok());
+    EXPECT_TRUE(src->Write("v", 3 * kChunk, TestData(kChunk, 1)).ok());
+    EXPECT_TRUE(src->Write("v", 7 * kChunk, TestData(kChunk, 3)).ok());
+    EXPECT_TRUE(src->Write("v", 9 * kChunk, TestData(2 * kChunk, 0)).ok());
+    EXPECT_TRUE(src->Trim("v", 20 * kChunk, 3 * kChunk).ok());
+    EXPECT_TRUE(src->CreateSnapshot("v", "b").ok());
+    stream = Send(*src, "v", "a", "b");
+  }
+};
+
+// A destination holding v@a, and a way to see that it did not change.
+struct Destination {
+  MemIo io{16 << 20};
+  std::unique_ptr<Pool> pool = MakePool(io);
+  explicit Destination(Pool& src) {
+    std::string full = Send(src, "v", "", "a");
+    EXPECT_TRUE(Apply(*pool, "v", full).ok());
+  }
+  std::string State() {
+    std::string s = pool->RootDigest("v", "")->ToHex();
+    absl::StatusOr<std::vector<blockstore::SnapshotInfo>> snaps =
+        pool->ListSnapshots("v");
+    for (const blockstore::SnapshotInfo& snap : snaps.value()) {
+      s += " " + snap.name;
+    }
+    return absl::StrCat(s, " used ", pool->Info().used_bytes);
+  }
+};
+
+TEST(DeltaTest, EveryBitFlipIsRefusedByVerifyAndApply) {
+  SmallDelta d;
+  ASSERT_TRUE(Verify(d.stream).ok());
+  ASSERT_LT(d.stream.size(), 8192u) << "keep the exhaustive loop small";
+  Destination dst(*d.src);
+  const std::string before = dst.State();
+  for (size_t bit = 0; bit < d.stream.size() * 8; ++bit) {
+    std::string bad = d.stream;
+    bad[bit / 8] ^= static_cast<char>(1 << (bit % 8));
+    absl::Status v = Verify(bad);
+    ASSERT_FALSE(v.ok()) << "bit " << bit << " went unnoticed by verify";
+    absl::Status a = Apply(*dst.pool, "v", bad);
+    ASSERT_FALSE(a.ok()) << "bit " << bit << " went unnoticed by apply";
+    // Most flips are caught before the destination is touched; the rest
+    // must leave it exactly as it was.
+    if (bit % 61 == 0) {
+      ASSERT_EQ(dst.State(), before) << "bit " << bit;
+    }
+  }
+  EXPECT_EQ(dst.State(), before);
+  EXPECT_THAT(dst.pool->Check(true)->problems, ::testing::IsEmpty());
+  // And the intact stream still applies.
+  ASSERT_TRUE(Apply(*dst.pool, "v", d.stream).ok());
+  EXPECT_EQ(*dst.pool->RootDigest("v", "b"), *d.src->RootDigest("v", "b"));
+}
+
+TEST(DeltaTest, EveryTruncationIsRefused) {
+  SmallDelta d;
+  Destination dst(*d.src);
+  const std::string before = dst.State();
+  for (size_t len = 0; len < d.stream.size(); ++len) {
+    std::string cut = d.stream.substr(0, len);
+    absl::Status v = Verify(cut);
+    ASSERT_FALSE(v.ok()) << "truncated at " << len;
+    EXPECT_EQ(v.code(), absl::StatusCode::kDataLoss) << len << ": " << v;
+    ASSERT_FALSE(Apply(*dst.pool, "v", cut).ok()) << len;
+  }
+  EXPECT_EQ(dst.State(), before);
+  // Trailing garbage is refused too.
+  absl::Status extra = Verify(d.stream + "x");
+  EXPECT_THAT(std::string(extra.message()), HasSubstr("after the end"));
+}
+
+TEST(DeltaTest, ForeignAndFutureStreamsAreNamedAsSuch) {
+  SmallDelta d;
+  std::string future = d.stream;
+  future[8] = 2;  // version
+  absl::Status s = Verify(future);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("version 2 is not supported"));
+  s = Verify("hello, this is not a delta at all");
+  EXPECT_THAT(std::string(s.message()), HasSubstr("not a Tandem delta stream"));
+}
+
+TEST(DeltaTest, BaseMismatchIsRefusedNamingBothUnlessRollback) {
+  SmallDelta d;
+  Destination dst(*d.src);
+  // The destination moves on: its newest snapshot is no longer the base.
+  ASSERT_TRUE(dst.pool->Write("v", 0, TestData(kChunk, 9)).ok());
+  ASSERT_TRUE(dst.pool->CreateSnapshot("v", "local").ok());
+  absl::Status s = Apply(*dst.pool, "v", d.stream);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("delta base is snapshot 'a'"));
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("its newest snapshot is 'local'"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("--rollback"));
+  ASSERT_TRUE(Apply(*dst.pool, "v", d.stream, /*rollback=*/true).ok());
+  EXPECT_EQ(*dst.pool->RootDigest("v", ""), *d.src->RootDigest("v", "b"));
+
+  // Written since the base (no new snapshot): refused too.
+  Destination other(*d.src);
+  ASSERT_TRUE(other.pool->Write("v", 0, TestData(10, 9)).ok());
+  s = Apply(*other.pool, "v", d.stream);
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("was written since snapshot 'a'"));
+
+  // A full delta never lands on an existing volume.
+  s = Apply(*other.pool, "v", Send(*d.src, "v", "", "b"));
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("exists and the delta is a full one"));
+}
+
+TEST(DeltaTest, CrashAtEveryDurableWriteOfAnApplyKeepsTheBase) {
+  SmallDelta d;
+  // Count the apply's durable-write points.
+  Destination probe(*d.src);
+  std::unique_ptr<MemIo> template_io = probe.io.Clone();
+  const std::string before = probe.State();
+  probe.pool.reset();
+  uint64_t points = 0;
+  {
+    std::unique_ptr<MemIo> disk = template_io->Clone();
+    testing_util::CrashingIo counter(*disk, UINT64_MAX);
+    auto pool = *Pool::Open(counter, OpenMode::kReadWrite);
+    ASSERT_TRUE(Apply(*pool, "v", d.stream).ok());
+    points = counter.points();
+  }
+  ASSERT_GT(points, 5u);
+  for (uint64_t k = 0; k < points; ++k) {
+    for (bool keep : {false, true}) {
+      SCOPED_TRACE(absl::StrCat("crash point ", k, keep ? " keep" : " drop"));
+      std::unique_ptr<MemIo> disk = template_io->Clone();
+      {
+        testing_util::CrashingIo crash(*disk, k);
+        auto pool = *Pool::Open(crash, OpenMode::kReadWrite);
+        ASSERT_FALSE(Apply(*pool, "v", d.stream).ok());
+      }
+      disk->CrashKeeping([keep](size_t, size_t len) { return keep ? len : 0; });
+      auto pool = *Pool::Open(*disk, OpenMode::kReadWrite);
+      absl::StatusOr<blockstore::SnapshotInfo> b = pool->GetSnapshot("v", "b");
+      if (b.ok()) {
+        // The commit that received it made it to disk whole.
+        EXPECT_EQ(b->root_digest, *d.src->RootDigest("v", "b"));
+        EXPECT_EQ(*pool->RootDigest("v", ""), b->root_digest);
+      } else {
+        Destination view(*d.src);  // for State() of an untouched destination
+        view.pool = std::move(pool);
+        ASSERT_EQ(view.State().substr(0, 32), before.substr(0, 32));
+        pool = std::move(view.pool);
+        // The next apply succeeds and cleans up after the interrupted one.
+        ASSERT_TRUE(Apply(*pool, "v", d.stream).ok());
+      }
+      EXPECT_THAT(pool->Check(true)->problems, ::testing::IsEmpty());
+      EXPECT_EQ(pool->ListVolumes()->size(), 1u);
+      EXPECT_EQ(pool->Info().used_bytes,
+                d.src->Info().used_bytes - 0 * kChunk)  // same chunks as source
+          << "space leaked";
+    }
+  }
+}
+
+TEST(DeltaTest, DiffCostFollowsTheChangeNotTheVolumeSize) {
+  // The same change (40 chunks rewritten) on a volume and on a 64x larger
+  // sparse one: the diff reads about the same number of tree nodes.
+  uint64_t visited[2];
+  for (int i = 0; i < 2; ++i) {
+    MemIo io(64 << 20);
+    auto pool = MakePool(io);
+    uint64_t chunks = (i == 0 ? 4000 : 4000 * 64);
+    ASSERT_TRUE(pool->CreateVolume("v", chunks * kChunk).ok());
+    ASSERT_TRUE(pool->Write("v", 0, TestData(4000 * kChunk, 2)).ok());
+    ASSERT_TRUE(pool->CreateSnapshot("v", "a").ok());
+    for (int c = 0; c < 40; ++c) {
+      ASSERT_TRUE(pool->Write("v", (c * 97 % 4000) * kChunk,
+                              TestData(kChunk, 4 * c + 2))
+                      .ok());
+    }
+    ASSERT_TRUE(pool->CreateSnapshot("v", "b").ok());
+    SendStats stats;
+    Send(*pool, "v", "a", "b", &stats);
+    EXPECT_EQ(stats.chunks_written, 40u);
+    visited[i] = stats.nodes_visited;
+  }
+  // One more tree level in the larger volume: a couple of nodes more.
+  EXPECT_LE(visited[1], visited[0] + 4) << visited[0] << " vs " << visited[1];
+  EXPECT_GE(visited[1], visited[0]);
+}
+
 }  // namespace
 }  // namespace engine
