@@ -304,6 +304,84 @@ TEST_P(CliTest, DamagedPoolIsReportedByCheck) {
   Fails({"read", "--pool", pool_, "v"}, "data does not match its digest");
 }
 
+TEST_P(CliTest, DeltaFilesBetweenTwoPoolsAndAnImage) {
+  if (GetParam()) GTEST_SKIP() << "the file variant covers this";
+  std::string a = dir_ + "/a.img", b = dir_ + "/b.img";
+  Ok({"pool", "create", a, "--size", "256M"});
+  Ok({"pool", "create", b, "--size", "256M"});
+  Ok({"volume", "create", "--pool", a, "v", "--size", "8M"});
+  std::string first = RandomBytes(3 << 20, 11);
+  Ok({"write", "--pool", a, "v"}, first);
+  Ok({"snapshot", "create", "--pool", a, "v@one"});
+  Ok({"write", "--pool", a, "v", "--offset", "5000000"},
+     RandomBytes(300000, 12));
+  Ok({"trim", "--pool", a, "v", "--offset", "0", "--length", "1M"});
+  Ok({"snapshot", "create", "--pool", a, "v@two"});
+  auto delta = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), TANDEM_DELTA_BIN);
+    return Exec(args);
+  };
+  std::string full = dir_ + "/full.tdd", inc = dir_ + "/inc.tdd";
+  Result r = delta({"create", "--pool", a, "v@one", "-o", full});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("delta full v@one"));
+  r = delta({"create", "--pool", a, "v@two", "--base", "one", "-o", inc});
+  ASSERT_EQ(r.code, 0) << r.err;
+  r = delta({"verify", inc});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("intact (incremental delta of v@two"));
+  r = delta({"inspect", inc, "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  json j = json::parse(r.out);
+  EXPECT_EQ(j["header"]["base"], "one");
+  EXPECT_EQ(j["header"]["target"], "two");
+  EXPECT_EQ(j["header"]["target_root_digest"],
+            std::string(absl::StripTrailingAsciiWhitespace(
+                Ok({"digest", "--pool", a, "v@two"}))));
+  bool saw_unmap = false;
+  for (const auto& rec : j["records"]) saw_unmap |= rec["type"] == "UNMAP";
+  EXPECT_TRUE(saw_unmap);
+
+  // Apply both to the second pool, and to a raw image.
+  r = delta({"apply", full, "--pool", b, "v"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  r = delta({"apply", inc, "--pool", b, "v"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("applied v@two"));
+  EXPECT_EQ(Ok({"digest", "--pool", b, "v@two"}),
+            Ok({"digest", "--pool", a, "v@two"}));
+  EXPECT_EQ(Ok({"read", "--pool", b, "v"}), Ok({"read", "--pool", a, "v@two"}));
+  std::string image = dir_ + "/image.raw";
+  WriteFile(image, RandomBytes(8 << 20, 13));  // garbage a full delta clears
+  ASSERT_EQ(delta({"apply", full, "--image", image}).code, 0);
+  ASSERT_EQ(delta({"apply", inc, "--image", image}).code, 0);
+  EXPECT_EQ(ReadFile(image), Ok({"read", "--pool", a, "v@two"}));
+
+  // Refusals: the image no longer holds the base; the pool already has it;
+  // a corrupt file; not a delta at all.
+  r = delta({"apply", inc, "--image", image});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err,
+              HasSubstr("does not hold the delta's base snapshot 'one'"));
+  r = delta({"apply", inc, "--pool", b, "v"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("delta base is snapshot 'one'"));
+  std::string bytes = ReadFile(inc);
+  bytes[bytes.size() / 2] ^= 4;
+  WriteFile(dir_ + "/bad.tdd", bytes);
+  r = delta({"verify", dir_ + "/bad.tdd"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("tandem-delta: delta segment"));
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1);
+  r = delta({"verify", a});
+  EXPECT_THAT(r.err, HasSubstr("not a Tandem delta stream"));
+  r = delta({"create", "--pool", a, "v@nope", "-o", dir_ + "/x.tdd"});
+  EXPECT_THAT(r.err, HasSubstr("no snapshot 'v@nope'"));
+  EXPECT_NE(access((dir_ + "/x.tdd").c_str(), F_OK), 0);
+  EXPECT_NE(access((dir_ + "/x.tdd.partial").c_str(), F_OK), 0);
+  EXPECT_THAT(Ok({"pool", "check", b, "--data"}), HasSubstr("consistent"));
+}
+
 INSTANTIATE_TEST_SUITE_P(Backends, CliTest, ::testing::Values(false, true),
                          [](const auto& info) {
                            return info.param ? "LoopDevice" : "File";

@@ -1,0 +1,62 @@
+// ByteSink/ByteSource over file descriptors (files, pipes, stdin/stdout),
+// counting the bytes that pass.
+#ifndef TANDEM_TOOLS_FD_STREAM_H_
+#define TANDEM_TOOLS_FD_STREAM_H_
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "blockstore/util.h"
+#include "engine/stream.h"
+
+namespace tools {
+
+class FdSink final : public engine::ByteSink {
+ public:
+  FdSink(int fd, std::string name) : fd_(fd), name_(std::move(name)) {}
+  absl::Status Write(std::span<const std::byte> data) override {
+    for (size_t done = 0; done < data.size();) {
+      ssize_t n = ::write(fd_, data.data() + done, data.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0)
+        return blockstore::ErrnoError(errno, absl::StrCat("write ", name_));
+      done += n;
+    }
+    bytes_ += data.size();
+    return absl::OkStatus();
+  }
+  uint64_t bytes() const { return bytes_; }
+
+ private:
+  int fd_;
+  std::string name_;
+  uint64_t bytes_ = 0;
+};
+
+class FdSource final : public engine::ByteSource {
+ public:
+  FdSource(int fd, std::string name) : fd_(fd), name_(std::move(name)) {}
+  absl::StatusOr<size_t> Read(std::span<std::byte> out) override {
+    while (true) {
+      ssize_t n = ::read(fd_, out.data(), out.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0)
+        return blockstore::ErrnoError(errno, absl::StrCat("read ", name_));
+      bytes_ += n;
+      return static_cast<size_t>(n);
+    }
+  }
+  uint64_t bytes() const { return bytes_; }
+
+ private:
+  int fd_;
+  std::string name_;
+  uint64_t bytes_ = 0;
+};
+
+}  // namespace tools
+
+#endif  // TANDEM_TOOLS_FD_STREAM_H_

@@ -1,0 +1,452 @@
+// tandem-delta: create, inspect, verify and apply delta files (or pipes).
+// Every failure prints one line "tandem-delta: <what is wrong>" on stderr and
+// exits non-zero (1 for a failed operation, 2 for a malformed command line).
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <optional>
+#include <string>
+
+#include "CLI/CLI.hpp"
+#include "absl/cleanup/cleanup.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/time.h"
+#include "blockstore/io.h"
+#include "blockstore/pool.h"
+#include "blockstore/util.h"
+#include "engine/delta_receive.h"
+#include "engine/delta_send.h"
+#include "nlohmann/json.hpp"
+#include "tools/fd_stream.h"
+
+namespace tools {
+namespace {
+
+using blockstore::FormatBytes;
+using blockstore::OpenMode;
+using json = nlohmann::ordered_json;
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+// A one-line progress bar on stderr, only when stderr is a terminal.
+class Progress {
+ public:
+  explicit Progress(const char* verb)
+      : verb_(verb), enabled_(isatty(2)), start_(Clock::now()) {}
+  ~Progress() { Clear(); }
+
+  void Update(uint64_t done, uint64_t total) {
+    if (!enabled_) return;
+    auto now = Clock::now();
+    if (now - last_ < std::chrono::milliseconds(100)) return;
+    last_ = now;
+    double secs = Since(start_);
+    double rate = secs > 0 ? done / secs : 0;
+    std::string line = absl::StrCat(verb_, " ", FormatBytes(done));
+    if (total > 0) {
+      absl::StrAppend(&line, " / ", FormatBytes(total),
+                      absl::StrFormat(" (%.0f%%)", 100.0 * done / total));
+    }
+    absl::StrAppend(&line, "  ", FormatBytes(static_cast<uint64_t>(rate)),
+                    "/s");
+    if (total > done && rate > 0) {
+      absl::StrAppend(&line,
+                      absl::StrFormat("  ETA %.0fs", (total - done) / rate));
+    }
+    std::fprintf(stderr, "\r%-78s", line.c_str());
+    shown_ = true;
+  }
+
+  void Clear() {
+    if (shown_) std::fprintf(stderr, "\r%-78s\r", "");
+    shown_ = false;
+  }
+
+ private:
+  const char* verb_;
+  const bool enabled_;
+  const Clock::time_point start_;
+  Clock::time_point last_{};
+  bool shown_ = false;
+};
+
+// Opens FILE for reading, "-" being stdin.
+absl::StatusOr<int> OpenInput(const std::string& file) {
+  if (file == "-") return 0;
+  int fd = open(file.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return blockstore::ErrnoError(errno, absl::StrCat("open ", file));
+  return fd;
+}
+
+uint64_t FileSize(int fd) {
+  struct stat st {};
+  return fstat(fd, &st) == 0 && S_ISREG(st.st_mode) ? st.st_size : 0;
+}
+
+absl::StatusOr<std::unique_ptr<blockstore::Pool>> OpenPool(
+    const std::string& path, OpenMode mode) {
+  if (path.empty()) {
+    return absl::InvalidArgumentError(
+        "no pool given: pass --pool PATH or set TANDEM_POOL");
+  }
+  blockstore::FileIoOptions o;
+  o.mode = mode;
+  absl::StatusOr<std::unique_ptr<blockstore::Io>> io =
+      blockstore::OpenFileIo(path, o);
+  if (!io.ok()) return io.status();
+  return blockstore::Pool::Open(std::move(*io), mode);
+}
+
+absl::Status Create(const std::string& pool_path, const std::string& ref,
+                    const std::string& base, const std::string& output,
+                    int level, int threads) {
+  size_t at = ref.find('@');
+  if (at == std::string::npos || at + 1 == ref.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", ref, "' names no snapshot: write VOLUME@SNAPSHOT"));
+  }
+  std::string volume = ref.substr(0, at), target = ref.substr(at + 1);
+  if (level < 0 || level > 19) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad --level ", level, ": use 0 (store) to 19"));
+  }
+  if (output == "-" && isatty(1)) {
+    return absl::InvalidArgumentError(
+        "refusing to write a delta to a terminal: use -o FILE or a pipe");
+  }
+  absl::StatusOr<std::unique_ptr<blockstore::Pool>> pool =
+      OpenPool(pool_path, OpenMode::kReadOnly);
+  if (!pool.ok()) return pool.status();
+  // A file is written under a temporary name and renamed when complete, so
+  // a failed create never leaves a partial delta behind.
+  std::string partial = output + ".partial";
+  int fd = 1;
+  if (output != "-") {
+    fd = open(partial.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+      return blockstore::ErrnoError(errno, absl::StrCat("create ", partial));
+    }
+  }
+  bool done = false;
+  absl::Cleanup cleanup = [&] {
+    if (fd != 1) {
+      close(fd);
+      if (!done) unlink(partial.c_str());
+    }
+  };
+  FdSink sink(fd, output == "-" ? "standard output" : partial);
+  Progress progress("sending");
+  engine::SendOptions options;
+  options.zstd_level = level;
+  options.threads = threads;
+  options.progress = [&](uint64_t d, uint64_t t) { progress.Update(d, t); };
+  auto start = Clock::now();
+  absl::StatusOr<engine::SendStats> stats =
+      engine::SendDelta(**pool, volume, base, target, sink, options);
+  progress.Clear();
+  if (!stats.ok()) return stats.status();
+  if (fd != 1) {
+    if (fsync(fd) != 0) {
+      return blockstore::ErrnoError(errno, absl::StrCat("sync ", partial));
+    }
+    if (rename(partial.c_str(), output.c_str()) != 0) {
+      return blockstore::ErrnoError(errno, absl::StrCat("rename to ", output));
+    }
+  }
+  done = true;
+  std::fprintf(stderr,
+               "delta %s%s%s: %llu records, %llu chunks written, %llu cleared; "
+               "%s raw, %s stream; %.2f s\n",
+               base.empty() ? "" : (volume + "@" + base + "..").c_str(),
+               base.empty() ? "full " : "", ref.c_str(),
+               static_cast<unsigned long long>(stats->records),
+               static_cast<unsigned long long>(stats->chunks_written),
+               static_cast<unsigned long long>(stats->chunks_cleared),
+               FormatBytes(stats->record_bytes).c_str(),
+               FormatBytes(stats->stream_bytes).c_str(), Since(start));
+  return absl::OkStatus();
+}
+
+std::string TypeName(engine::RecordType t) {
+  switch (t) {
+    case engine::RecordType::kWrite:
+      return "WRITE";
+    case engine::RecordType::kZero:
+      return "ZERO";
+    case engine::RecordType::kUnmap:
+      return "UNMAP";
+    case engine::RecordType::kResize:
+      return "RESIZE";
+  }
+  return "?";
+}
+
+std::string Time(int64_t ns) {
+  return absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", absl::FromUnixNanos(ns),
+                          absl::UTCTimeZone());
+}
+
+json HeaderJson(const engine::DeltaHeader& h) {
+  json listed = json::array();
+  for (const auto& l : h.listed) {
+    listed.push_back({{"name", l.name},
+                      {"guid", blockstore::GuidToString(l.guid)},
+                      {"created", Time(l.create_time_ns)}});
+  }
+  return {{"version", engine::kDeltaVersion},
+          {"features", h.features},
+          {"chunk_size_bytes", h.chunk_size},
+          {"volume", h.volume_name},
+          {"volume_guid", blockstore::GuidToString(h.volume_guid)},
+          {"size_bytes", h.size_bytes},
+          {"full", h.full()},
+          {"base", h.base_name},
+          {"base_guid", h.full() ? "" : blockstore::GuidToString(h.base_guid)},
+          {"base_size_bytes", h.base_size_bytes},
+          {"base_created", h.full() ? "" : Time(h.base_create_time_ns)},
+          {"base_root_digest", h.full() ? "" : h.base_digest.ToHex()},
+          {"target", h.target_name},
+          {"target_guid", blockstore::GuidToString(h.target_guid)},
+          {"target_created", Time(h.target_create_time_ns)},
+          {"target_created_ns", h.target_create_time_ns},
+          {"target_root_digest", h.target_digest.ToHex()},
+          {"listed_snapshots", listed}};
+}
+
+// inspect and verify: read the whole stream through the checking reader.
+absl::Status Read(const std::string& file, bool inspect, bool as_json) {
+  absl::StatusOr<int> fd = OpenInput(file);
+  if (!fd.ok()) return fd.status();
+  absl::Cleanup close_fd = [&] {
+    if (*fd != 0) close(*fd);
+  };
+  FdSource in(*fd, file == "-" ? "standard input" : file);
+  uint64_t total = FileSize(*fd);
+  Progress progress("verifying");
+  absl::StatusOr<std::unique_ptr<engine::DeltaReader>> reader =
+      engine::DeltaReader::Open(in);
+  if (!reader.ok()) return reader.status();
+  const engine::DeltaHeader& h = (*reader)->header();
+  json records = json::array();
+  if (inspect && !as_json) {
+    std::printf(
+        "delta v%u %s of %s@%s (%s), %s in %s chunks\n", engine::kDeltaVersion,
+        h.full() ? "full" : "incremental", h.volume_name.c_str(),
+        h.target_name.c_str(), blockstore::GuidToString(h.target_guid).c_str(),
+        FormatBytes(h.size_bytes).c_str(), FormatBytes(h.chunk_size).c_str());
+    if (!h.full()) {
+      std::printf("base      %s@%s (%s), %s, digest %s\n",
+                  h.volume_name.c_str(), h.base_name.c_str(),
+                  blockstore::GuidToString(h.base_guid).c_str(),
+                  FormatBytes(h.base_size_bytes).c_str(),
+                  h.base_digest.ToHex().c_str());
+    }
+    std::printf("target    created %s, digest %s\n",
+                Time(h.target_create_time_ns).c_str(),
+                h.target_digest.ToHex().c_str());
+    for (const auto& l : h.listed) {
+      std::printf("listed    %s (%s) created %s\n", l.name.c_str(),
+                  blockstore::GuidToString(l.guid).c_str(),
+                  Time(l.create_time_ns).c_str());
+    }
+  }
+  while (true) {
+    absl::StatusOr<std::optional<engine::DeltaReader::Record>> r =
+        (*reader)->Next();
+    if (!r.ok()) return r.status();
+    if (!r->has_value()) break;
+    progress.Update(in.bytes(), total);
+    if (!inspect) continue;
+    const engine::RecordHeader& rh = (**r).header;
+    if (as_json) {
+      json rec = {{"segment", (**r).segment}, {"type", TypeName(rh.type)}};
+      if (rh.type == engine::RecordType::kResize) {
+        rec["size_bytes"] = rh.first_chunk;
+      } else {
+        rec["first_chunk"] = rh.first_chunk;
+        rec["chunks"] = rh.count_chunks;
+      }
+      records.push_back(rec);
+    } else if (rh.type == engine::RecordType::kResize) {
+      std::printf("segment %-6llu RESIZE  to %llu bytes\n",
+                  static_cast<unsigned long long>((**r).segment),
+                  static_cast<unsigned long long>(rh.first_chunk));
+    } else {
+      std::printf("segment %-6llu %-7s chunks %llu+%u\n",
+                  static_cast<unsigned long long>((**r).segment),
+                  TypeName(rh.type).c_str(),
+                  static_cast<unsigned long long>(rh.first_chunk),
+                  rh.count_chunks);
+    }
+  }
+  progress.Clear();
+  const engine::DeltaEnd& e = (*reader)->end();
+  json end = {{"segments", e.segment_count},
+              {"records", e.record_count},
+              {"chunks_written", e.chunks_written},
+              {"chunks_cleared", e.chunks_cleared},
+              {"record_bytes", e.record_bytes},
+              {"stored_bytes", e.stored_bytes},
+              {"stream_bytes", (*reader)->stream_offset()}};
+  if (inspect && as_json) {
+    std::cout << json{{"header", HeaderJson(h)},
+                      {"records", records},
+                      {"end", end}}
+                     .dump(2)
+              << "\n";
+  } else if (inspect) {
+    std::printf(
+        "end       %llu segments, %llu records, %llu chunks written, "
+        "%llu cleared, %s raw, %s stream\n",
+        static_cast<unsigned long long>(e.segment_count),
+        static_cast<unsigned long long>(e.record_count),
+        static_cast<unsigned long long>(e.chunks_written),
+        static_cast<unsigned long long>(e.chunks_cleared),
+        FormatBytes(e.record_bytes).c_str(),
+        FormatBytes((*reader)->stream_offset()).c_str());
+  } else {
+    std::printf("%s: intact (%s of %s@%s, %llu records, %s)\n", file.c_str(),
+                h.full() ? "full delta" : "incremental delta",
+                h.volume_name.c_str(), h.target_name.c_str(),
+                static_cast<unsigned long long>(e.record_count),
+                FormatBytes((*reader)->stream_offset()).c_str());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Apply(const std::string& file, const std::string& pool_path,
+                   const std::string& volume, const std::string& image_path,
+                   bool rollback, bool verify_base) {
+  if (image_path.empty() == volume.empty()) {
+    return absl::InvalidArgumentError(
+        "apply needs either --pool PATH VOLUME or --image PATH");
+  }
+  absl::StatusOr<int> fd = OpenInput(file);
+  if (!fd.ok()) return fd.status();
+  absl::Cleanup close_fd = [&] {
+    if (*fd != 0) close(*fd);
+  };
+  FdSource in(*fd, file == "-" ? "standard input" : file);
+  uint64_t total = FileSize(*fd);
+  Progress progress("applying");
+  auto start = Clock::now();
+  absl::StatusOr<engine::ApplyStats> stats;
+  std::string what;
+  if (!image_path.empty()) {
+    blockstore::FileIoOptions o;
+    absl::StatusOr<std::unique_ptr<blockstore::Io>> image =
+        blockstore::OpenFileIo(image_path, o);
+    if (!image.ok()) return image.status();
+    engine::ImageOptions options;
+    options.verify_base = verify_base;
+    options.progress = [&](uint64_t, uint64_t) {
+      progress.Update(in.bytes(), total);
+    };
+    stats = engine::ApplyDeltaToImage(**image, in, options);
+    what = image_path;
+  } else {
+    absl::StatusOr<std::unique_ptr<blockstore::Pool>> pool =
+        OpenPool(pool_path, OpenMode::kReadWrite);
+    if (!pool.ok()) return pool.status();
+    engine::ApplyOptions options;
+    options.rollback = rollback;
+    options.progress = [&](uint64_t, uint64_t) {
+      progress.Update(in.bytes(), total);
+    };
+    stats = engine::ApplyDelta(**pool, volume, in, options);
+    if (stats.ok()) what = absl::StrCat(volume, "@", stats->snapshot.name);
+  }
+  progress.Clear();
+  if (!stats.ok()) return stats.status();
+  std::fprintf(stderr,
+               "applied %s: %llu records, %llu chunks written, %llu cleared; "
+               "%s stream; %.2f s\n",
+               what.c_str(), static_cast<unsigned long long>(stats->records),
+               static_cast<unsigned long long>(stats->chunks_written),
+               static_cast<unsigned long long>(stats->chunks_cleared),
+               FormatBytes(stats->stream_bytes).c_str(), Since(start));
+  return absl::OkStatus();
+}
+
+int Run(int argc, char** argv) {
+  CLI::App app{"tandem-delta: create, inspect, verify and apply delta files"};
+  app.require_subcommand(1);
+  std::optional<std::string> failure;
+  auto act = [&](absl::Status s) {
+    if (!s.ok()) failure = std::string(s.message());
+  };
+  std::string pool_path, ref, base, output = "-", file, volume, image;
+  int level = 1, threads = 0;
+  bool as_json = false, rollback = false, no_verify_base = false;
+
+  CLI::App* create =
+      app.add_subcommand("create", "write the delta of a snapshot");
+  create->add_option("--pool", pool_path, "pool file or device")
+      ->envname("TANDEM_POOL");
+  create->add_option("VOLUME@TARGET", ref)->required();
+  create->add_option("--base", base, "base snapshot (default: a full delta)");
+  create->add_option("-o,--output", output,
+                     "delta file, or - for stdout (default)");
+  create->add_option("--level", level, "zstd level, 0 to store (default 1)");
+  create->add_option("--threads", threads,
+                     "compression threads (default: cores)");
+  create->callback(
+      [&] { act(Create(pool_path, ref, base, output, level, threads)); });
+
+  CLI::App* inspect =
+      app.add_subcommand("inspect", "print the header and every record");
+  inspect->add_option("FILE", file, "delta file, or - for stdin")->required();
+  inspect->add_flag("--json", as_json);
+  inspect->callback([&] { act(Read(file, true, as_json)); });
+
+  CLI::App* verify = app.add_subcommand(
+      "verify", "check a delta completely (exit 0 if intact)");
+  verify->add_option("FILE", file)->required();
+  verify->callback([&] { act(Read(file, false, false)); });
+
+  CLI::App* apply =
+      app.add_subcommand("apply", "apply to a pool volume or a raw image");
+  apply->add_option("FILE", file, "delta file, or - for stdin")->required();
+  apply->add_option("--pool", pool_path)->envname("TANDEM_POOL");
+  apply->add_option("VOLUME", volume, "destination volume in --pool");
+  apply->add_option("--image", image, "raw image file or block device instead");
+  apply->add_flag("--rollback", rollback,
+                  "roll the volume back to the delta's base first if needed");
+  apply->add_flag(
+      "--no-verify-base", no_verify_base,
+      "skip checking that the image holds the base (saves a full read)");
+  apply->callback([&] {
+    act(Apply(file, pool_path, volume, image, rollback, !no_verify_base));
+  });
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "tandem-delta: %s (see 'tandem-delta --help')\n",
+                 e.what());
+    return 2;
+  }
+  if (failure.has_value()) {
+    std::fprintf(stderr, "tandem-delta: %s\n", failure->c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace tools
+
+int main(int argc, char** argv) { return tools::Run(argc, argv); }
