@@ -615,24 +615,8 @@ absl::Status Pool::DecRefNode(uint64_t id, int level) {
 // ---------------------------------------------------------------------------
 // Tree access
 
-absl::StatusOr<Pool::Node*> Pool::Load(uint64_t id, int level) {
-  if (auto it = cache_.find(id); it != cache_.end()) {
-    if (it->second->level != level) {
-      return absl::DataLossError(absl::StrCat("metadata node ", id,
-                                              " is level ", it->second->level,
-                                              ", expected ", level));
-    }
-    return it->second.get();
-  }
-  if (id < sb_.meta_start || id >= sb_.meta_start + sb_.meta_count) {
-    return absl::DataLossError(
-        absl::StrCat("metadata node id ", id, " out of range"));
-  }
-  AlignedBuffer buf(kNodeSize);
-  if (absl::Status s = io_.ReadAt(id * kNodeSize, buf.span()); !s.ok()) {
-    return s;
-  }
-  std::span<const std::byte, kNodeSize> raw(buf.data(), kNodeSize);
+absl::StatusOr<std::unique_ptr<Pool::Node>> Pool::DecodeNode(
+    uint64_t id, int level, std::span<const std::byte, kNodeSize> raw) {
   absl::StatusOr<NodeHeader> h = OpenNode(raw, id);
   if (!h.ok()) return h.status();
   if (h->kind != NodeKind::kTree || h->level != level) {
@@ -657,9 +641,57 @@ absl::StatusOr<Pool::Node*> Pool::Load(uint64_t id, int level) {
     }
   }
   ++stats_.nodes_loaded;
-  Node* out = node.get();
-  cache_.emplace(id, std::move(node));
+  return node;
+}
+
+absl::StatusOr<Pool::Node*> Pool::Load(uint64_t id, int level) {
+  if (auto it = cache_.find(id); it != cache_.end()) {
+    if (it->second->level != level) {
+      return absl::DataLossError(absl::StrCat("metadata node ", id,
+                                              " is level ", it->second->level,
+                                              ", expected ", level));
+    }
+    return it->second.get();
+  }
+  if (id < sb_.meta_start || id >= sb_.meta_start + sb_.meta_count) {
+    return absl::DataLossError(
+        absl::StrCat("metadata node id ", id, " out of range"));
+  }
+  AlignedBuffer buf(kNodeSize);
+  if (absl::Status s = io_.ReadAt(id * kNodeSize, buf.span()); !s.ok()) {
+    return s;
+  }
+  absl::StatusOr<std::unique_ptr<Node>> node =
+      DecodeNode(id, level, std::span<const std::byte, kNodeSize>(buf.data(), kNodeSize));
+  if (!node.ok()) return node.status();
+  Node* out = node->get();
+  cache_.emplace(id, std::move(*node));
   return out;
+}
+
+absl::Status Pool::Prefetch(std::vector<uint64_t>& ids, int level) {
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  std::erase_if(ids, [&](uint64_t id) {
+    return id < sb_.meta_start || id >= sb_.meta_start + sb_.meta_count ||
+           cache_.contains(id);
+  });
+  if (ids.size() < 2) return absl::OkStatus();  // Load does one just as well
+  AlignedBuffer buf(ids.size() * kNodeSize);
+  std::vector<ReadOp> ops;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    ops.push_back({ids[i] * kNodeSize, {buf.data() + i * kNodeSize, kNodeSize}});
+  }
+  if (absl::Status s = io_.Read(ops); !s.ok()) return s;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    absl::StatusOr<std::unique_ptr<Node>> node = DecodeNode(
+        ids[i], level,
+        std::span<const std::byte, kNodeSize>(buf.data() + i * kNodeSize,
+                                              kNodeSize));
+    // A bad node is left for Load to report when (if) it is really needed.
+    if (node.ok()) cache_.emplace(ids[i], std::move(*node));
+  }
+  return absl::OkStatus();
 }
 
 void Pool::TrimCache() {
@@ -964,6 +996,113 @@ absl::Status Pool::Write(absl::string_view volume, uint64_t offset_bytes,
   return Fail(s);
 }
 
+// Points chunk `c` of `v` at the content `src` (one whole chunk): a zero
+// entry for zeros, else the chunk itself if this transaction wrote it and
+// nobody shares it, else a newly allocated one; appends the device write to
+// `ops`, merged with the previous one when adjacent on disk and in memory.
+absl::Status Pool::PlaceChunk(VolumeRec& v, uint64_t c,
+                              std::span<const std::byte> src,
+                              std::vector<WriteOp>& ops) {
+  const uint64_t c_size = sb_.chunk_size;
+  bool zero = IsAllZero(src);
+  Digest digest = zero ? NullEntryDigest(0) : Hash128(src);
+  absl::StatusOr<Entry*> e = LeafEntryForWrite(v, c);
+  if (!e.ok()) return e.status();
+  Entry& entry = **e;
+  if (zero) {
+    if (absl::Status s = DecRef(entry.ptr, 0); !s.ok()) return s;
+    entry.ptr = kPhysZero;
+  } else {
+    bool in_place = IsDataPtr(entry.ptr) && entry.birth == gen_ &&
+                    counts_[ChunkIndex(entry.ptr)] == 1;
+    if (!in_place) {
+      absl::StatusOr<uint64_t> phys = AllocChunk();
+      if (!phys.ok()) return phys.status();
+      if (absl::Status s = DecRef(entry.ptr, 0); !s.ok()) return s;
+      entry.ptr = *phys;
+    }
+    if (!ops.empty() &&
+        ops.back().offset_bytes + ops.back().data.size() == entry.ptr * c_size &&
+        ops.back().data.data() + ops.back().data.size() == src.data()) {
+      ops.back().data = {ops.back().data.data(), ops.back().data.size() + c_size};
+    } else {
+      ops.push_back({entry.ptr * c_size, src});
+    }
+    stats_.data_bytes_written += c_size;
+  }
+  entry.birth = gen_;
+  entry.digest = digest;
+  changed_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status Pool::WriteChunks(absl::string_view volume,
+                               std::span<const ChunkWrite> writes) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = CheckWritable(); !s.ok()) return s;
+  absl::StatusOr<VolumeRec*> found = FindVolume(volume);
+  if (!found.ok()) return found.status();
+  VolumeRec& v = **found;
+  const uint64_t c_size = sb_.chunk_size;
+  const uint64_t chunks = ChunkCount(v.size_bytes);
+  for (const ChunkWrite& w : writes) {
+    if (w.chunk >= chunks) {
+      return absl::OutOfRangeError(absl::StrCat(
+          "chunk ", w.chunk, " is past the end of volume '", volume, "' (",
+          chunks, " chunks)"));
+    }
+    if (w.data.size() != c_size ||
+        reinterpret_cast<uintptr_t>(w.data.data()) % kIoAlign != 0) {
+      return absl::InvalidArgumentError(
+          "WriteChunks takes whole, aligned chunks");
+    }
+    // The volume's bytes past its end must stay zero.
+    uint64_t tail = (w.chunk + 1) * c_size;
+    if (tail > v.size_bytes &&
+        !IsAllZero(w.data.subspan(c_size - (tail - v.size_bytes)))) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "chunk ", w.chunk, " has data past the end of volume '", volume, "'"));
+    }
+  }
+  const int depth = Depth(chunks);
+  if (absl::Status s = EnsureSpace(writes.size(),
+                                   depth * (writes.size() / kFanout + 2));
+      !s.ok()) {
+    return s;
+  }
+  // Read every node on the way to these chunks, one batch per level.
+  std::vector<uint64_t> level_ids;
+  if (v.root.ptr != 0) level_ids.push_back(v.root.ptr);
+  for (int level = depth - 1; level > 0 && !level_ids.empty(); --level) {
+    if (absl::Status s = Prefetch(level_ids, level); !s.ok()) return Fail(s);
+    std::vector<uint64_t> next;
+    for (const ChunkWrite& w : writes) {
+      // Walk down to `level` through cached nodes only.
+      Entry e = v.root;
+      for (int l = depth - 1; l >= level && e.ptr != 0; --l) {
+        auto it = cache_.find(e.ptr);
+        if (it == cache_.end()) {
+          e.ptr = 0;
+          break;
+        }
+        e = it->second->e[(w.chunk / Span(l)) % kFanout];
+      }
+      if (e.ptr != 0) next.push_back(e.ptr);
+    }
+    level_ids = std::move(next);
+  }
+  std::vector<WriteOp> ops;
+  for (const ChunkWrite& w : writes) {
+    if (absl::Status s = PlaceChunk(v, w.chunk, w.data, ops); !s.ok()) {
+      return Fail(s);
+    }
+  }
+  absl::Status s = io_.Write(ops);
+  if (s.ok()) s = MaybeCommit();
+  TrimCache();
+  return Fail(s);
+}
+
 absl::Status Pool::WriteLocked(VolumeRec& v, uint64_t offset_bytes,
                                std::span<const std::byte> data) {
   const uint64_t c_size = sb_.chunk_size;
@@ -982,7 +1121,6 @@ absl::Status Pool::WriteLocked(VolumeRec& v, uint64_t offset_bytes,
     }
     if (buf.size() < n * c_size) buf = AlignedBuffer(n * c_size);
     ops.clear();
-    uint64_t prev_phys = 0;
     for (uint64_t c = first; c <= last; ++c) {
       const uint64_t cb = c * c_size;
       const uint64_t ce = std::min(cb + c_size, size_bytes);  // volume end
@@ -1012,37 +1150,7 @@ absl::Status Pool::WriteLocked(VolumeRec& v, uint64_t offset_bytes,
         std::memcpy(slot.data() + (from - cb), user, to - from);
         src = slot;
       }
-      bool zero = IsAllZero(src);
-      Digest digest = zero ? NullEntryDigest(0) : Hash128(src);
-      absl::StatusOr<Entry*> e = LeafEntryForWrite(v, c);
-      if (!e.ok()) return e.status();
-      Entry& entry = **e;
-      if (zero) {
-        if (absl::Status s = DecRef(entry.ptr, 0); !s.ok()) return s;
-        entry.ptr = kPhysZero;
-      } else {
-        // A chunk born in this transaction and not shared is invisible to
-        // every commit: overwrite it in place. Otherwise redirect.
-        bool in_place = IsDataPtr(entry.ptr) && entry.birth == gen_ &&
-                        counts_[ChunkIndex(entry.ptr)] == 1;
-        if (!in_place) {
-          absl::StatusOr<uint64_t> phys = AllocChunk();
-          if (!phys.ok()) return phys.status();
-          if (absl::Status s = DecRef(entry.ptr, 0); !s.ok()) return s;
-          entry.ptr = *phys;
-        }
-        if (!ops.empty() && entry.ptr == prev_phys + 1 &&
-            ops.back().data.data() + ops.back().data.size() == src.data()) {
-          ops.back().data = {ops.back().data.data(),
-                             ops.back().data.size() + c_size};
-        } else {
-          ops.push_back({entry.ptr * c_size, src});
-        }
-        prev_phys = entry.ptr;
-        stats_.data_bytes_written += c_size;
-      }
-      entry.birth = gen_;
-      entry.digest = digest;
+      if (absl::Status s = PlaceChunk(v, c, src, ops); !s.ok()) return s;
     }
     changed_ = true;
     if (absl::Status s = io_.Write(ops); !s.ok()) return s;

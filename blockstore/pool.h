@@ -149,6 +149,17 @@ class Pool {
   // read-modify-written. Durable after the next commit.
   absl::Status Write(absl::string_view volume, uint64_t offset_bytes,
                      std::span<const std::byte> data);
+  // Writes whole chunks at scattered positions in one device batch (reading
+  // the tree nodes on their way one batch per level first): what a receiver
+  // does with a delta's records. Each `data` is chunk_size() bytes, 4 KiB
+  // aligned, zero past the volume end.
+  struct ChunkWrite {
+    uint64_t chunk;
+    std::span<const std::byte> data;
+  };
+  absl::Status WriteChunks(absl::string_view volume,
+                           std::span<const ChunkWrite> writes);
+
   // Reads the live volume, or `snapshot` of it when non-empty. Every data
   // chunk is checked against its digest (DataLoss on mismatch).
   absl::Status Read(absl::string_view volume, absl::string_view snapshot,
@@ -314,6 +325,13 @@ class Pool {
   // Nodes.
   absl::StatusOr<Node*> Load(uint64_t id, int level)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<std::unique_ptr<Node>> DecodeNode(
+      uint64_t id, int level, std::span<const std::byte, kNodeSize> raw)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Reads the nodes `ids` (all at `level`) that are not cached in one batch,
+  // so a walk pays one round trip per tree level rather than per node.
+  absl::Status Prefetch(std::vector<uint64_t>& ids, int level)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Makes the node `ref` points at (at `level`) writable, copying it if it
   // is shared or already on disk, materializing it if empty; updates `ref`.
   absl::StatusOr<Node*> Cow(Entry& ref, int level)
@@ -328,6 +346,10 @@ class Pool {
   absl::Status ReadLocked(const Entry& root, uint64_t size_bytes,
                           absl::string_view what, uint64_t offset_bytes,
                           std::span<std::byte> out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status PlaceChunk(VolumeRec& v, uint64_t chunk,
+                          std::span<const std::byte> src,
+                          std::vector<WriteOp>& ops)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status WriteLocked(VolumeRec& v, uint64_t offset_bytes,
                            std::span<const std::byte> data)

@@ -104,6 +104,23 @@ absl::Status Pool::DiffWalk(DiffState& st, const WalkRef& b, const WalkRef& t,
   absl::StatusOr<std::array<WalkRef, kFanout>> tc = Children(t, level, st);
   if (!tc.ok()) return tc.status();
   const uint64_t child_span = level == 0 ? 1 : Span(level);
+  if (level > 0) {
+    // Every child subtree that differs will be read: read them together.
+    std::vector<uint64_t> ids;
+    for (int i = 0; i < kFanout; ++i) {
+      const WalkRef& bi = (*bc)[i];
+      const WalkRef& ti = (*tc)[i];
+      uint64_t cb = base + i * child_span;
+      if (cb + child_span <= st.from || cb >= st.end) continue;
+      if (!bi.above_root && !ti.above_root && bi.e.ptr == ti.e.ptr &&
+          bi.e.birth == ti.e.birth) {
+        continue;
+      }
+      if (!bi.above_root && bi.e.ptr != 0) ids.push_back(bi.e.ptr);
+      if (!ti.above_root && ti.e.ptr != 0) ids.push_back(ti.e.ptr);
+    }
+    if (absl::Status s = Prefetch(ids, level - 1); !s.ok()) return s;
+  }
   for (int i = 0; i < kFanout && !st.stop; ++i) {
     if (absl::Status s =
             DiffWalk(st, (*bc)[i], (*tc)[i], level - 1, base + i * child_span);

@@ -129,6 +129,16 @@ AlignedBuffer::AlignedBuffer(size_t size_bytes) : size_(size_bytes) {
   data_.reset(static_cast<std::byte*>(p));
 }
 
+AlignedBuffer AlignedBuffer::Uninitialized(size_t size_bytes) {
+  AlignedBuffer b;
+  size_t alloc = RoundUp(size_bytes == 0 ? 1 : size_bytes, kIoAlign);
+  void* p = std::aligned_alloc(kIoAlign, alloc);
+  if (p == nullptr) std::abort();
+  b.data_.reset(static_cast<std::byte*>(p));
+  b.size_ = size_bytes;
+  return b;
+}
+
 void AlignedBuffer::Free::operator()(std::byte* p) const { std::free(p); }
 
 bool IsAllZero(std::span<const std::byte> data) {

@@ -49,6 +49,8 @@ class AlignedBuffer {
  public:
   AlignedBuffer() = default;
   explicit AlignedBuffer(size_t size_bytes);
+  // Without zeroing: untouched pages cost nothing until written.
+  static AlignedBuffer Uninitialized(size_t size_bytes);
   AlignedBuffer(AlignedBuffer&&) = default;
   AlignedBuffer& operator=(AlignedBuffer&&) = default;
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <deque>
+#include <future>
 #include <map>
 #include <memory>
 #include <thread>
@@ -342,8 +343,17 @@ absl::StatusOr<SendStats> SendDelta(blockstore::Pool& pool,
     }
   }
 
+  // The header goes out first, so the receiver prepares while the metadata
+  // is walked.
+  uint64_t chain = 0;
+  std::string header = EncodeHeader(h, &chain);
+  if (absl::Status s = out.Write(
+          {reinterpret_cast<const std::byte*>(header.data()), header.size()});
+      !s.ok()) {
+    return s;
+  }
   const uint32_t c_size = pool.chunk_size();
-  const size_t batch = std::max<size_t>(1, (16u << 20) / c_size);
+  const size_t batch = std::max<size_t>(1, (4u << 20) / c_size);
   // First pass over the metadata alone: the total, for progress.
   SendStats stats;
   uint64_t total = 0;
@@ -359,13 +369,6 @@ absl::StatusOr<SendStats> SendDelta(blockstore::Pool& pool,
     from = d->next_chunk;
   }
 
-  uint64_t chain = 0;
-  std::string header = EncodeHeader(h, &chain);
-  if (absl::Status s = out.Write(
-          {reinterpret_cast<const std::byte*>(header.data()), header.size()});
-      !s.ok()) {
-    return s;
-  }
   int workers = options.threads > 0
                     ? options.threads
                     : std::max(1u, std::thread::hardware_concurrency());
@@ -375,33 +378,55 @@ absl::StatusOr<SendStats> SendDelta(blockstore::Pool& pool,
   if (!base.empty() && h.base_size_bytes != h.size_bytes) {
     status = builder.Resize(h.size_bytes);
   }
-  blockstore::AlignedBuffer data(batch * c_size);
-  std::vector<ChangedRun> reads;
-  for (uint64_t from = 0; status.ok();) {
+  // Read-ahead: while the chunks of one diff batch are packed into segments
+  // (and compressed by the pipeline), the next batch is read from disk on
+  // another thread into the other buffer.
+  struct Batch {
+    blockstore::DiffBatch diff;
+    std::vector<ChangedRun> reads;
+    blockstore::AlignedBuffer data;
+    std::future<absl::Status> read;
+  };
+  auto start_batch = [&](Batch& b, uint64_t from) -> absl::Status {
     absl::StatusOr<blockstore::DiffBatch> d =
         pool.Diff(volume, base, target, from, batch);
-    if (!d.ok()) {
-      status = d.status();
-      break;
+    if (!d.ok()) return d.status();
+    b.diff = std::move(*d);
+    stats.nodes_visited += b.diff.nodes_visited;
+    b.reads.clear();
+    for (const ChangedRun& r : b.diff.runs) {
+      if (r.kind == ChangedRun::Kind::kData) b.reads.push_back(r);
     }
-    stats.nodes_visited += d->nodes_visited;
-    reads.clear();
-    for (const ChangedRun& r : d->runs) {
-      if (r.kind == ChangedRun::Kind::kData) reads.push_back(r);
-    }
-    status = pool.ReadChunks(reads, data.span());
+    if (b.data.size() == 0) b.data = blockstore::AlignedBuffer(batch * c_size);
+    b.read = std::async(std::launch::async, [&pool, &b] {
+      return pool.ReadChunks(b.reads, b.data.span());
+    });
+    return absl::OkStatus();
+  };
+  Batch batches[2];
+  int cur = 0;
+  if (status.ok()) status = start_batch(batches[cur], 0);
+  while (status.ok()) {
+    Batch& b = batches[cur];
+    status = b.read.get();
+    if (!status.ok()) break;
+    if (!b.diff.done) status = start_batch(batches[1 - cur], b.diff.next_chunk);
     size_t next_read = 0;
-    for (const ChangedRun& r : d->runs) {
+    for (const ChangedRun& r : b.diff.runs) {
       if (!status.ok()) break;
       if (r.kind == ChangedRun::Kind::kData) {
         status = builder.Write(r.first_chunk, r.digest,
-                               {data.data() + next_read++ * c_size, c_size});
+                               {b.data.data() + next_read++ * c_size, c_size});
       } else {
         status = builder.Clear(r.kind, r.first_chunk, r.count_chunks);
       }
     }
-    if (d->done) break;
-    from = d->next_chunk;
+    if (b.diff.done) break;
+    cur = 1 - cur;
+  }
+  // Never leave a read running into a buffer about to be freed.
+  for (Batch& b : batches) {
+    if (b.read.valid()) b.read.wait();
   }
   if (status.ok()) status = builder.Flush();
   uint64_t end_chain = 0, stored = 0;
