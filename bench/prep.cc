@@ -50,7 +50,8 @@ void FillChunk(std::byte* p, uint64_t chunk, uint64_t seed) {
       p[i] = static_cast<std::byte>(kText[(start + i) % (sizeof(kText) - 1)]);
     }
     // A little noise so it is not trivially compressible.
-    for (int k = 0; k < 64; ++k) p[rng() % kChunk] = static_cast<std::byte>(rng());
+    for (int k = 0; k < 64; ++k)
+      p[rng() % kChunk] = static_cast<std::byte>(rng());
   }
 }
 
@@ -68,7 +69,8 @@ std::unique_ptr<blockstore::Pool> OpenPool(const char* path) {
   blockstore::FileIoOptions o;
   auto io = blockstore::OpenFileIo(path, o);
   if (!io.ok()) Die(std::string(io.status().message()));
-  auto pool = blockstore::Pool::Open(std::move(*io), blockstore::OpenMode::kReadWrite);
+  auto pool =
+      blockstore::Pool::Open(std::move(*io), blockstore::OpenMode::kReadWrite);
   if (!pool.ok()) Die(std::string(pool.status().message()));
   return std::move(*pool);
 }

@@ -9,9 +9,10 @@
 
 #include <cerrno>
 #include <deque>
+#include <mutex>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "blockstore/io.h"
 #include "blockstore/util.h"
 
@@ -165,7 +166,7 @@ class UringIo final : public FileIo {
   }
 
   absl::Status Flush() override {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     if (!broken_.ok()) return broken_;
     io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
     io_uring_prep_fsync(sqe, fd_, IORING_FSYNC_DATASYNC);
@@ -194,7 +195,7 @@ class UringIo final : public FileIo {
   };
 
   absl::Status Run(std::vector<Piece>& pieces) {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     if (!broken_.ok()) return broken_;
     std::deque<Piece*> todo;
     for (Piece& p : pieces) {
@@ -267,7 +268,7 @@ class UringIo final : public FileIo {
     return first_error;
   }
 
-  absl::Mutex mu_;
+  std::mutex mu_;
   io_uring ring_;
   absl::Status broken_;
 };

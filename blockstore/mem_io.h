@@ -9,9 +9,10 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <vector>
 
-#include "absl/synchronization/mutex.h"
+#include "absl/base/thread_annotations.h"
 #include "blockstore/io.h"
 
 namespace blockstore {
@@ -60,7 +61,7 @@ class MemIo final : public Io {
                       std::span<std::byte> out);
 
   const uint64_t size_;
-  mutable absl::Mutex mu_;
+  mutable std::mutex mu_;
   std::map<uint64_t, Page> current_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, Page> durable_ ABSL_GUARDED_BY(mu_);
   std::vector<Pending> pending_ ABSL_GUARDED_BY(mu_);

@@ -204,7 +204,7 @@ Pool::~Pool() = default;
 absl::StatusOr<std::unique_ptr<Pool>> Pool::Create(
     Io& io, const CreatePoolOptions& options) {
   std::unique_ptr<Pool> pool(new Pool(io, nullptr, OpenMode::kReadWrite));
-  absl::MutexLock lock(&pool->mu_);
+  std::lock_guard<std::mutex> lock(pool->mu_);
   if (absl::Status s = pool->FormatLocked(options); !s.ok()) return s;
   return pool;
 }
@@ -214,14 +214,14 @@ absl::StatusOr<std::unique_ptr<Pool>> Pool::Create(
   Io& ref = *io;
   std::unique_ptr<Pool> pool(
       new Pool(ref, std::move(io), OpenMode::kReadWrite));
-  absl::MutexLock lock(&pool->mu_);
+  std::lock_guard<std::mutex> lock(pool->mu_);
   if (absl::Status s = pool->FormatLocked(options); !s.ok()) return s;
   return pool;
 }
 
 absl::StatusOr<std::unique_ptr<Pool>> Pool::Open(Io& io, OpenMode mode) {
   std::unique_ptr<Pool> pool(new Pool(io, nullptr, mode));
-  absl::MutexLock lock(&pool->mu_);
+  std::lock_guard<std::mutex> lock(pool->mu_);
   if (absl::Status s = pool->LoadLocked(); !s.ok()) return s;
   return pool;
 }
@@ -230,7 +230,7 @@ absl::StatusOr<std::unique_ptr<Pool>> Pool::Open(std::unique_ptr<Io> io,
                                                  OpenMode mode) {
   Io& ref = *io;
   std::unique_ptr<Pool> pool(new Pool(ref, std::move(io), mode));
-  absl::MutexLock lock(&pool->mu_);
+  std::lock_guard<std::mutex> lock(pool->mu_);
   if (absl::Status s = pool->LoadLocked(); !s.ok()) return s;
   return pool;
 }
@@ -661,8 +661,8 @@ absl::StatusOr<Pool::Node*> Pool::Load(uint64_t id, int level) {
   if (absl::Status s = io_.ReadAt(id * kNodeSize, buf.span()); !s.ok()) {
     return s;
   }
-  absl::StatusOr<std::unique_ptr<Node>> node =
-      DecodeNode(id, level, std::span<const std::byte, kNodeSize>(buf.data(), kNodeSize));
+  absl::StatusOr<std::unique_ptr<Node>> node = DecodeNode(
+      id, level, std::span<const std::byte, kNodeSize>(buf.data(), kNodeSize));
   if (!node.ok()) return node.status();
   Node* out = node->get();
   cache_.emplace(id, std::move(*node));
@@ -680,14 +680,15 @@ absl::Status Pool::Prefetch(std::vector<uint64_t>& ids, int level) {
   AlignedBuffer buf(ids.size() * kNodeSize);
   std::vector<ReadOp> ops;
   for (size_t i = 0; i < ids.size(); ++i) {
-    ops.push_back({ids[i] * kNodeSize, {buf.data() + i * kNodeSize, kNodeSize}});
+    ops.push_back(
+        {ids[i] * kNodeSize, {buf.data() + i * kNodeSize, kNodeSize}});
   }
   if (absl::Status s = io_.Read(ops); !s.ok()) return s;
   for (size_t i = 0; i < ids.size(); ++i) {
-    absl::StatusOr<std::unique_ptr<Node>> node = DecodeNode(
-        ids[i], level,
-        std::span<const std::byte, kNodeSize>(buf.data() + i * kNodeSize,
-                                              kNodeSize));
+    absl::StatusOr<std::unique_ptr<Node>> node =
+        DecodeNode(ids[i], level,
+                   std::span<const std::byte, kNodeSize>(
+                       buf.data() + i * kNodeSize, kNodeSize));
     // A bad node is left for Load to report when (if) it is really needed.
     if (node.ok()) cache_.emplace(ids[i], std::move(*node));
   }
@@ -813,7 +814,7 @@ absl::StatusOr<const Pool::SnapshotRec*> Pool::FindSnapshot(
 }
 
 PoolInfo Pool::Info() {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   PoolInfo info;
   info.device = io_.name();
   info.io = DescribeFileIo(device_);
@@ -833,19 +834,19 @@ PoolInfo Pool::Info() {
 }
 
 void Pool::SetTuning(const PoolTuning& tuning) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   tuning_ = tuning;
 }
 
 Pool::Stats Pool::stats() {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   Stats s = stats_;
   s.cached_nodes = cache_.size();
   return s;
 }
 
 absl::Status Pool::CreateVolume(absl::string_view name, uint64_t size_bytes) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   if (absl::Status s = ValidName(name, "volume"); !s.ok()) return s;
   if (volumes_.contains(name)) {
@@ -870,7 +871,7 @@ absl::Status Pool::CreateVolume(absl::string_view name, uint64_t size_bytes) {
 }
 
 absl::StatusOr<std::vector<VolumeInfo>> Pool::ListVolumes() {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   std::vector<VolumeInfo> out;
   for (const auto& [name, v] : volumes_) {
     if (name[0] == '.') continue;  // staging volumes of a receive
@@ -881,7 +882,7 @@ absl::StatusOr<std::vector<VolumeInfo>> Pool::ListVolumes() {
 }
 
 absl::StatusOr<VolumeInfo> Pool::GetVolume(absl::string_view name) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   absl::StatusOr<VolumeRec*> v = FindVolume(name);
   if (!v.ok()) return v.status();
   return VolumeInfo{(*v)->name, (*v)->guid, (*v)->create_time_ns,
@@ -889,7 +890,7 @@ absl::StatusOr<VolumeInfo> Pool::GetVolume(absl::string_view name) {
 }
 
 absl::Status Pool::ResizeVolume(absl::string_view name, uint64_t size_bytes) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> v = FindVolume(name);
   if (!v.ok()) return v.status();
@@ -949,7 +950,7 @@ absl::Status Pool::ResizeLocked(VolumeRec& v, uint64_t size_bytes) {
 }
 
 absl::Status Pool::DeleteVolume(absl::string_view name, bool with_snapshots) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> v = FindVolume(name);
   if (!v.ok()) return v.status();
@@ -979,7 +980,7 @@ absl::Status Pool::DeleteVolume(absl::string_view name, bool with_snapshots) {
 
 absl::Status Pool::Write(absl::string_view volume, uint64_t offset_bytes,
                          std::span<const std::byte> data) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
@@ -1022,9 +1023,11 @@ absl::Status Pool::PlaceChunk(VolumeRec& v, uint64_t c,
       entry.ptr = *phys;
     }
     if (!ops.empty() &&
-        ops.back().offset_bytes + ops.back().data.size() == entry.ptr * c_size &&
+        ops.back().offset_bytes + ops.back().data.size() ==
+            entry.ptr * c_size &&
         ops.back().data.data() + ops.back().data.size() == src.data()) {
-      ops.back().data = {ops.back().data.data(), ops.back().data.size() + c_size};
+      ops.back().data = {ops.back().data.data(),
+                         ops.back().data.size() + c_size};
     } else {
       ops.push_back({entry.ptr * c_size, src});
     }
@@ -1038,7 +1041,7 @@ absl::Status Pool::PlaceChunk(VolumeRec& v, uint64_t c,
 
 absl::Status Pool::WriteChunks(absl::string_view volume,
                                std::span<const ChunkWrite> writes) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> found = FindVolume(volume);
   if (!found.ok()) return found.status();
@@ -1047,9 +1050,9 @@ absl::Status Pool::WriteChunks(absl::string_view volume,
   const uint64_t chunks = ChunkCount(v.size_bytes);
   for (const ChunkWrite& w : writes) {
     if (w.chunk >= chunks) {
-      return absl::OutOfRangeError(absl::StrCat(
-          "chunk ", w.chunk, " is past the end of volume '", volume, "' (",
-          chunks, " chunks)"));
+      return absl::OutOfRangeError(
+          absl::StrCat("chunk ", w.chunk, " is past the end of volume '",
+                       volume, "' (", chunks, " chunks)"));
     }
     if (w.data.size() != c_size ||
         reinterpret_cast<uintptr_t>(w.data.data()) % kIoAlign != 0) {
@@ -1060,13 +1063,14 @@ absl::Status Pool::WriteChunks(absl::string_view volume,
     uint64_t tail = (w.chunk + 1) * c_size;
     if (tail > v.size_bytes &&
         !IsAllZero(w.data.subspan(c_size - (tail - v.size_bytes)))) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "chunk ", w.chunk, " has data past the end of volume '", volume, "'"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("chunk ", w.chunk, " has data past the end of volume '",
+                       volume, "'"));
     }
   }
   const int depth = Depth(chunks);
-  if (absl::Status s = EnsureSpace(writes.size(),
-                                   depth * (writes.size() / kFanout + 2));
+  if (absl::Status s =
+          EnsureSpace(writes.size(), depth * (writes.size() / kFanout + 2));
       !s.ok()) {
     return s;
   }
@@ -1161,7 +1165,7 @@ absl::Status Pool::WriteLocked(VolumeRec& v, uint64_t offset_bytes,
 
 absl::Status Pool::Read(absl::string_view volume, absl::string_view snapshot,
                         uint64_t offset_bytes, std::span<std::byte> out) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (!failed_.ok()) return failed_;
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
@@ -1257,7 +1261,7 @@ absl::Status Pool::ReadLocked(const Entry& root, uint64_t size_bytes,
 
 absl::Status Pool::Trim(absl::string_view volume, uint64_t offset_bytes,
                         uint64_t length_bytes) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
@@ -1330,14 +1334,14 @@ absl::Status Pool::TrimChunks(Entry& ref, int level, uint64_t base,
 }
 
 absl::Status Pool::Flush() {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   return Fail(CommitLocked());
 }
 
 absl::StatusOr<SnapshotInfo> Pool::CreateSnapshot(absl::string_view volume,
                                                   absl::string_view name) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   if (absl::Status s = ValidName(name, "snapshot"); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
@@ -1373,7 +1377,7 @@ absl::StatusOr<SnapshotInfo> Pool::CreateSnapshot(absl::string_view volume,
 
 absl::StatusOr<std::vector<SnapshotInfo>> Pool::ListSnapshots(
     absl::string_view volume) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
   std::vector<SnapshotInfo> out;
@@ -1386,7 +1390,7 @@ absl::StatusOr<std::vector<SnapshotInfo>> Pool::ListSnapshots(
 
 absl::StatusOr<SnapshotInfo> Pool::GetSnapshot(absl::string_view volume,
                                                absl::string_view name) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
   absl::StatusOr<const SnapshotRec*> s = FindSnapshot(**v, name);
@@ -1402,7 +1406,7 @@ absl::StatusOr<SnapshotInfo> Pool::GetSnapshot(absl::string_view volume,
 
 absl::Status Pool::DeleteSnapshot(absl::string_view volume,
                                   absl::string_view name) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
@@ -1424,7 +1428,7 @@ absl::Status Pool::DeleteSnapshot(absl::string_view volume,
 
 absl::Status Pool::Rollback(absl::string_view volume,
                             absl::string_view snapshot) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
@@ -1447,7 +1451,7 @@ absl::Status Pool::Rollback(absl::string_view volume,
 
 absl::StatusOr<Digest> Pool::RootDigest(absl::string_view volume,
                                         absl::string_view snapshot) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (!failed_.ok()) return failed_;
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();

@@ -20,16 +20,17 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "absl/synchronization/mutex.h"
 #include "blockstore/format.h"
 #include "blockstore/hash.h"
 #include "blockstore/io.h"
@@ -397,7 +398,9 @@ class Pool {
   Io& io_;                      // *tagged_: all pool I/O goes through it
   const OpenMode mode_;
 
-  absl::Mutex mu_;
+  // std::mutex rather than absl::Mutex: Debian's Abseil is not built for
+  // ThreadSanitizer, which then cannot see absl::Mutex's ordering.
+  std::mutex mu_;
   absl::Status failed_ ABSL_GUARDED_BY(mu_);
   Superblock sb_ ABSL_GUARDED_BY(mu_);
   uint64_t gen_ ABSL_GUARDED_BY(mu_) = 0;  // open transaction

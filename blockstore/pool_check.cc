@@ -111,7 +111,7 @@ std::optional<Digest> Pool::CheckTree(CheckState& st, uint64_t id, int level,
 }
 
 absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (!failed_.ok()) return failed_;
   if (changed_ || dirty_nodes_ != 0 || !held_list_.empty()) {
     // The check reads what is on disk: commit first.

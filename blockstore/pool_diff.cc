@@ -136,7 +136,7 @@ absl::StatusOr<DiffBatch> Pool::Diff(absl::string_view volume,
                                      absl::string_view target,
                                      uint64_t from_chunk,
                                      size_t max_data_chunks) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (!failed_.ok()) return failed_;
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
@@ -176,7 +176,7 @@ absl::StatusOr<DiffBatch> Pool::Diff(absl::string_view volume,
 
 absl::Status Pool::ReadChunks(std::span<const ChangedRun> runs,
                               std::span<std::byte> out) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (!failed_.ok()) return failed_;
   const uint64_t c_size = sb_.chunk_size;
   if (out.size() < runs.size() * c_size ||
@@ -212,7 +212,7 @@ absl::Status Pool::ReadChunks(std::span<const ChangedRun> runs,
 
 absl::StatusOr<bool> Pool::ChangedSince(absl::string_view volume,
                                         absl::string_view snapshot) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
   absl::StatusOr<const SnapshotRec*> s = FindSnapshot(**v, snapshot);
@@ -226,7 +226,7 @@ absl::Status Pool::BeginReceive(absl::string_view staging,
                                 absl::string_view volume,
                                 absl::string_view base_snapshot,
                                 uint64_t size_bytes) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   if (staging.empty() || staging[0] != '.') {
     return absl::InvalidArgumentError("staging volume names start with '.'");
@@ -271,7 +271,7 @@ absl::StatusOr<SnapshotInfo> Pool::FinishReceive(
     absl::string_view staging, absl::string_view volume,
     const Guid& volume_guid, const SnapshotIdentity& identity,
     const Digest& expected) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   if (absl::Status s = ValidName(identity.name, "snapshot"); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> st = FindVolume(staging);

@@ -381,8 +381,9 @@ absl::StatusOr<ApplyStats> ApplyRecords(blockstore::Pool& pool,
       if (s.ok() && rh.type == RecordType::kResize) {
         s = pool.ResizeVolume(staging, rh.first_chunk);
       } else if (s.ok()) {
-        s = pool.Trim(staging, off,
-                      std::min(uint64_t{rh.count_chunks} * c, h.size_bytes - off));
+        s = pool.Trim(
+            staging, off,
+            std::min(uint64_t{rh.count_chunks} * c, h.size_bytes - off));
         stats.chunks_cleared += rh.count_chunks;
       }
     }

@@ -3,16 +3,17 @@
 #include <zstd.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <future>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "blockstore/util.h"
 #include "engine/delta_format.h"
 
@@ -57,26 +58,21 @@ class Pipeline {
   ~Pipeline() { Stop(); }
 
   absl::Status Push(std::unique_ptr<Segment> seg) {
-    absl::MutexLock lock(&mu_);
-    auto room = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      return in_flight_ < max_in_flight_ || !error_.ok();
-    };
-    mu_.Await(absl::Condition(&room));
+    std::unique_lock<std::mutex> lock(mu_);
+    room_.wait(lock,
+               [this] { return in_flight_ < max_in_flight_ || !error_.ok(); });
     if (!error_.ok()) return error_;
     ++in_flight_;
     todo_.push_back(std::move(seg));
+    work_.notify_one();
     return absl::OkStatus();
   }
 
   // Waits for everything pushed; returns the first error and the final
   // chain checksum.
   absl::Status Finish(uint64_t* chain, uint64_t* stored_bytes) {
-    {
-      absl::MutexLock lock(&mu_);
-      closed_ = true;
-    }
     Stop();
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     *chain = chain_;
     *stored_bytes = stored_bytes_;
     return error_;
@@ -85,21 +81,27 @@ class Pipeline {
  private:
   void Stop() {
     {
-      absl::MutexLock lock(&mu_);
+      std::lock_guard<std::mutex> lock(mu_);
       closed_ = true;
     }
+    work_.notify_all();
     for (std::thread& t : workers_) {
       if (t.joinable()) t.join();
     }
     {
-      absl::MutexLock lock(&mu_);
+      std::lock_guard<std::mutex> lock(mu_);
       workers_done_ = true;
     }
+    done_cv_.notify_all();
     if (writer_.joinable()) writer_.join();
   }
 
-  void SetError(absl::Status s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // Called with mu_ held.
+  void SetError(absl::Status s) {
     if (error_.ok()) error_ = std::move(s);
+    room_.notify_all();
+    work_.notify_all();
+    done_cv_.notify_all();
   }
 
   void Work() {
@@ -107,11 +109,9 @@ class Pipeline {
     while (true) {
       std::unique_ptr<Segment> seg;
       {
-        absl::MutexLock lock(&mu_);
-        auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-          return !todo_.empty() || closed_ || !error_.ok();
-        };
-        mu_.Await(absl::Condition(&ready));
+        std::unique_lock<std::mutex> lock(mu_);
+        work_.wait(
+            lock, [this] { return !todo_.empty() || closed_ || !error_.ok(); });
         if (todo_.empty() || !error_.ok()) break;
         seg = std::move(todo_.front());
         todo_.pop_front();
@@ -127,8 +127,9 @@ class Pipeline {
           seg->stored.resize(n);
         }
       }
-      absl::MutexLock lock(&mu_);
+      std::lock_guard<std::mutex> lock(mu_);
       done_.emplace(seg->sequence, std::move(seg));
+      done_cv_.notify_all();
     }
     ZSTD_freeCCtx(cctx);
   }
@@ -139,11 +140,10 @@ class Pipeline {
     while (true) {
       std::unique_ptr<Segment> seg;
       {
-        absl::MutexLock lock(&mu_);
-        auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        std::unique_lock<std::mutex> lock(mu_);
+        done_cv_.wait(lock, [&] {
           return done_.contains(next) || workers_done_ || !error_.ok();
-        };
-        mu_.Await(absl::Condition(&ready));
+        });
         if (!error_.ok()) return;
         auto it = done_.find(next);
         if (it == done_.end()) return;  // workers finished, nothing left
@@ -161,7 +161,7 @@ class Pipeline {
       h.record_count = seg->record_count;
       uint64_t chain;
       {
-        absl::MutexLock lock(&mu_);
+        std::lock_guard<std::mutex> lock(mu_);
         chain = chain_;
       }
       h.chain = ChainChecksum(payload, chain);
@@ -171,7 +171,7 @@ class Pipeline {
       if (s.ok()) s = out_.Write(payload);
       done_bytes += seg->records.size();
       if (s.ok() && options_.progress) options_.progress(done_bytes, total_);
-      absl::MutexLock lock(&mu_);
+      std::lock_guard<std::mutex> lock(mu_);
       if (!s.ok()) {
         SetError(s);
         return;
@@ -179,22 +179,28 @@ class Pipeline {
       chain_ = h.chain;
       stored_bytes_ += payload.size();
       --in_flight_;
+      room_.notify_one();
       ++next;
     }
   }
 
   const int level_;
   ByteSink& out_;
-  absl::Mutex mu_;
-  uint64_t chain_ ABSL_GUARDED_BY(mu_);
-  uint64_t stored_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  // std::mutex rather than absl::Mutex: Debian's Abseil is not built for
+  // ThreadSanitizer, which then cannot see absl::Mutex's ordering.
+  std::mutex mu_;
+  std::condition_variable room_;     // in_flight_ dropped, or an error
+  std::condition_variable work_;     // todo_ grew, closed_, or an error
+  std::condition_variable done_cv_;  // done_ grew, workers_done_, or an error
+  uint64_t chain_;                   // guarded by mu_, as is all below
+  uint64_t stored_bytes_ = 0;
   const int max_in_flight_;
-  int in_flight_ ABSL_GUARDED_BY(mu_) = 0;
-  bool closed_ ABSL_GUARDED_BY(mu_) = false;
-  bool workers_done_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Status error_ ABSL_GUARDED_BY(mu_);
-  std::deque<std::unique_ptr<Segment>> todo_ ABSL_GUARDED_BY(mu_);
-  std::map<uint64_t, std::unique_ptr<Segment>> done_ ABSL_GUARDED_BY(mu_);
+  int in_flight_ = 0;
+  bool closed_ = false;
+  bool workers_done_ = false;
+  absl::Status error_;
+  std::deque<std::unique_ptr<Segment>> todo_;
+  std::map<uint64_t, std::unique_ptr<Segment>> done_;
   const SendOptions& options_;
   const uint64_t total_;
   std::vector<std::thread> workers_;
