@@ -264,7 +264,9 @@ absl::Status Pool::BeginReceive(absl::string_view staging,
   }
   volumes_.emplace(v.name, std::move(v));
   changed_ = true;
-  return Fail(CommitLocked());
+  // No commit of its own: the staging volume reaches the disk with the data
+  // (automatic commits) or with FinishReceive; a crash before loses nothing.
+  return absl::OkStatus();
 }
 
 absl::StatusOr<SnapshotInfo> Pool::FinishReceive(
