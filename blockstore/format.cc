@@ -14,6 +14,19 @@ constexpr uint64_t kNodeChecksumAt = 56;
 
 }  // namespace
 
+bool IsValidName(absl::string_view name) {
+  if (name.empty() || name.size() > 200 || name[0] == '.' || name[0] == '-') {
+    return false;
+  }
+  for (char c : name) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+              (c >= '0' && c <= '9') || c == '.' || c == '_' || c == ':' ||
+              c == '-';
+    if (!ok) return false;
+  }
+  return true;
+}
+
 absl::StatusOr<Superblock> LayOut(uint64_t device_bytes, uint32_t chunk_size) {
   if (!IsPowerOfTwo(chunk_size) || chunk_size < 4096 ||
       chunk_size > (1u << 20)) {

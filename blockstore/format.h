@@ -45,6 +45,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "blockstore/hash.h"
 
 namespace blockstore {
@@ -106,6 +107,11 @@ struct Superblock {
            (generation_of_commit % 2) * refcount_pages * 4096;
   }
 };
+
+// The naming rule for volumes and snapshots, kept in the catalog and carried
+// in delta headers: 1-200 bytes of [A-Za-z0-9._:-], not starting with '.'
+// or '-' (names starting with '.' are the pool's own, e.g. staging volumes).
+bool IsValidName(absl::string_view name);
 
 // Lays out a new pool of `device_bytes` with `chunk_size`. InvalidArgument if
 // the chunk size is not a power of two in [4 KiB, 1 MiB] or the device is too

@@ -138,15 +138,7 @@ Guid RandomGuid() {
 }
 
 absl::Status ValidName(absl::string_view name, absl::string_view what) {
-  bool ok =
-      !name.empty() && name.size() <= 200 && name[0] != '.' && name[0] != '-';
-  for (char c : name) {
-    if (!(absl::ascii_isalnum(c) || c == '.' || c == '_' || c == ':' ||
-          c == '-')) {
-      ok = false;
-    }
-  }
-  if (!ok) {
+  if (!IsValidName(name)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "bad ", what, " name '", name,
         "': use 1-200 characters of A-Z a-z 0-9 . _ : - (not starting with . "

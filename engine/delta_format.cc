@@ -25,19 +25,6 @@ absl::Status Bad(uint64_t offset, absl::string_view what) {
       absl::StrCat("delta stream offset ", offset, ": ", what));
 }
 
-bool ValidName(absl::string_view name) {
-  if (name.empty() || name.size() > 200 || name[0] == '.' || name[0] == '-') {
-    return false;
-  }
-  for (char c : name) {
-    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-              (c >= '0' && c <= '9') || c == '.' || c == '_' || c == ':' ||
-              c == '-';
-    if (!ok) return false;
-  }
-  return true;
-}
-
 class Out {
  public:
   void U16(uint16_t v) {
@@ -212,10 +199,11 @@ absl::StatusOr<DeltaHeader> DecodeHeader(std::span<const std::byte> bytes,
   h.base_name = in.Str();
   h.target_name = in.Str();
   if (!in.ok()) return Bad(144, "header ends inside the names");
-  if (!ValidName(h.volume_name)) return Bad(144, "volume name is invalid");
-  if (!ValidName(h.target_name))
+  if (!blockstore::IsValidName(h.volume_name))
+    return Bad(144, "volume name is invalid");
+  if (!blockstore::IsValidName(h.target_name))
     return Bad(144, "target snapshot name is invalid");
-  if (!h.base_name.empty() && !ValidName(h.base_name)) {
+  if (!h.base_name.empty() && !blockstore::IsValidName(h.base_name)) {
     return Bad(144, "base snapshot name is invalid");
   }
   bool zero_base_guid = h.base_guid == Guid{};
@@ -232,7 +220,7 @@ absl::StatusOr<DeltaHeader> DecodeHeader(std::span<const std::byte> bytes,
     in.Take(l.guid.data(), 16);
     l.create_time_ns = static_cast<int64_t>(in.U64());
     l.name = in.Str();
-    if (in.ok() && !ValidName(l.name)) {
+    if (in.ok() && !blockstore::IsValidName(l.name)) {
       return Bad(in.pos(),
                  absl::StrCat("listed snapshot ", i, " name is invalid"));
     }

@@ -8,19 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-45}
-packages=(clang libclang-rt-14-dev)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
-    missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "fuzz: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-BUILD_DIR=build-fuzz CC=clang CXX=clang++ scripts/setup.sh -DTANDEM_FUZZ=ON \
+EXTRA_PACKAGES="clang libclang-rt-14-dev" BUILD_DIR=build-fuzz CC=clang CXX=clang++ \
+  scripts/setup.sh -DTANDEM_FUZZ=ON \
   -DTANDEM_SANITIZE=address,undefined -DTANDEM_BUILD_TESTS=OFF \
   -DTANDEM_BUILD_BENCH=OFF -DTANDEM_BUILD_TOOLS=OFF >/dev/null
 mkdir -p build-fuzz/corpus

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages the build needs (only those missing), then
 # configures and builds into $BUILD_DIR (default: build/). Idempotent.
-# Extra arguments go to cmake, e.g. -DTANDEM_SANITIZE=address,undefined.
+# Extra arguments go to cmake, e.g. -DTANDEM_SANITIZE=address,undefined;
+# EXTRA_PACKAGES names more Debian packages to install (scripts/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(g++ cmake ninja-build pkg-config liburing-dev libxxhash-dev libzstd-dev
   libabsl-dev libgtest-dev libgmock-dev libbenchmark-dev libcli11-dev
-  nlohmann-json3-dev mount)
+  nlohmann-json3-dev mount ${EXTRA_PACKAGES:-})
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||

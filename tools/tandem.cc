@@ -30,6 +30,7 @@
 #include "blockstore/util.h"
 #include "nlohmann/json.hpp"
 #include "tools/demo.h"
+#include "tools/open_pool.h"
 
 namespace tools {
 namespace {
@@ -49,20 +50,6 @@ struct Failure {
 std::string Time(int64_t ns) {
   return absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", absl::FromUnixNanos(ns),
                           absl::UTCTimeZone());
-}
-
-absl::StatusOr<std::unique_ptr<Pool>> OpenPool(const std::string& path,
-                                               OpenMode mode) {
-  if (path.empty()) {
-    return absl::InvalidArgumentError(
-        "no pool given: pass --pool PATH or set TANDEM_POOL");
-  }
-  blockstore::FileIoOptions options;
-  options.mode = mode;
-  absl::StatusOr<std::unique_ptr<blockstore::Io>> io =
-      blockstore::OpenFileIo(path, options);
-  if (!io.ok()) return io.status();
-  return Pool::Open(std::move(*io), mode);
 }
 
 // "vol" or "vol@snap".

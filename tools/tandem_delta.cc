@@ -24,6 +24,7 @@
 #include "engine/delta_send.h"
 #include "nlohmann/json.hpp"
 #include "tools/fd_stream.h"
+#include "tools/open_pool.h"
 
 namespace tools {
 namespace {
@@ -90,20 +91,6 @@ absl::StatusOr<int> OpenInput(const std::string& file) {
 uint64_t FileSize(int fd) {
   struct stat st {};
   return fstat(fd, &st) == 0 && S_ISREG(st.st_mode) ? st.st_size : 0;
-}
-
-absl::StatusOr<std::unique_ptr<blockstore::Pool>> OpenPool(
-    const std::string& path, OpenMode mode) {
-  if (path.empty()) {
-    return absl::InvalidArgumentError(
-        "no pool given: pass --pool PATH or set TANDEM_POOL");
-  }
-  blockstore::FileIoOptions o;
-  o.mode = mode;
-  absl::StatusOr<std::unique_ptr<blockstore::Io>> io =
-      blockstore::OpenFileIo(path, o);
-  if (!io.ok()) return io.status();
-  return blockstore::Pool::Open(std::move(*io), mode);
 }
 
 absl::Status Create(const std::string& pool_path, const std::string& ref,

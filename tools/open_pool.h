@@ -1,0 +1,31 @@
+// Opening a pool file or device for the command-line tools.
+#ifndef TANDEM_TOOLS_OPEN_POOL_H_
+#define TANDEM_TOOLS_OPEN_POOL_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "blockstore/io.h"
+#include "blockstore/pool.h"
+
+namespace tools {
+
+// InvalidArgument when no path was given (neither --pool nor TANDEM_POOL).
+inline absl::StatusOr<std::unique_ptr<blockstore::Pool>> OpenPool(
+    const std::string& path, blockstore::OpenMode mode) {
+  if (path.empty()) {
+    return absl::InvalidArgumentError(
+        "no pool given: pass --pool PATH or set TANDEM_POOL");
+  }
+  blockstore::FileIoOptions options;
+  options.mode = mode;
+  absl::StatusOr<std::unique_ptr<blockstore::Io>> io =
+      blockstore::OpenFileIo(path, options);
+  if (!io.ok()) return io.status();
+  return blockstore::Pool::Open(std::move(*io), mode);
+}
+
+}  // namespace tools
+
+#endif  // TANDEM_TOOLS_OPEN_POOL_H_
