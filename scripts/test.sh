@@ -4,7 +4,7 @@
 #   scripts/test.sh --sanitize address,undefined   # in build-address,undefined/
 #   scripts/test.sh --sanitize thread
 #   scripts/test.sh --soak               # only the long randomized runs
-# The default run ends with a 30-second libFuzzer run of the delta reader
+# The default run starts with a 30-second libFuzzer run of the delta reader
 # under ASan and UBSan (scripts/fuzz.sh; clang is installed for it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,8 +23,9 @@ else
   export BUILD_DIR=build
   scripts/setup.sh
 fi
-(cd "$BUILD_DIR" && ctest --output-on-failure -j"$(nproc)" "${labels[@]}")
 if [[ -z $sanitize && ${labels[0]} == -LE ]]; then
   echo "fuzz: delta reader, 30 s under ASan/UBSan"
   scripts/fuzz.sh 30
 fi
+cd "$BUILD_DIR"
+ctest --output-on-failure -j"$(nproc)" "${labels[@]}"
