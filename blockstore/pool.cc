@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "blockstore/byte_codec.h"
 #include "blockstore/pool_internal.h"
 #include "blockstore/util.h"
 
@@ -25,91 +26,19 @@ namespace {
 
 // Bytes handled per I/O batch in Read/Write (bounds the bounce buffers).
 constexpr uint64_t kBatchBytes = 16 << 20;
-// Catalog encoding: little-endian, strings as u16 length + bytes.
-class Writer {
- public:
-  void U16(uint16_t v) { Raw(&v, 2); }
-  void U32(uint32_t v) {
-    std::byte b[4];
-    PutLe32(b, v);
-    Raw(b, 4);
-  }
-  void U64(uint64_t v) {
-    std::byte b[8];
-    PutLe64(b, v);
-    Raw(b, 8);
-  }
-  void Str(absl::string_view s) {
-    std::byte b[2] = {static_cast<std::byte>(s.size()),
-                      static_cast<std::byte>(s.size() >> 8)};
-    Raw(b, 2);
-    Raw(s.data(), s.size());
-  }
-  void Bytes(std::span<const std::byte> b) { Raw(b.data(), b.size()); }
-  void EntryField(const Entry& e) {
-    U64(e.ptr);
-    U64(e.birth);
-    Bytes(e.digest.bytes);
-  }
-  std::string Take() { return std::move(out_); }
+void PutEntry(ByteWriter& w, const Entry& e) {
+  w.U64(e.ptr);
+  w.U64(e.birth);
+  w.Bytes(e.digest.bytes);
+}
 
- private:
-  void Raw(const void* p, size_t n) {
-    out_.append(static_cast<const char*>(p), n);
-  }
-  std::string out_;
-};
-
-class Reader {
- public:
-  explicit Reader(absl::string_view in) : in_(in) {}
-  bool ok() const { return ok_; }
-  bool done() const { return pos_ == in_.size(); }
-  uint32_t U32() {
-    std::byte b[4] = {};
-    Raw(b, 4);
-    return GetLe32(b);
-  }
-  uint64_t U64() {
-    std::byte b[8] = {};
-    Raw(b, 8);
-    return GetLe64(b);
-  }
-  std::string Str() {
-    std::byte b[2] = {};
-    Raw(b, 2);
-    size_t n = static_cast<uint8_t>(b[0]) | (static_cast<uint8_t>(b[1]) << 8);
-    std::string s;
-    if (!ok_ || n > in_.size() - pos_) {
-      ok_ = false;
-      return s;
-    }
-    s.assign(in_.data() + pos_, n);
-    pos_ += n;
-    return s;
-  }
-  void Bytes(std::span<std::byte> out) { Raw(out.data(), out.size()); }
-  Entry EntryField() {
-    Entry e;
-    e.ptr = U64();
-    e.birth = U64();
-    Bytes(e.digest.bytes);
-    return e;
-  }
-
- private:
-  void Raw(void* p, size_t n) {
-    if (!ok_ || n > in_.size() - pos_) {
-      ok_ = false;
-      return;
-    }
-    std::memcpy(p, in_.data() + pos_, n);
-    pos_ += n;
-  }
-  absl::string_view in_;
-  size_t pos_ = 0;
-  bool ok_ = true;
-};
+Entry GetEntry(ByteReader& r) {
+  Entry e;
+  e.ptr = r.U64();
+  e.birth = r.U64();
+  r.Bytes(e.digest.bytes);
+  return e;
+}
 
 constexpr uint32_t kCatalogMagic = 0x54414354;  // "TCAT"
 constexpr uint32_t kCatalogVersion = 1;
@@ -409,7 +338,7 @@ absl::Status Pool::LoadLocked() {
 }
 
 std::string Pool::SerializeCatalog() const {
-  Writer w;
+  ByteWriter w;
   w.U32(kCatalogMagic);
   w.U32(kCatalogVersion);
   w.U32(static_cast<uint32_t>(volumes_.size()));
@@ -418,7 +347,7 @@ std::string Pool::SerializeCatalog() const {
     w.Bytes(v.guid);
     w.U64(static_cast<uint64_t>(v.create_time_ns));
     w.U64(v.size_bytes);
-    w.EntryField(v.root);
+    PutEntry(w, v.root);
     w.U32(static_cast<uint32_t>(v.snapshots.size()));
     for (const SnapshotRec& s : v.snapshots) {
       w.Str(s.name);
@@ -426,7 +355,7 @@ std::string Pool::SerializeCatalog() const {
       w.U64(static_cast<uint64_t>(s.create_time_ns));
       w.U64(s.generation);
       w.U64(s.size_bytes);
-      w.EntryField(s.root);
+      PutEntry(w, s.root);
     }
   }
   return w.Take();
@@ -438,7 +367,7 @@ absl::Status Pool::ParseCatalog(absl::string_view bytes) {
         absl::StrCat(io_.name(), ": catalog is malformed (", what, ")"));
   };
   if (bytes.empty()) return absl::OkStatus();
-  Reader r(bytes);
+  ByteReader r(bytes);
   if (r.U32() != kCatalogMagic || r.U32() != kCatalogVersion) {
     return bad("magic or version");
   }
@@ -453,7 +382,7 @@ absl::Status Pool::ParseCatalog(absl::string_view bytes) {
     r.Bytes(v.guid);
     v.create_time_ns = static_cast<int64_t>(r.U64());
     v.size_bytes = r.U64();
-    v.root = r.EntryField();
+    v.root = GetEntry(r);
     uint32_t nsnap = r.U32();
     if (!r.ok() || nsnap > bytes.size()) return bad("volume record");
     if (v.size_bytes > kMaxVolumeBytes || !root_ok(v.root)) {
@@ -466,7 +395,7 @@ absl::Status Pool::ParseCatalog(absl::string_view bytes) {
       s.create_time_ns = static_cast<int64_t>(r.U64());
       s.generation = r.U64();
       s.size_bytes = r.U64();
-      s.root = r.EntryField();
+      s.root = GetEntry(r);
       if (s.size_bytes > kMaxVolumeBytes || !root_ok(s.root)) {
         return bad(absl::StrCat("snapshot ", v.name, "@", s.name));
       }

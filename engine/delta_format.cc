@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "blockstore/byte_codec.h"
 #include "blockstore/util.h"
 
 namespace engine {
@@ -25,79 +26,10 @@ absl::Status Bad(uint64_t offset, absl::string_view what) {
       absl::StrCat("delta stream offset ", offset, ": ", what));
 }
 
-class Out {
- public:
-  void U16(uint16_t v) {
-    char b[2] = {static_cast<char>(v), static_cast<char>(v >> 8)};
-    s.append(b, 2);
-  }
-  void U32(uint32_t v) {
-    std::byte b[4];
-    PutLe32(b, v);
-    Raw(b, 4);
-  }
-  void U64(uint64_t v) {
-    std::byte b[8];
-    PutLe64(b, v);
-    Raw(b, 8);
-  }
-  void Raw(const void* p, size_t n) {
-    s.append(static_cast<const char*>(p), n);
-  }
-  void Str(const std::string& v) {
-    U16(static_cast<uint16_t>(v.size()));
-    s.append(v);
-  }
-  std::string s;
-};
-
-// Bounds-checked reader over the header bytes; the first failure sticks.
-class In {
- public:
-  explicit In(std::span<const std::byte> b) : b_(b) {}
-  bool Take(void* out, size_t n) {
-    if (!ok_ || n > b_.size() - pos_) {
-      ok_ = false;
-      return false;
-    }
-    std::memcpy(out, b_.data() + pos_, n);
-    pos_ += n;
-    return true;
-  }
-  uint16_t U16() {
-    uint8_t b[2] = {};
-    Take(b, 2);
-    return static_cast<uint16_t>(b[0] | (b[1] << 8));
-  }
-  uint32_t U32() {
-    std::byte b[4] = {};
-    Take(b, 4);
-    return GetLe32(b);
-  }
-  uint64_t U64() {
-    std::byte b[8] = {};
-    Take(b, 8);
-    return GetLe64(b);
-  }
-  std::string Str() {
-    uint16_t n = U16();
-    std::string v(n, '\0');
-    if (!Take(v.data(), n)) v.clear();
-    return v;
-  }
-  bool ok() const { return ok_; }
-  size_t pos() const { return pos_; }
-
- private:
-  std::span<const std::byte> b_;
-  size_t pos_ = 0;
-  bool ok_ = true;
-};
-
 }  // namespace
 
 std::string EncodeHeader(const DeltaHeader& h, uint64_t* checksum) {
-  Out o;
+  blockstore::ByteWriter o;
   o.Raw(kHeaderMagic, 8);
   o.U32(kDeltaVersion);
   o.U32(0);  // length, patched below
@@ -122,13 +54,14 @@ std::string EncodeHeader(const DeltaHeader& h, uint64_t* checksum) {
     o.U64(static_cast<uint64_t>(l.create_time_ns));
     o.Str(l.name);
   }
-  uint32_t length = static_cast<uint32_t>(o.s.size() + 8);
-  PutLe32(reinterpret_cast<std::byte*>(o.s.data() + 12), length);
-  uint64_t sum =
-      Hash64({reinterpret_cast<const std::byte*>(o.s.data()), o.s.size()}, 0);
+  uint32_t length = static_cast<uint32_t>(o.bytes().size() + 8);
+  PutLe32(reinterpret_cast<std::byte*>(o.bytes().data() + 12), length);
+  uint64_t sum = Hash64(
+      {reinterpret_cast<const std::byte*>(o.bytes().data()), o.bytes().size()},
+      0);
   o.U64(sum);
   *checksum = sum;
-  return std::move(o.s);
+  return o.Take();
 }
 
 absl::StatusOr<uint32_t> DecodeHeaderLength(std::span<const std::byte> prefix) {
@@ -162,7 +95,7 @@ absl::StatusOr<DeltaHeader> DecodeHeader(std::span<const std::byte> bytes,
     return Bad(bytes.size() - 8, "header checksum mismatch");
   }
   // The checksum holds; still, every field is checked on its own.
-  In in(bytes.first(bytes.size() - 8));
+  blockstore::ByteReader in(bytes.first(bytes.size() - 8));
   in.U64();
   in.U32();
   in.U32();
@@ -400,11 +333,11 @@ absl::StatusOr<DeltaEnd> DecodeEnd(std::span<const std::byte, kEndBytes> in,
 }
 
 std::string EncodeResumeToken(const ResumeToken& t) {
-  Out o;
+  blockstore::ByteWriter o;
   o.Raw(t.target_guid.data(), 16);
   o.U64(t.next_segment);
   o.U64(t.chain);
-  return std::move(o.s);
+  return o.Take();
 }
 
 absl::StatusOr<ResumeToken> DecodeResumeToken(std::span<const std::byte> in) {
