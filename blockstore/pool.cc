@@ -333,7 +333,23 @@ absl::Status Pool::LoadLocked() {
   }
   if (absl::Status s = ParseCatalog(catalog); !s.ok()) return s;
   gen_ = sb_.generation + 1;
-  full_table_writes_ = 1;  // the other table copy may be stale or torn
+  // The next commit writes the other table copy, which must then equal this
+  // one wherever that commit changes nothing. It may be older, or torn by a
+  // crash: compare it page by page and have the first commit rewrite the
+  // pages that differ (after a clean shutdown: usually none).
+  AlignedBuffer other(sb_.refcount_pages * 4096);
+  if (absl::Status s = io_.ReadAt(sb_.refcount_copy_offset(sb_.generation + 1),
+                                  other.span());
+      !s.ok()) {
+    return s;
+  }
+  for (uint64_t p = 0; p < sb_.refcount_pages; ++p) {
+    if (std::memcmp(table.data() + p * 4096, other.data() + p * 4096, 4096) !=
+        0) {
+      prev_dirty_pages_.insert(p);
+    }
+  }
+  full_table_writes_ = 0;
   return absl::OkStatus();
 }
 

@@ -420,7 +420,8 @@ class Pool {
   std::unordered_set<uint64_t> dirty_pages_ ABSL_GUARDED_BY(mu_);
   std::unordered_set<uint64_t> prev_dirty_pages_ ABSL_GUARDED_BY(mu_);
   // Commits that must still write the whole table: 2 after format (both
-  // copies start blank), 1 after open (the other copy may be torn).
+  // copies start blank). After open, the pages where the two copies differ
+  // start in prev_dirty_pages_ instead.
   int full_table_writes_ ABSL_GUARDED_BY(mu_) = 0;
 
   std::unordered_map<uint64_t, std::unique_ptr<Node>> cache_
