@@ -3,9 +3,12 @@
 #ifndef TANDEM_TOOLS_FD_STREAM_H_
 #define TANDEM_TOOLS_FD_STREAM_H_
 
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <memory>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -55,6 +58,39 @@ class FdSource final : public engine::ByteSource {
   int fd_;
   std::string name_;
   uint64_t bytes_ = 0;
+};
+
+// A delta to read: FILE, or standard input for "-". Closes what it opened.
+class InputFile {
+ public:
+  static absl::StatusOr<std::unique_ptr<InputFile>> Open(
+      const std::string& file) {
+    int fd = 0;
+    if (file != "-") {
+      fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0)
+        return blockstore::ErrnoError(errno, absl::StrCat("open ", file));
+    }
+    return std::unique_ptr<InputFile>(
+        new InputFile(fd, file == "-" ? "standard input" : file));
+  }
+  ~InputFile() {
+    if (fd_ != 0) ::close(fd_);
+  }
+  InputFile(const InputFile&) = delete;
+  InputFile& operator=(const InputFile&) = delete;
+
+  FdSource& source() { return source_; }
+  // Size of a regular file, 0 for a pipe (unknown).
+  uint64_t size() const {
+    struct stat st {};
+    return ::fstat(fd_, &st) == 0 && S_ISREG(st.st_mode) ? st.st_size : 0;
+  }
+
+ private:
+  InputFile(int fd, std::string name) : fd_(fd), source_(fd, std::move(name)) {}
+  int fd_;
+  FdSource source_;
 };
 
 }  // namespace tools

@@ -80,19 +80,6 @@ class Progress {
   bool shown_ = false;
 };
 
-// Opens FILE for reading, "-" being stdin.
-absl::StatusOr<int> OpenInput(const std::string& file) {
-  if (file == "-") return 0;
-  int fd = open(file.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return blockstore::ErrnoError(errno, absl::StrCat("open ", file));
-  return fd;
-}
-
-uint64_t FileSize(int fd) {
-  struct stat st {};
-  return fstat(fd, &st) == 0 && S_ISREG(st.st_mode) ? st.st_size : 0;
-}
-
 absl::Status Create(const std::string& pool_path, const std::string& ref,
                     const std::string& base, const std::string& output,
                     int level, int threads) {
@@ -211,13 +198,10 @@ json HeaderJson(const engine::DeltaHeader& h) {
 
 // inspect and verify: read the whole stream through the checking reader.
 absl::Status Read(const std::string& file, bool inspect, bool as_json) {
-  absl::StatusOr<int> fd = OpenInput(file);
-  if (!fd.ok()) return fd.status();
-  absl::Cleanup close_fd = [&] {
-    if (*fd != 0) close(*fd);
-  };
-  FdSource in(*fd, file == "-" ? "standard input" : file);
-  uint64_t total = FileSize(*fd);
+  absl::StatusOr<std::unique_ptr<InputFile>> input = InputFile::Open(file);
+  if (!input.ok()) return input.status();
+  FdSource& in = (*input)->source();
+  uint64_t total = (*input)->size();
   Progress progress("verifying");
   absl::StatusOr<std::unique_ptr<engine::DeltaReader>> reader =
       engine::DeltaReader::Open(in);
@@ -317,13 +301,10 @@ absl::Status Apply(const std::string& file, const std::string& pool_path,
     return absl::InvalidArgumentError(
         "apply needs either --pool PATH VOLUME or --image PATH");
   }
-  absl::StatusOr<int> fd = OpenInput(file);
-  if (!fd.ok()) return fd.status();
-  absl::Cleanup close_fd = [&] {
-    if (*fd != 0) close(*fd);
-  };
-  FdSource in(*fd, file == "-" ? "standard input" : file);
-  uint64_t total = FileSize(*fd);
+  absl::StatusOr<std::unique_ptr<InputFile>> input = InputFile::Open(file);
+  if (!input.ok()) return input.status();
+  FdSource& in = (*input)->source();
+  uint64_t total = (*input)->size();
   Progress progress("applying");
   auto start = Clock::now();
   absl::StatusOr<engine::ApplyStats> stats;

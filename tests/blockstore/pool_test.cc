@@ -11,22 +11,17 @@
 #include "gtest/gtest.h"
 #include "tests/testing/fault_io.h"
 #include "tests/testing/model.h"
+#include "tests/testing/pools.h"
 
 namespace blockstore {
 namespace {
 
 using ::testing::HasSubstr;
+using testing_util::MakePool;
 using testing_util::PoolModel;
 using testing_util::TestData;
 
 constexpr uint32_t kChunk = 4096;
-
-std::unique_ptr<Pool> MakePool(MemIo& io, uint32_t chunk = kChunk) {
-  absl::StatusOr<std::unique_ptr<Pool>> pool =
-      Pool::Create(io, {.chunk_size_bytes = chunk});
-  EXPECT_TRUE(pool.ok()) << pool.status();
-  return std::move(*pool);
-}
 
 std::unique_ptr<Pool> Reopen(MemIo& io, OpenMode mode = OpenMode::kReadWrite) {
   absl::StatusOr<std::unique_ptr<Pool>> pool = Pool::Open(io, mode);

@@ -13,6 +13,7 @@
 #include "gtest/gtest.h"
 #include "tests/testing/fault_io.h"
 #include "tests/testing/model.h"
+#include "tests/testing/pools.h"
 
 namespace engine {
 namespace {
@@ -21,16 +22,10 @@ using blockstore::MemIo;
 using blockstore::OpenMode;
 using blockstore::Pool;
 using ::testing::HasSubstr;
+using testing_util::MakePool;
 using testing_util::TestData;
 
 constexpr uint32_t kChunk = 4096;
-
-std::unique_ptr<Pool> MakePool(MemIo& io, uint32_t chunk = kChunk) {
-  absl::StatusOr<std::unique_ptr<Pool>> p =
-      Pool::Create(io, {.chunk_size_bytes = chunk});
-  EXPECT_TRUE(p.ok()) << p.status();
-  return std::move(*p);
-}
 
 std::string Send(Pool& pool, const std::string& vol, const std::string& base,
                  const std::string& target, SendStats* stats = nullptr,
