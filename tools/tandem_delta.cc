@@ -100,21 +100,29 @@ absl::Status Create(const std::string& pool_path, const std::string& ref,
   absl::StatusOr<std::unique_ptr<blockstore::Pool>> pool =
       OpenPool(pool_path, OpenMode::kReadOnly);
   if (!pool.ok()) return pool.status();
-  // A file is written under a temporary name and renamed when complete, so
-  // a failed create never leaves a partial delta behind.
-  std::string partial = output + ".partial";
+  // A regular file is written under a temporary name and renamed when
+  // complete, so a failed create never leaves a partial delta behind.
+  // Anything else that exists (a device, a FIFO, /dev/stdout) is written in
+  // place: renaming over it would replace the device node itself.
+  struct stat st;
+  const bool in_place = output == "-" || (stat(output.c_str(), &st) == 0 &&
+                                          !S_ISREG(st.st_mode));
+  std::string partial = in_place ? output : output + ".partial";
   int fd = 1;
   if (output != "-") {
-    fd = open(partial.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    fd = in_place ? open(output.c_str(), O_WRONLY | O_CLOEXEC)
+                  : open(partial.c_str(),
+                         O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) {
-      return blockstore::ErrnoError(errno, absl::StrCat("create ", partial));
+      return blockstore::ErrnoError(
+          errno, absl::StrCat(in_place ? "open " : "create ", partial));
     }
   }
   bool done = false;
   absl::Cleanup cleanup = [&] {
     if (fd != 1) {
       close(fd);
-      if (!done) unlink(partial.c_str());
+      if (!done && !in_place) unlink(partial.c_str());
     }
   };
   FdSink sink(fd, output == "-" ? "standard output" : partial);
@@ -128,7 +136,7 @@ absl::Status Create(const std::string& pool_path, const std::string& ref,
       engine::SendDelta(**pool, volume, base, target, sink, options);
   progress.Clear();
   if (!stats.ok()) return stats.status();
-  if (fd != 1) {
+  if (!in_place) {
     if (fsync(fd) != 0) {
       return blockstore::ErrnoError(errno, absl::StrCat("sync ", partial));
     }

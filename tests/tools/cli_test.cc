@@ -11,6 +11,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -379,6 +380,27 @@ TEST_P(CliTest, DeltaFilesBetweenTwoPoolsAndAnImage) {
   EXPECT_THAT(r.err, HasSubstr("no snapshot 'v@nope'"));
   EXPECT_NE(access((dir_ + "/x.tdd").c_str(), F_OK), 0);
   EXPECT_NE(access((dir_ + "/x.tdd.partial").c_str(), F_OK), 0);
+
+  // -o naming something that is not a regular file (a FIFO here, /dev/null
+  // in real life) writes into it and leaves the node in place.
+  std::string fifo = dir_ + "/pipe";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  std::string keep = fifo + "-link";  // reaches the FIFO even if replaced
+  ASSERT_EQ(link(fifo.c_str(), keep.c_str()), 0);
+  std::string piped;
+  std::thread reader([&] { piped = ReadFile(fifo); });
+  r = delta({"create", "--pool", a, "v@two", "--base", "one", "-o", fifo});
+  // Had the tool not opened the FIFO, the reader would wait forever.
+  if (int fd = open(keep.c_str(), O_WRONLY | O_NONBLOCK); fd >= 0) close(fd);
+  reader.join();
+  EXPECT_EQ(r.code, 0) << r.err;
+  struct stat st;
+  ASSERT_EQ(stat(fifo.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISFIFO(st.st_mode));
+  EXPECT_NE(access((fifo + ".partial").c_str(), F_OK), 0);
+  EXPECT_EQ(piped.size(), ReadFile(inc).size());
+  WriteFile(dir_ + "/piped.tdd", piped);
+  EXPECT_EQ(delta({"verify", dir_ + "/piped.tdd"}).code, 0);
   EXPECT_THAT(Ok({"pool", "check", b, "--data"}), HasSubstr("consistent"));
 }
 
