@@ -613,7 +613,7 @@ absl::Status Pool::Prefetch(std::vector<uint64_t>& ids, int level) {
     return id < sb_.meta_start || id >= sb_.meta_start + sb_.meta_count ||
            cache_.contains(id);
   });
-  if (ids.size() < 2) return absl::OkStatus();  // Load does one just as well
+  if (ids.empty()) return absl::OkStatus();
   AlignedBuffer buf(ids.size() * kNodeSize);
   std::vector<ReadOp> ops;
   for (size_t i = 0; i < ids.size(); ++i) {
@@ -1014,8 +1014,9 @@ absl::Status Pool::WriteChunks(absl::string_view volume,
   // Read every node on the way to these chunks, one batch per level.
   std::vector<uint64_t> level_ids;
   if (v.root.ptr != 0) level_ids.push_back(v.root.ptr);
-  for (int level = depth - 1; level > 0 && !level_ids.empty(); --level) {
+  for (int level = depth - 1; level >= 0 && !level_ids.empty(); --level) {
     if (absl::Status s = Prefetch(level_ids, level); !s.ok()) return Fail(s);
+    if (level == 0) break;
     std::vector<uint64_t> next;
     for (const ChunkWrite& w : writes) {
       // Walk down to `level` through cached nodes only.

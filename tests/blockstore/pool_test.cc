@@ -136,6 +136,45 @@ TEST(PoolTest, SnapshotWritesTheSameMetadataForATinyAndAHugeVolume) {
   EXPECT_LE(written[1], 4u * 4096);
 }
 
+TEST(PoolTest, WriteChunksReadsTheTreeOneBatchPerLevel) {
+  // A receive writes scattered chunks: the nodes on their paths must be read
+  // in one batch per tree level, leaves included, not one read per node.
+  constexpr uint64_t kStride = 2 * 126;  // one chunk in every other leaf
+  constexpr uint64_t kChunks = 64 * kStride;  // three levels
+  MemIo io(64 << 20);
+  {
+    auto pool = MakePool(io, kChunk);
+    ASSERT_TRUE(pool->CreateVolume("v", kChunks * kChunk).ok());
+    for (uint64_t i = 0; i < 64; ++i) {
+      ASSERT_TRUE(pool->Write("v", i * kStride * kChunk, TestData(kChunk, i)).ok());
+    }
+    ASSERT_TRUE(pool->Flush().ok());
+  }
+  testing_util::CountingIo counting(io);
+  absl::StatusOr<std::unique_ptr<Pool>> pool =
+      Pool::Open(counting, OpenMode::kReadWrite);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  std::vector<AlignedBuffer> bufs;
+  std::vector<Pool::ChunkWrite> writes;
+  for (uint64_t i = 0; i < 64; ++i) {
+    bufs.emplace_back(kChunk);
+    std::vector<std::byte> data = TestData(kChunk, 100 + i);
+    std::memcpy(bufs.back().data(), data.data(), kChunk);
+  }
+  for (uint64_t i = 0; i < 64; ++i) {
+    writes.push_back({i * kStride, {bufs[i].data(), kChunk}});
+  }
+  int before = counting.read_calls();
+  ASSERT_TRUE((*pool)->WriteChunks("v", writes).ok());
+  EXPECT_LE(counting.read_calls() - before, 3);  // root, interior, leaves
+  ASSERT_TRUE((*pool)->Flush().ok());
+  for (uint64_t i = 0; i < 64; ++i) {
+    std::vector<std::byte> got(kChunk);
+    ASSERT_TRUE((*pool)->Read("v", "", i * kStride * kChunk, got).ok());
+    EXPECT_EQ(got, TestData(kChunk, 100 + i)) << "chunk " << i * kStride;
+  }
+}
+
 TEST(PoolTest, DeletingSnapshotsAndVolumesFreesEverything) {
   MemIo io(32 << 20);
   auto pool = MakePool(io);

@@ -69,6 +69,20 @@ class FailNthWrite : public blockstore::IoWrapper {
   const int err_;
 };
 
+// Passes everything through and counts read calls (batches, not ops).
+class CountingIo : public blockstore::IoWrapper {
+ public:
+  explicit CountingIo(blockstore::Io& target) : IoWrapper(target) {}
+  absl::Status Read(std::span<const blockstore::ReadOp> ops) override {
+    ++read_calls_;
+    return target().Read(ops);
+  }
+  int read_calls() const { return read_calls_; }
+
+ private:
+  int read_calls_ = 0;
+};
+
 }  // namespace testing_util
 
 #endif  // TANDEM_TESTS_TESTING_FAULT_IO_H_
