@@ -41,7 +41,12 @@ Entry GetEntry(ByteReader& r) {
 }
 
 constexpr uint32_t kCatalogMagic = 0x54414354;  // "TCAT"
-constexpr uint32_t kCatalogVersion = 1;
+// Version 2 added a flags word per volume (bit 0: read-only) and the pool's
+// properties after the volumes. Version 1 catalogs are read as such.
+constexpr uint32_t kCatalogVersion = 2;
+constexpr uint32_t kVolumeReadOnly = 1;
+constexpr size_t kMaxPropertyKeyBytes = 200;
+constexpr size_t kMaxPropertyValueBytes = 60000;
 
 }  // namespace
 
@@ -373,6 +378,12 @@ std::string Pool::SerializeCatalog() const {
       w.U64(s.size_bytes);
       PutEntry(w, s.root);
     }
+    w.U32(v.read_only ? kVolumeReadOnly : 0);
+  }
+  w.U32(static_cast<uint32_t>(properties_.size()));
+  for (const auto& [key, value] : properties_) {
+    w.Str(key);
+    w.Str(value);
   }
   return w.Take();
 }
@@ -384,9 +395,9 @@ absl::Status Pool::ParseCatalog(absl::string_view bytes) {
   };
   if (bytes.empty()) return absl::OkStatus();
   ByteReader r(bytes);
-  if (r.U32() != kCatalogMagic || r.U32() != kCatalogVersion) {
-    return bad("magic or version");
-  }
+  if (r.U32() != kCatalogMagic) return bad("magic");
+  const uint32_t version = r.U32();
+  if (version != 1 && version != 2) return bad("version");
   auto root_ok = [&](const Entry& e) {
     return e.ptr == 0 ||
            (e.ptr >= sb_.meta_start && e.ptr < sb_.meta_start + sb_.meta_count);
@@ -417,9 +428,22 @@ absl::Status Pool::ParseCatalog(absl::string_view bytes) {
       }
       v.snapshots.push_back(std::move(s));
     }
+    if (version >= 2) {
+      uint32_t flags = r.U32();
+      if (flags & ~kVolumeReadOnly) return bad("volume flags");
+      v.read_only = (flags & kVolumeReadOnly) != 0;
+    }
     if (!r.ok()) return bad("truncated");
     std::string name = v.name;
     volumes_.emplace(std::move(name), std::move(v));
+  }
+  if (version >= 2) {
+    uint32_t nprop = r.U32();
+    if (!r.ok() || nprop > bytes.size()) return bad("property count");
+    for (uint32_t i = 0; i < nprop && r.ok(); ++i) {
+      std::string key = r.Str();
+      properties_[std::move(key)] = r.Str();
+    }
   }
   if (!r.ok() || !r.done()) return bad("length");
   return absl::OkStatus();
@@ -741,6 +765,18 @@ absl::StatusOr<Pool::VolumeRec*> Pool::FindVolume(absl::string_view name) {
   return &it->second;
 }
 
+absl::StatusOr<Pool::VolumeRec*> Pool::FindWritableVolume(
+    absl::string_view name) {
+  absl::StatusOr<VolumeRec*> v = FindVolume(name);
+  if (v.ok() && (*v)->read_only) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "volume '", name, "' in pool ", io_.name(),
+        " is read-only (a replication destination while Mirrored); break "
+        "the relationship to write to it"));
+  }
+  return v;
+}
+
 absl::StatusOr<const Pool::SnapshotRec*> Pool::FindSnapshot(
     const VolumeRec& v, absl::string_view name) {
   for (const SnapshotRec& s : v.snapshots) {
@@ -812,8 +848,8 @@ absl::StatusOr<std::vector<VolumeInfo>> Pool::ListVolumes() {
   std::vector<VolumeInfo> out;
   for (const auto& [name, v] : volumes_) {
     if (name[0] == '.') continue;  // staging volumes of a receive
-    out.push_back(
-        {v.name, v.guid, v.create_time_ns, v.size_bytes, v.snapshots.size()});
+    out.push_back({v.name, v.guid, v.create_time_ns, v.size_bytes,
+                   v.snapshots.size(), v.read_only});
   }
   return out;
 }
@@ -822,14 +858,57 @@ absl::StatusOr<VolumeInfo> Pool::GetVolume(absl::string_view name) {
   std::lock_guard<std::mutex> lock(mu_);
   absl::StatusOr<VolumeRec*> v = FindVolume(name);
   if (!v.ok()) return v.status();
-  return VolumeInfo{(*v)->name, (*v)->guid, (*v)->create_time_ns,
-                    (*v)->size_bytes, (*v)->snapshots.size()};
+  return VolumeInfo{(*v)->name,       (*v)->guid,
+                    (*v)->create_time_ns, (*v)->size_bytes,
+                    (*v)->snapshots.size(), (*v)->read_only};
+}
+
+absl::Status Pool::SetVolumeReadOnly(absl::string_view name, bool read_only) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (absl::Status s = CheckWritable(); !s.ok()) return s;
+  absl::StatusOr<VolumeRec*> v = FindVolume(name);
+  if (!v.ok()) return v.status();
+  if ((*v)->read_only == read_only) return absl::OkStatus();
+  if (absl::Status s = EnsureSpace(0, 0); !s.ok()) return s;
+  (*v)->read_only = read_only;
+  changed_ = true;
+  return Fail(CommitLocked());
+}
+
+absl::Status Pool::SetProperty(absl::string_view key, absl::string_view value) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (absl::Status s = CheckWritable(); !s.ok()) return s;
+  if (key.empty() || key.size() > kMaxPropertyKeyBytes ||
+      value.size() > kMaxPropertyValueBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "pool property '", key.substr(0, 40), "': the key must be 1-",
+        kMaxPropertyKeyBytes, " bytes and the value at most ",
+        kMaxPropertyValueBytes));
+  }
+  auto it = properties_.find(key);
+  if (value.empty()) {
+    if (it == properties_.end()) return absl::OkStatus();
+    properties_.erase(it);
+  } else {
+    if (it != properties_.end() && it->second == value) {
+      return absl::OkStatus();
+    }
+    properties_[std::string(key)] = std::string(value);
+  }
+  if (absl::Status s = EnsureSpace(0, 0); !s.ok()) return s;
+  changed_ = true;
+  return Fail(CommitLocked());
+}
+
+std::map<std::string, std::string> Pool::Properties() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return {properties_.begin(), properties_.end()};
 }
 
 absl::Status Pool::ResizeVolume(absl::string_view name, uint64_t size_bytes) {
   std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
-  absl::StatusOr<VolumeRec*> v = FindVolume(name);
+  absl::StatusOr<VolumeRec*> v = FindWritableVolume(name);
   if (!v.ok()) return v.status();
   if (size_bytes == 0 || size_bytes > kMaxVolumeBytes) {
     return absl::InvalidArgumentError(
@@ -889,7 +968,7 @@ absl::Status Pool::ResizeLocked(VolumeRec& v, uint64_t size_bytes) {
 absl::Status Pool::DeleteVolume(absl::string_view name, bool with_snapshots) {
   std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
-  absl::StatusOr<VolumeRec*> v = FindVolume(name);
+  absl::StatusOr<VolumeRec*> v = FindWritableVolume(name);
   if (!v.ok()) return v.status();
   if (!(*v)->snapshots.empty() && !with_snapshots) {
     std::vector<std::string> names;
@@ -919,7 +998,7 @@ absl::Status Pool::Write(absl::string_view volume, uint64_t offset_bytes,
                          std::span<const std::byte> data) {
   std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
-  absl::StatusOr<VolumeRec*> v = FindVolume(volume);
+  absl::StatusOr<VolumeRec*> v = FindWritableVolume(volume);
   if (!v.ok()) return v.status();
   if (offset_bytes > (*v)->size_bytes ||
       data.size() > (*v)->size_bytes - offset_bytes) {
@@ -980,7 +1059,7 @@ absl::Status Pool::WriteChunks(absl::string_view volume,
                                std::span<const ChunkWrite> writes) {
   std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
-  absl::StatusOr<VolumeRec*> found = FindVolume(volume);
+  absl::StatusOr<VolumeRec*> found = FindWritableVolume(volume);
   if (!found.ok()) return found.status();
   VolumeRec& v = **found;
   const uint64_t c_size = sb_.chunk_size;
@@ -1201,7 +1280,7 @@ absl::Status Pool::Trim(absl::string_view volume, uint64_t offset_bytes,
                         uint64_t length_bytes) {
   std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
-  absl::StatusOr<VolumeRec*> v = FindVolume(volume);
+  absl::StatusOr<VolumeRec*> v = FindWritableVolume(volume);
   if (!v.ok()) return v.status();
   if (offset_bytes > (*v)->size_bytes ||
       length_bytes > (*v)->size_bytes - offset_bytes) {
@@ -1282,7 +1361,7 @@ absl::StatusOr<SnapshotInfo> Pool::CreateSnapshot(absl::string_view volume,
   std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   if (absl::Status s = ValidName(name, "snapshot"); !s.ok()) return s;
-  absl::StatusOr<VolumeRec*> v = FindVolume(volume);
+  absl::StatusOr<VolumeRec*> v = FindWritableVolume(volume);
   if (!v.ok()) return v.status();
   if (FindSnapshot(**v, name).ok()) {
     return absl::AlreadyExistsError(
@@ -1368,7 +1447,7 @@ absl::Status Pool::Rollback(absl::string_view volume,
                             absl::string_view snapshot) {
   std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
-  absl::StatusOr<VolumeRec*> v = FindVolume(volume);
+  absl::StatusOr<VolumeRec*> v = FindWritableVolume(volume);
   if (!v.ok()) return v.status();
   absl::StatusOr<const SnapshotRec*> snap = FindSnapshot(**v, snapshot);
   if (!snap.ok()) return snap.status();

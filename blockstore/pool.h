@@ -56,6 +56,7 @@ struct VolumeInfo {
   int64_t create_time_ns = 0;
   uint64_t size_bytes = 0;
   uint64_t snapshot_count = 0;
+  bool read_only = false;  // writes, trims, resizes, snapshots refused
 };
 
 struct PoolInfo {
@@ -141,6 +142,10 @@ class Pool {
   absl::Status CreateVolume(absl::string_view name, uint64_t size_bytes);
   absl::StatusOr<std::vector<VolumeInfo>> ListVolumes();
   absl::StatusOr<VolumeInfo> GetVolume(absl::string_view name);
+  // A read-only volume refuses Write, Trim, ResizeVolume, CreateSnapshot,
+  // Rollback and DeleteVolume (FailedPrecondition); a receive may still
+  // replace its content and snapshots may be deleted. Committed on return.
+  absl::Status SetVolumeReadOnly(absl::string_view name, bool read_only);
   // Shrinking discards data past the new end; snapshots keep theirs.
   absl::Status ResizeVolume(absl::string_view name, uint64_t size_bytes);
   // FailedPrecondition if the volume has snapshots, unless `with_snapshots`.
@@ -241,6 +246,12 @@ class Pool {
   };
   absl::StatusOr<CheckReport> Check(bool verify_data);
 
+  // Pool properties: small named strings kept in the catalog, for the layers
+  // above (replication keeps its relationship records here). An empty value
+  // removes the key. Committed on return.
+  absl::Status SetProperty(absl::string_view key, absl::string_view value);
+  std::map<std::string, std::string> Properties();
+
   void SetTuning(const PoolTuning& tuning);
 
   uint32_t chunk_size() const { return sb_.chunk_size; }
@@ -280,6 +291,7 @@ class Pool {
     uint64_t size_bytes = 0;
     Entry root;                          // digest valid after a commit
     std::vector<SnapshotRec> snapshots;  // in creation order
+    bool read_only = false;
   };
 
   Pool(Io& io, std::unique_ptr<Io> owned, OpenMode mode);
@@ -290,6 +302,9 @@ class Pool {
   absl::Status CheckWritable() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Fail(absl::Status s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<VolumeRec*> FindVolume(absl::string_view name)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // FindVolume, and FailedPrecondition if the volume is read-only.
+  absl::StatusOr<VolumeRec*> FindWritableVolume(absl::string_view name)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<const SnapshotRec*> FindSnapshot(const VolumeRec& v,
                                                   absl::string_view name)
@@ -406,6 +421,8 @@ class Pool {
   uint64_t gen_ ABSL_GUARDED_BY(mu_) = 0;  // open transaction
   bool changed_ ABSL_GUARDED_BY(mu_) = false;
   std::map<std::string, VolumeRec, std::less<>> volumes_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::string, std::less<>> properties_
+      ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> catalog_nodes_ ABSL_GUARDED_BY(mu_);
 
   std::vector<uint32_t> counts_ ABSL_GUARDED_BY(mu_);

@@ -175,6 +175,55 @@ TEST(PoolTest, WriteChunksReadsTheTreeOneBatchPerLevel) {
   }
 }
 
+TEST(PoolTest, ReadOnlyVolumeRefusesChangesAndSurvivesReopen) {
+  MemIo io(64 << 20);
+  {
+    auto pool = MakePool(io);
+    ASSERT_TRUE(pool->CreateVolume("v", 1 << 20).ok());
+    ASSERT_TRUE(pool->Write("v", 0, TestData(8192, 1)).ok());
+    ASSERT_TRUE(pool->CreateSnapshot("v", "s").ok());
+    ASSERT_TRUE(pool->SetVolumeReadOnly("v", true).ok());
+  }
+  auto pool = Reopen(io);
+  EXPECT_TRUE(pool->GetVolume("v")->read_only);
+  for (absl::Status s :
+       {pool->Write("v", 0, TestData(4096, 2)), pool->Trim("v", 0, 4096),
+        pool->ResizeVolume("v", 2 << 20),
+        pool->CreateSnapshot("v", "t").status(), pool->Rollback("v", "s"),
+        pool->DeleteVolume("v", true)}) {
+    EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+    EXPECT_THAT(s.message(), HasSubstr("volume 'v' in pool memory is read-only"));
+  }
+  EXPECT_EQ(ReadAll(*pool, "v").size(), 1u << 20);
+  EXPECT_TRUE(pool->DeleteSnapshot("v", "s").ok());  // retention still works
+  ASSERT_TRUE(pool->SetVolumeReadOnly("v", false).ok());
+  EXPECT_TRUE(pool->Write("v", 0, TestData(4096, 2)).ok());
+  EXPECT_FALSE(pool->GetVolume("v")->read_only);
+  ExpectConsistent(*pool);
+}
+
+TEST(PoolTest, PropertiesAreCommittedAndRemoved) {
+  MemIo io(64 << 20);
+  {
+    auto pool = MakePool(io);
+    ASSERT_TRUE(pool->SetProperty("a", "1").ok());
+    ASSERT_TRUE(pool->SetProperty("b", std::string(50000, 'x')).ok());
+    ASSERT_TRUE(pool->SetProperty("a", "2").ok());
+  }
+  auto pool = Reopen(io);
+  std::map<std::string, std::string> props = pool->Properties();
+  EXPECT_EQ(props.size(), 2u);
+  EXPECT_EQ(props["a"], "2");
+  EXPECT_EQ(props["b"], std::string(50000, 'x'));
+  ASSERT_TRUE(pool->SetProperty("a", "").ok());
+  EXPECT_EQ(Reopen(io)->Properties().count("a"), 0u);
+  EXPECT_EQ(pool->SetProperty("", "x").code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(pool->SetProperty("k", std::string(70000, 'x')).code(),
+            absl::StatusCode::kInvalidArgument);
+  ExpectConsistent(*pool);
+}
+
 TEST(PoolTest, DeletingSnapshotsAndVolumesFreesEverything) {
   MemIo io(32 << 20);
   auto pool = MakePool(io);
