@@ -140,8 +140,14 @@ absl::StatusOr<DiffBatch> Pool::Diff(absl::string_view volume,
   if (!failed_.ok()) return failed_;
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
-  absl::StatusOr<const SnapshotRec*> t = FindSnapshot(**v, target);
-  if (!t.ok()) return t.status();
+  Entry target_root = (*v)->root;
+  uint64_t target_size = (*v)->size_bytes;
+  if (!target.empty()) {
+    absl::StatusOr<const SnapshotRec*> t = FindSnapshot(**v, target);
+    if (!t.ok()) return t.status();
+    target_root = (*t)->root;
+    target_size = (*t)->size_bytes;
+  }
   Entry base_root{0, 0, {}};
   uint64_t base_size = 0;
   if (!base.empty()) {
@@ -152,7 +158,7 @@ absl::StatusOr<DiffBatch> Pool::Diff(absl::string_view volume,
   }
   DiffState st;
   st.from = from_chunk;
-  st.end = ChunkCount((*t)->size_bytes);
+  st.end = ChunkCount(target_size);
   st.max_data = std::max<size_t>(1, max_data_chunks);
   int dt = Depth(st.end);
   int db = base.empty() ? 1 : Depth(ChunkCount(base_size));
@@ -166,7 +172,7 @@ absl::StatusOr<DiffBatch> Pool::Diff(absl::string_view volume,
     return r;
   };
   absl::Status s =
-      DiffWalk(st, ref(base_root, db), ref((*t)->root, dt), top, 0);
+      DiffWalk(st, ref(base_root, db), ref(target_root, dt), top, 0);
   TrimCache();
   if (!s.ok()) return s;
   st.batch.done = !st.stop;

@@ -1,0 +1,146 @@
+// Two in-memory pools ("a" and "b") behind one PoolProvider, for
+// relationship tests: a power loss takes both down at the same durable-write
+// count (one process holding both pools), and either can be "unreachable".
+#ifndef TANDEM_TESTS_TESTING_TWO_POOLS_H_
+#define TANDEM_TESTS_TESTING_TWO_POOLS_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "blockstore/mem_io.h"
+#include "blockstore/pool.h"
+#include "engine/relationship.h"
+#include "gtest/gtest.h"
+
+namespace testing_util {
+
+// Counts durable-write points (write ops and flushes) across every device
+// that shares it; from point `crash_at` on, all of them are unplugged.
+struct CrashPlan {
+  uint64_t points = 0;
+  uint64_t crash_at = UINT64_MAX;
+  bool crashed() const { return points > crash_at; }
+};
+
+class PlannedCrashIo : public blockstore::IoWrapper {
+ public:
+  PlannedCrashIo(blockstore::Io& target, CrashPlan& plan)
+      : IoWrapper(target), plan_(plan) {}
+  absl::Status Write(std::span<const blockstore::WriteOp> ops) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const blockstore::WriteOp& op : ops) {
+      if (plan_.crashed()) return Unplugged();
+      if (absl::Status s = target().Write({&op, 1}); !s.ok()) return s;
+      if (plan_.points++ == plan_.crash_at) return Unplugged();
+    }
+    return absl::OkStatus();
+  }
+  absl::Status Flush() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (plan_.crashed()) return Unplugged();
+    if (plan_.points++ == plan_.crash_at) return Unplugged();
+    return target().Flush();
+  }
+  absl::Status Read(std::span<const blockstore::ReadOp> ops) override {
+    if (plan_.crashed()) return Unplugged();
+    return target().Read(ops);
+  }
+
+ private:
+  static absl::Status Unplugged() {
+    return absl::UnavailableError("injected power loss");
+  }
+  // One lock for all devices would be more exact; the pools' own threads
+  // only write to one device at a time per pool, which is what matters.
+  static inline std::mutex mu_;
+  CrashPlan& plan_;
+};
+
+class TwoPools : public engine::PoolProvider {
+ public:
+  static constexpr uint64_t kDevice = 32 << 20;
+
+  explicit TwoPools(uint32_t chunk = 4096) {
+    for (const char* name : {"a", "b"}) {
+      raw_[name] = std::make_unique<blockstore::MemIo>(kDevice);
+      auto p = blockstore::Pool::Create(*raw_[name], {.chunk_size_bytes = chunk});
+      EXPECT_TRUE(p.ok()) << p.status();
+    }
+    OpenAll();
+  }
+
+  // A copy of `other`'s devices as they are now (pending writes included).
+  explicit TwoPools(const TwoPools& other, bool) {
+    for (const auto& [name, io] : other.raw_) raw_[name] = io->Clone();
+    OpenAll();
+  }
+
+  absl::StatusOr<blockstore::Pool*> Get(const std::string& path) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (down_.contains(path)) {
+      return absl::UnavailableError(
+          absl::StrCat("pool ", path, " cannot be opened (site down)"));
+    }
+    auto it = pools_.find(path);
+    if (it == pools_.end()) {
+      return absl::NotFoundError(absl::StrCat(path, ": no such pool"));
+    }
+    return it->second.get();
+  }
+
+  blockstore::Pool& pool(const std::string& name) { return *pools_.at(name); }
+  void SetDown(const std::string& name, bool down) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (down) {
+      down_.insert(name);
+    } else {
+      down_.erase(name);
+    }
+  }
+
+  // From now on every durable write counts toward `plan`.
+  void Arm(CrashPlan& plan) {
+    pools_.clear();
+    wrappers_.clear();
+    for (auto& [name, io] : raw_) {
+      wrappers_[name] = std::make_unique<PlannedCrashIo>(*io, plan);
+    }
+    OpenAll();
+  }
+
+  // Power loss on both devices, then both pools opened again.
+  void CrashAndReopen() {
+    pools_.clear();
+    wrappers_.clear();
+    for (auto& [name, io] : raw_) io->Crash();
+    OpenAll();
+  }
+
+ private:
+  void OpenAll() {
+    for (auto& [name, io] : raw_) {
+      blockstore::Io& dev = wrappers_.contains(name)
+                                ? static_cast<blockstore::Io&>(*wrappers_[name])
+                                : *io;
+      auto p = blockstore::Pool::Open(dev, blockstore::OpenMode::kReadWrite);
+      EXPECT_TRUE(p.ok()) << p.status();
+      if (p.ok()) pools_[name] = std::move(*p);
+    }
+  }
+
+  std::mutex mu_;
+  std::set<std::string> down_;
+  std::map<std::string, std::unique_ptr<blockstore::MemIo>> raw_;
+  std::map<std::string, std::unique_ptr<PlannedCrashIo>> wrappers_;
+  std::map<std::string, std::unique_ptr<blockstore::Pool>> pools_;
+};
+
+}  // namespace testing_util
+
+#endif  // TANDEM_TESTS_TESTING_TWO_POOLS_H_
