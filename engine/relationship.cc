@@ -251,6 +251,13 @@ absl::StatusOr<RelationshipRecord> RelationshipRecord::FromJson(
 
 std::string LossPreview::Describe() const {
   std::string s;
+  if (operation == "reestablish") {
+    return absl::StrCat(
+        "reestablish: ", overwritten.ToString(),
+        " goes back to being the destination. Its writes since the last "
+        "update are sent over first, then it is made equal to the other "
+        "side: nothing written on it is lost.");
+  }
   if (method == "new-volume") {
     return absl::StrCat(operation, ": volume ", overwritten.ToString(),
                         " is gone; a full baseline recreates it. Nothing "
@@ -301,6 +308,10 @@ void Replication::Active(const std::string& id, bool on) {
   } else {
     active_.erase(id);
   }
+}
+
+bool Replication::InRelationship(Pool& pool, const std::string& volume) {
+  return pool.Properties().contains(PropertyKey(volume));
 }
 
 bool Replication::IsReplicationSnapshot(const std::string& name) {
@@ -1122,9 +1133,8 @@ absl::StatusOr<TransferStats> Replication::Reestablish(const Endpoint& either,
     LossPreview p;
     p.operation = "reestablish";
     p.overwritten = r.source;
-    p.method = "rollback";
-    LossPreview ask = p;
-    if (!confirm(ask)) {
+    p.method = "reestablish";
+    if (!confirm(p)) {
       return absl::CancelledError("reestablish cancelled; nothing was changed");
     }
     r.pending = kReestablish;
@@ -1134,6 +1144,7 @@ absl::StatusOr<TransferStats> Replication::Reestablish(const Endpoint& either,
     total.stream_bytes += u->stream_bytes;
     total.data_bytes += u->data_bytes;
     total.snapshots += u->snapshots;
+    total.seconds += u->seconds;
     if (absl::Status s = Break(either); !s.ok()) return s;
     rel = Load(either);
     if (!rel.ok()) return rel.status();

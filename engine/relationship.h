@@ -160,6 +160,8 @@ class Replication {
       blockstore::Pool& a, const std::string& volume_a, blockstore::Pool& b,
       const std::string& volume_b);
   static bool IsReplicationSnapshot(const std::string& name);
+  // True if `volume` of `pool` has a relationship record.
+  static bool InRelationship(blockstore::Pool& pool, const std::string& volume);
 
   // Called during transfers with the record as it goes (progress fields).
   void set_progress(std::function<void(const RelationshipRecord&)> f) {

@@ -1,16 +1,19 @@
-// `tandem demo`: the main job. Until replication lands it walks through the
-// block store on a pool file in a temporary directory, checking every
-// promise it shows. Returns the process exit code.
+// `tandem demo`: the main job. The operator's disaster-recovery procedure
+// (../shared/seed) on two pool files: mirror a volume, update it, break it
+// when site A goes down, reverse resync when it comes back, re-establish the
+// original direction; states, digests and byte checks after every step.
+// Returns the process exit code (non-zero if any check failed).
 #ifndef TANDEM_TOOLS_DEMO_H_
 #define TANDEM_TOOLS_DEMO_H_
 
+#include <cstdint>
 #include <string>
 
 namespace tools {
 
 // Uses `dir` (created if missing, kept) or a fresh temporary directory that
-// is removed afterwards when empty.
-int RunDemo(const std::string& dir);
+// is removed afterwards. The source volume holds `volume_bytes`.
+int RunDemo(const std::string& dir, uint64_t volume_bytes);
 
 }  // namespace tools
 

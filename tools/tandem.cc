@@ -28,9 +28,11 @@
 #include "blockstore/io.h"
 #include "blockstore/pool.h"
 #include "blockstore/util.h"
+#include "engine/relationship.h"
 #include "nlohmann/json.hpp"
 #include "tools/demo.h"
 #include "tools/open_pool.h"
+#include "tools/relationship_cli.h"
 
 namespace tools {
 namespace {
@@ -94,6 +96,18 @@ json SnapshotJson(const blockstore::SnapshotInfo& s) {
           {"created_ns", s.create_time_ns},
           {"generation", s.generation},
           {"root_digest", s.root_digest.ToHex()}};
+}
+
+// FailedPrecondition if `volume` is in a replication relationship: `what`
+// would break it.
+absl::Status InRelationship(Pool& pool, const std::string& volume,
+                            const std::string& what) {
+  if (engine::Replication::InRelationship(pool, volume)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "volume '", volume, "' is in a replication relationship; ", what,
+        " would break it: run `tandem relationship release` first"));
+  }
+  return absl::OkStatus();
 }
 
 // --- pool -----------------------------------------------------------------
@@ -275,6 +289,8 @@ absl::Status WriteCommand(const std::string& path, const std::string& volume,
   if (!pool.ok()) return pool.status();
   absl::StatusOr<blockstore::VolumeInfo> vol = (*pool)->GetVolume(volume);
   if (!vol.ok()) return vol.status();
+  // Refused even with nothing to write (the pool's message says why).
+  if (vol->read_only) return (*pool)->Write(volume, 0, {});
   struct stat st {};
   if (fd != 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
       (*offset > vol->size_bytes ||
@@ -480,6 +496,9 @@ int Run(int argc, char** argv) {
     absl::StatusOr<std::unique_ptr<Pool>> p =
         OpenPool(pool_path, OpenMode::kReadWrite);
     if (!p.ok()) return act(p.status());
+    if (absl::Status s = InRelationship(**p, name, "deleting it"); !s.ok()) {
+      return act(s);
+    }
     act((*p)->DeleteVolume(name, recursive));
   });
 
@@ -557,6 +576,13 @@ int Run(int argc, char** argv) {
     absl::StatusOr<std::unique_ptr<Pool>> p =
         OpenPool(pool_path, OpenMode::kReadWrite);
     if (!p.ok()) return act(p.status());
+    if (engine::Replication::IsReplicationSnapshot(ref.snapshot)) {
+      if (absl::Status s = InRelationship(
+              **p, ref.volume, "deleting its replication snapshots");
+          !s.ok()) {
+        return act(s);
+      }
+    }
     act((*p)->DeleteSnapshot(ref.volume, ref.snapshot));
   });
 
@@ -587,14 +613,25 @@ int Run(int argc, char** argv) {
     std::printf("%s\n", d->ToHex().c_str());
   });
 
-  std::string demo_dir;
+  RelationshipArgs rel_args;
+  AddRelationshipCommands(app, rel_args, act);
+
+  std::string demo_dir, demo_size = "256M";
   CLI::App* demo = app.add_subcommand(
-      "demo", "walk through the block store on pools in a temporary directory");
+      "demo",
+      "the disaster-recovery drill on two pools in a temporary directory");
   demo->add_option("DIR", demo_dir,
                    "where to put the pools (default: a new "
                    "temporary directory, removed after)");
+  demo->add_option("--size", demo_size, "source volume size (default 256M)");
   demo->callback([&] {
-    int rc = RunDemo(demo_dir);
+    absl::StatusOr<uint64_t> size = Size(demo_size, "volume size");
+    if (!size.ok()) return act(size.status());
+    if (*size < 1 << 20 || *size % (64 << 10) != 0) {
+      return act(absl::InvalidArgumentError(
+          "bad --size: the demo wants at least 1M, a multiple of 64K"));
+    }
+    int rc = RunDemo(demo_dir, *size);
     if (rc != 0) failure = Failure{"demo: a check failed (see above)", rc};
   });
 

@@ -25,6 +25,7 @@
 #include "nlohmann/json.hpp"
 #include "tools/fd_stream.h"
 #include "tools/open_pool.h"
+#include "tools/progress.h"
 
 namespace tools {
 namespace {
@@ -37,48 +38,6 @@ using Clock = std::chrono::steady_clock;
 double Since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
-
-// A one-line progress bar on stderr, only when stderr is a terminal.
-class Progress {
- public:
-  explicit Progress(const char* verb)
-      : verb_(verb), enabled_(isatty(2)), start_(Clock::now()) {}
-  ~Progress() { Clear(); }
-
-  void Update(uint64_t done, uint64_t total) {
-    if (!enabled_) return;
-    auto now = Clock::now();
-    if (now - last_ < std::chrono::milliseconds(100)) return;
-    last_ = now;
-    double secs = Since(start_);
-    double rate = secs > 0 ? done / secs : 0;
-    std::string line = absl::StrCat(verb_, " ", FormatBytes(done));
-    if (total > 0) {
-      absl::StrAppend(&line, " / ", FormatBytes(total),
-                      absl::StrFormat(" (%.0f%%)", 100.0 * done / total));
-    }
-    absl::StrAppend(&line, "  ", FormatBytes(static_cast<uint64_t>(rate)),
-                    "/s");
-    if (total > done && rate > 0) {
-      absl::StrAppend(&line,
-                      absl::StrFormat("  ETA %.0fs", (total - done) / rate));
-    }
-    std::fprintf(stderr, "\r%-78s", line.c_str());
-    shown_ = true;
-  }
-
-  void Clear() {
-    if (shown_) std::fprintf(stderr, "\r%-78s\r", "");
-    shown_ = false;
-  }
-
- private:
-  const char* verb_;
-  const bool enabled_;
-  const Clock::time_point start_;
-  Clock::time_point last_{};
-  bool shown_ = false;
-};
 
 absl::Status Create(const std::string& pool_path, const std::string& ref,
                     const std::string& base, const std::string& output,

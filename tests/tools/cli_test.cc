@@ -404,6 +404,97 @@ TEST_P(CliTest, DeltaFilesBetweenTwoPoolsAndAnImage) {
   EXPECT_THAT(Ok({"pool", "check", b, "--data"}), HasSubstr("consistent"));
 }
 
+TEST_P(CliTest, RelationshipProcedureAndStatus) {
+  if (GetParam()) GTEST_SKIP() << "the file variant covers this";
+  std::string a = dir_ + "/a.img", b = dir_ + "/b.img";
+  std::string src = a + ":v", dst = b + ":v";
+  Ok({"pool", "create", a, "--size", "256M"});
+  Ok({"pool", "create", b, "--size", "256M"});
+  Ok({"volume", "create", "--pool", a, "v", "--size", "8M"});
+  Ok({"write", "--pool", a, "v"}, RandomBytes(4 << 20, 21));
+  EXPECT_THAT(Ok({"relationship", "create", "--source", src, "--destination",
+                  dst, "--schedule", "10m"}),
+              HasSubstr("(schedule 10m); Uninitialized, Idle"));
+  Fails({"relationship", "break", dst}, "mirror state is Uninitialized");
+  Fails({"relationship", "create", "--source", src, "--destination",
+         dir_ + "/nope.img:v"},
+        "no pool file or device before any ':'");
+  Fails({"relationship", "create", "--source", a + ":w", "--destination",
+         b + ":w", "--schedule", "sometimes"},
+        "bad schedule 'sometimes'");
+  EXPECT_THAT(Ok({"relationship", "initialize", src}),
+              HasSubstr("4 MiB of data, 1 snapshot(s))"));
+  Fails({"write", "--pool", b, "v"}, "is read-only");
+  Fails({"volume", "delete", "--pool", a, "v", "--recursive"},
+        "is in a replication relationship");
+
+  Ok({"write", "--pool", a, "v", "--offset", "1M"}, RandomBytes(65536, 22));
+  Ok({"snapshot", "create", "--pool", a, "v@mine"});
+  Ok({"relationship", "update", dst});
+  EXPECT_EQ(Ok({"read", "--pool", b, "v"}), Ok({"read", "--pool", a, "v"}));
+  EXPECT_EQ(Ok({"digest", "--pool", b, "v@mine"}),
+            Ok({"digest", "--pool", a, "v@mine"}));
+
+  json j = json::parse(Ok({"status", src, "--json"}));
+  ASSERT_EQ(j.size(), 1u);
+  EXPECT_THAT(j[0]["source"].get<std::string>(), HasSubstr("/a.img:v"));
+  for (const char* key :
+       {"source", "destination", "mirror_state", "relationship_status",
+        "healthy", "unhealthy_reason", "lag_seconds", "last_transfer_bytes",
+        "last_transfer_seconds", "last_transfer_error", "progress_bytes",
+        "progress_total_bytes", "total_transfer_bytes",
+        "last_common_snapshot"}) {
+    EXPECT_TRUE(j[0].contains(key)) << key;
+  }
+  EXPECT_EQ(j[0]["mirror_state"], "Mirrored");
+  EXPECT_EQ(j[0]["relationship_status"], "Idle");
+  EXPECT_EQ(j[0]["healthy"], true);
+  EXPECT_THAT(j[0]["destination"].get<std::string>(), HasSubstr("/b.img:v"));
+  EXPECT_EQ(j[0]["progress_bytes"], j[0]["progress_total_bytes"]);
+  std::string common = j[0]["last_common_snapshot"];
+  Fails({"snapshot", "delete", "--pool", b, "v@" + common},
+        "is in a replication relationship");
+
+  // Disaster: break, write on the destination, then resync back: refused
+  // without a terminal or --yes, and what it would overwrite is shown.
+  EXPECT_THAT(Ok({"relationship", "break", dst}), HasSubstr("Broken, Idle"));
+  Ok({"write", "--pool", b, "v", "--offset", "2M"}, RandomBytes(131072, 23));
+  Result r = Tandem({"relationship", "resync", dst});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.out, HasSubstr("128 KiB (131072 bytes in 2 chunks) written "
+                               "there since will be overwritten"));
+  EXPECT_THAT(r.err, HasSubstr("no terminal to confirm on: rerun with --yes"));
+  json st = json::parse(Ok({"status", "--pool", b, "--json"}));
+  EXPECT_EQ(st[0]["mirror_state"], "Broken");
+  EXPECT_EQ(st[0]["healthy"], false);
+  EXPECT_THAT(Ok({"relationship", "reverse-resync", src, "--yes"}),
+              HasSubstr("Mirrored, Idle"));
+  EXPECT_EQ(Ok({"read", "--pool", a, "v"}), Ok({"read", "--pool", b, "v"}));
+  st = json::parse(Ok({"status", src, "--json"}));
+  EXPECT_THAT(st[0]["source"].get<std::string>(), HasSubstr("/b.img:v"));
+  Fails({"write", "--pool", a, "v"}, "is read-only");
+  EXPECT_THAT(Ok({"relationship", "reestablish", src, "--yes"}),
+              HasSubstr("Mirrored, Idle"));
+  st = json::parse(Ok({"status", src, "--json"}));
+  EXPECT_THAT(st[0]["source"].get<std::string>(), HasSubstr("/a.img:v"));
+  EXPECT_THAT(Ok({"status", src}), HasSubstr("mirror state           Mirrored"));
+  EXPECT_THAT(Ok({"relationship", "release", dst}), HasSubstr("released"));
+  EXPECT_THAT(Ok({"status", "--pool", a}), HasSubstr("no relationships"));
+  Ok({"write", "--pool", b, "v"}, RandomBytes(4096, 24));
+  for (const std::string& pool : {a, b}) {
+    EXPECT_THAT(Ok({"pool", "check", pool, "--data"}), HasSubstr("consistent"));
+  }
+}
+
+TEST_P(CliTest, DemoRunsTheDrill) {
+  if (GetParam()) GTEST_SKIP() << "the file variant covers this";
+  Result r = Tandem({"demo", dir_ + "/demo", "--size", "8M"});
+  EXPECT_EQ(r.code, 0) << r.out << r.err;
+  EXPECT_THAT(r.out, HasSubstr("demo: all checks passed"));
+  EXPECT_THAT(r.out, HasSubstr("break refused while Transferring"));
+  EXPECT_EQ(r.out.find("FAIL"), std::string::npos) << r.out;
+}
+
 INSTANTIATE_TEST_SUITE_P(Backends, CliTest, ::testing::Values(false, true),
                          [](const auto& info) {
                            return info.param ? "LoopDevice" : "File";
