@@ -628,7 +628,9 @@ absl::StatusOr<TransferStats> Replication::Transfer(
       CommonSnapshot(from, from_volume, to, to_volume);
   if (!common) {
     return absl::FailedPreconditionError(absl::StrCat(
-        from_volume, " and ", to_volume, " share no snapshot"));
+        "the two volumes share no snapshot any more (deleted by hand?): "
+        "break, then resync or reverse-resync to compare them chunk by "
+        "chunk"));
   }
   absl::StatusOr<std::vector<SnapshotInfo>> snaps = Snapshots(from, from_volume);
   if (!snaps.ok()) return snaps.status();
@@ -1216,23 +1218,32 @@ absl::StatusOr<RelationshipReport> Replication::Report(const Endpoint& either) {
     out.notes.push_back(absl::StrCat("destination pool cannot be opened: ",
                                      rel->dst_error.message()));
   }
+  // Lag: how old the data the destination holds is, i.e. the creation time
+  // of the last common snapshot (or, with the source unreachable, of the
+  // newest snapshot the destination received; its safety snapshots and
+  // the like are not replicated data).
+  int64_t replicated_ns = -1;
   if (rel->src != nullptr && rel->dst != nullptr) {
     if (std::optional<SnapshotInfo> c =
             CommonSnapshot(*rel->src, r.source.volume, *rel->dst,
                            r.destination.volume)) {
       out.last_common_snapshot = c->name;
+      replicated_ns = c->create_time_ns;
     }
-  }
-  if (rel->dst != nullptr) {
+  } else if (rel->dst != nullptr) {
     absl::StatusOr<std::vector<SnapshotInfo>> snaps =
         rel->dst->ListSnapshots(r.destination.volume);
-    if (snaps.ok() && !snaps->empty()) {
-      int64_t newest = 0;
+    if (snaps.ok()) {
       for (const SnapshotInfo& s : *snaps) {
-        newest = std::max(newest, s.create_time_ns);
+        if (IsReplicationSnapshot(s.name)) {
+          replicated_ns = std::max(replicated_ns, s.create_time_ns);
+        }
       }
-      out.lag_seconds = std::max<int64_t>(0, (Now() - newest) / 1000000000);
     }
+  }
+  if (replicated_ns >= 0) {
+    out.lag_seconds =
+        std::max<int64_t>(0, (Now() - replicated_ns) / 1000000000);
   }
   bool interrupted = false;
   if (r.status == TransferStatus::kTransferring) {

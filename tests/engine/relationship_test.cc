@@ -295,6 +295,56 @@ TEST(RelationshipTest, HashDiffShipsOnlyTheChunksThatDiffer) {
   EXPECT_EQ(up->data_bytes, kChunk);
 }
 
+TEST(RelationshipTest, HealthFollowsStateErrorsAndLag) {
+  TwoPools pools;
+  Replication rep(pools);
+  Prepare(pools, rep);  // schedule 600 s
+  absl::StatusOr<RelationshipReport> r = rep.Report(kA);
+  ASSERT_TRUE(r.ok());
+  EXPECT_FALSE(r->healthy);
+  EXPECT_THAT(r->unhealthy_reason, HasSubstr("not initialized"));
+  EXPECT_EQ(r->lag_seconds, -1);
+  ASSERT_TRUE(rep.Initialize(kA).ok());
+  const int64_t common_ns =
+      pools.pool("b").ListSnapshots("v")->back().create_time_ns;
+  rep.set_clock([&] { return common_ns + int64_t{1100} * 1000000000; });
+  r = rep.Report(kB);
+  EXPECT_TRUE(r->healthy) << r->unhealthy_reason;
+  EXPECT_EQ(r->lag_seconds, 1100);
+  EXPECT_EQ(r->record.progress_bytes, 200 * kChunk);
+  EXPECT_EQ(r->record.progress_total_bytes, 200 * kChunk);
+  rep.set_clock([&] { return common_ns + int64_t{1300} * 1000000000; });
+  r = rep.Report(kB);
+  EXPECT_FALSE(r->healthy);
+  EXPECT_THAT(r->unhealthy_reason,
+              HasSubstr("lag 1300 s is more than twice the schedule (600 s)"));
+  // A failed transfer makes it unhealthy with the error, until one succeeds.
+  rep.set_clock(nullptr);
+  pools.SetDown("b", true);
+  EXPECT_FALSE(rep.Update(kA).ok());
+  pools.SetDown("b", false);
+  r = rep.Report(kA);
+  EXPECT_TRUE(r->healthy) << "a refused start is not a failed transfer";
+  // Someone deleted the destination's snapshots behind the engine's back.
+  for (const auto& snap : Snaps(pools.pool("b"))) {
+    ASSERT_TRUE(pools.pool("b").DeleteSnapshot("v", snap.name).ok());
+  }
+  EXPECT_THAT(rep.Update(kA).status().message(), HasSubstr("break, then resync or reverse-resync"));
+  r = rep.Report(kA);
+  EXPECT_FALSE(r->healthy);
+  EXPECT_THAT(r->unhealthy_reason,
+              HasSubstr("last transfer failed: the two volumes share no snapshot"));
+  EXPECT_EQ(r->record.status, TransferStatus::kIdle);
+  EXPECT_EQ(r->record.mirror_state, MirrorState::kMirrored);
+  // The way out: break and resync (a hash-diff: nothing differs).
+  ASSERT_TRUE(rep.Break(kA).ok());
+  absl::StatusOr<TransferStats> rs = rep.Resync(kA, kYes);
+  ASSERT_TRUE(rs.ok()) << rs.status();
+  EXPECT_EQ(rs->data_bytes, 0u);
+  EXPECT_TRUE(rep.Report(kA)->healthy);
+  EXPECT_EQ(Content(pools.pool("b"), "v"), Content(pools.pool("a"), "v"));
+}
+
 TEST(RelationshipTest, LostSourceVolumeGetsAFullBaseline) {
   TwoPools pools;
   Replication rep(pools);
