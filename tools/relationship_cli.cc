@@ -133,7 +133,9 @@ void PrintReport(const RelationshipReport& rep) {
                  : absl::StrCat(rep.lag_seconds, " s (schedule ",
                                 FormatSchedule(r.schedule_seconds), ")"));
   row("last common snapshot",
-      rep.last_common_snapshot.empty() ? "none" : rep.last_common_snapshot);
+      !rep.last_common_snapshot.empty() ? rep.last_common_snapshot
+      : rep.notes.empty()               ? "none"
+                                        : "unknown (a pool cannot be opened)");
   if (r.last_transfer_end_ns != 0) {
     row("last transfer",
         absl::StrFormat("%s on the wire, %s of data, %.2f s, ended %s",
