@@ -345,6 +345,40 @@ TEST(RelationshipTest, HealthFollowsStateErrorsAndLag) {
   EXPECT_EQ(Content(pools.pool("b"), "v"), Content(pools.pool("a"), "v"));
 }
 
+TEST(RelationshipTest, RecordsRoundTripAndBadOnesAreNamed) {
+  RelationshipRecord r;
+  r.id = "0a1b2c3d-0000-4000-8000-000000000000";
+  r.epoch = 7;
+  r.source = {"/p/a.img", "v"};
+  r.origin = r.source;
+  r.destination = {"/p/b.img", "w:x"};
+  r.mirror_state = MirrorState::kBroken;
+  r.status = TransferStatus::kTransferring;
+  r.operation = "resync";
+  r.last_transfer_error = "disk \"full\"\n";
+  r.total_transfer_bytes = uint64_t{1} << 50;
+  absl::StatusOr<RelationshipRecord> back =
+      RelationshipRecord::FromJson(r.ToJson());
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->ToJson(), r.ToJson());
+  EXPECT_EQ(back->destination, r.destination);
+  EXPECT_EQ(back->mirror_state, MirrorState::kBroken);
+
+  std::string text = r.ToJson();
+  std::string bad_state = text;
+  bad_state.replace(bad_state.find("\"Broken\""), 8, "\"Bent\"");
+  EXPECT_THAT(RelationshipRecord::FromJson(bad_state).status().message(),
+              HasSubstr("bad mirror_state 'Bent'"));
+  EXPECT_THAT(RelationshipRecord::FromJson("{}").status().message(),
+              HasSubstr("relationship record is malformed"));
+  EXPECT_THAT(RelationshipRecord::FromJson(text.substr(0, 40)).status().message(),
+              HasSubstr("relationship record is malformed"));
+  std::string newer = text;
+  newer.replace(newer.find("\"version\":1"), 11, "\"version\":9");
+  EXPECT_EQ(RelationshipRecord::FromJson(newer).status().code(),
+            absl::StatusCode::kUnimplemented);
+}
+
 TEST(RelationshipTest, LostSourceVolumeGetsAFullBaseline) {
   TwoPools pools;
   Replication rep(pools);
