@@ -19,6 +19,7 @@ namespace {
 using ::testing::HasSubstr;
 using testing_util::MakePool;
 using testing_util::PoolModel;
+using testing_util::ReadAll;
 using testing_util::TestData;
 
 constexpr uint32_t kChunk = 4096;
@@ -27,16 +28,6 @@ std::unique_ptr<Pool> Reopen(MemIo& io, OpenMode mode = OpenMode::kReadWrite) {
   absl::StatusOr<std::unique_ptr<Pool>> pool = Pool::Open(io, mode);
   EXPECT_TRUE(pool.ok()) << pool.status();
   return pool.ok() ? std::move(*pool) : nullptr;
-}
-
-std::vector<std::byte> ReadAll(Pool& pool, const std::string& vol,
-                               const std::string& snap = "") {
-  uint64_t size = snap.empty() ? pool.GetVolume(vol)->size_bytes
-                               : pool.GetSnapshot(vol, snap)->size_bytes;
-  std::vector<std::byte> out(size);
-  absl::Status s = pool.Read(vol, snap, 0, out);
-  EXPECT_TRUE(s.ok()) << s;
-  return out;
 }
 
 void ExpectConsistent(Pool& pool, bool data = true) {

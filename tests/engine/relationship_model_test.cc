@@ -21,6 +21,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/model.h"
+#include "tests/testing/pools.h"
 #include "tests/testing/two_pools.h"
 
 namespace engine {
@@ -36,11 +37,7 @@ const Endpoint kA{"a", "v"};
 const Endpoint kB{"b", "v"};
 
 std::vector<std::byte> Content(Pool& pool, const std::string& snap = "") {
-  uint64_t size = snap.empty() ? pool.GetVolume("v")->size_bytes
-                               : pool.GetSnapshot("v", snap)->size_bytes;
-  std::vector<std::byte> out(size);
-  EXPECT_TRUE(pool.Read("v", snap, 0, out).ok());
-  return out;
+  return testing_util::ReadAll(pool, "v", snap);
 }
 
 std::vector<blockstore::SnapshotInfo> Snaps(Pool& pool) {

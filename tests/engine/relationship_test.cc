@@ -14,6 +14,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/model.h"
+#include "tests/testing/pools.h"
 #include "tests/testing/two_pools.h"
 
 namespace engine {
@@ -31,12 +32,7 @@ const Endpoint kB{"b", "v"};
 
 std::vector<std::byte> Content(Pool& pool, const std::string& vol,
                                const std::string& snap = "") {
-  uint64_t size = snap.empty() ? pool.GetVolume(vol)->size_bytes
-                               : pool.GetSnapshot(vol, snap)->size_bytes;
-  std::vector<std::byte> out(size);
-  absl::Status s = pool.Read(vol, snap, 0, out);
-  EXPECT_TRUE(s.ok()) << s;
-  return out;
+  return testing_util::ReadAll(pool, vol, snap);
 }
 
 // Distinct incompressible data, never all zeros (exact byte counts).
@@ -83,11 +79,16 @@ void Prepare(TwoPools& pools, Replication& rep) {
   ASSERT_TRUE(rep.Create(kA, kB, 600).ok());
 }
 
-TEST(RelationshipTest, TheOperatorProcedureWithEveryGuard) {
+// Two empty pools and the engine over them.
+class RelationshipTest : public ::testing::Test {
+ protected:
   TwoPools pools;
-  Replication rep(pools);
+  Replication rep{pools};
   Pool& a = pools.pool("a");
   Pool& b = pools.pool("b");
+};
+
+TEST_F(RelationshipTest, TheOperatorProcedureWithEveryGuard) {
   Prepare(pools, rep);
   RelationshipRecord r = Record(rep, kA);
   EXPECT_EQ(r.mirror_state, MirrorState::kUninitialized);
@@ -224,11 +225,7 @@ TEST(RelationshipTest, TheOperatorProcedureWithEveryGuard) {
   EXPECT_EQ(rep.Report(kA).status().code(), absl::StatusCode::kNotFound);
 }
 
-TEST(RelationshipTest, ResyncPreviewEqualsWhatTheDestinationLoses) {
-  TwoPools pools;
-  Replication rep(pools);
-  Pool& a = pools.pool("a");
-  Pool& b = pools.pool("b");
+TEST_F(RelationshipTest, ResyncPreviewEqualsWhatTheDestinationLoses) {
   Prepare(pools, rep);
   ASSERT_TRUE(rep.Initialize(kA).ok());
   ASSERT_TRUE(rep.Break(kA).ok());
@@ -260,11 +257,7 @@ TEST(RelationshipTest, ResyncPreviewEqualsWhatTheDestinationLoses) {
   EXPECT_TRUE(b.GetSnapshot("v", "dest-own").ok());
 }
 
-TEST(RelationshipTest, HashDiffShipsOnlyTheChunksThatDiffer) {
-  TwoPools pools;
-  Replication rep(pools);
-  Pool& a = pools.pool("a");
-  Pool& b = pools.pool("b");
+TEST_F(RelationshipTest, HashDiffShipsOnlyTheChunksThatDiffer) {
   ASSERT_TRUE(a.CreateVolume("v", 4 * kVolume).ok());
   WriteChunks(a, "v", 0, 1024, 1, 21);
   ASSERT_TRUE(rep.Create(kA, kB, 0).ok());
@@ -295,9 +288,7 @@ TEST(RelationshipTest, HashDiffShipsOnlyTheChunksThatDiffer) {
   EXPECT_EQ(up->data_bytes, kChunk);
 }
 
-TEST(RelationshipTest, HealthFollowsStateErrorsAndLag) {
-  TwoPools pools;
-  Replication rep(pools);
+TEST_F(RelationshipTest, HealthFollowsStateErrorsAndLag) {
   Prepare(pools, rep);  // schedule 600 s
   absl::StatusOr<RelationshipReport> r = rep.Report(kA);
   ASSERT_TRUE(r.ok());
@@ -345,7 +336,7 @@ TEST(RelationshipTest, HealthFollowsStateErrorsAndLag) {
   EXPECT_EQ(Content(pools.pool("b"), "v"), Content(pools.pool("a"), "v"));
 }
 
-TEST(RelationshipTest, RecordsRoundTripAndBadOnesAreNamed) {
+TEST_F(RelationshipTest, RecordsRoundTripAndBadOnesAreNamed) {
   RelationshipRecord r;
   r.id = "0a1b2c3d-0000-4000-8000-000000000000";
   r.epoch = 7;
@@ -379,11 +370,7 @@ TEST(RelationshipTest, RecordsRoundTripAndBadOnesAreNamed) {
             absl::StatusCode::kUnimplemented);
 }
 
-TEST(RelationshipTest, LostSourceVolumeGetsAFullBaseline) {
-  TwoPools pools;
-  Replication rep(pools);
-  Pool& a = pools.pool("a");
-  Pool& b = pools.pool("b");
+TEST_F(RelationshipTest, LostSourceVolumeGetsAFullBaseline) {
   Prepare(pools, rep);
   ASSERT_TRUE(rep.Initialize(kA).ok());
   // The site goes down: break works with the source unreachable.

@@ -3,6 +3,8 @@
 #define TANDEM_TESTS_TESTING_POOLS_H_
 
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "blockstore/mem_io.h"
 #include "blockstore/pool.h"
@@ -18,6 +20,18 @@ inline std::unique_ptr<blockstore::Pool> MakePool(blockstore::MemIo& io,
       blockstore::Pool::Create(io, {.chunk_size_bytes = chunk_size});
   EXPECT_TRUE(pool.ok()) << pool.status();
   return pool.ok() ? std::move(*pool) : nullptr;
+}
+
+// The whole of `vol` (live), or of its snapshot `snap`, read back.
+inline std::vector<std::byte> ReadAll(blockstore::Pool& pool,
+                                      const std::string& vol,
+                                      const std::string& snap = "") {
+  uint64_t size = snap.empty() ? pool.GetVolume(vol)->size_bytes
+                               : pool.GetSnapshot(vol, snap)->size_bytes;
+  std::vector<std::byte> out(size);
+  absl::Status s = pool.Read(vol, snap, 0, out);
+  EXPECT_TRUE(s.ok()) << s;
+  return out;
 }
 
 }  // namespace testing_util
