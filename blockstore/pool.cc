@@ -872,7 +872,7 @@ absl::Status Pool::SetVolumeReadOnly(absl::string_view name, bool read_only) {
   if (absl::Status s = EnsureSpace(0, 0); !s.ok()) return s;
   (*v)->read_only = read_only;
   changed_ = true;
-  return Fail(CommitLocked());
+  return Fail(CommitUnlessGrouped());
 }
 
 absl::Status Pool::SetProperty(absl::string_view key, absl::string_view value) {
@@ -897,7 +897,7 @@ absl::Status Pool::SetProperty(absl::string_view key, absl::string_view value) {
   }
   if (absl::Status s = EnsureSpace(0, 0); !s.ok()) return s;
   changed_ = true;
-  return Fail(CommitLocked());
+  return Fail(CommitUnlessGrouped());
 }
 
 std::map<std::string, std::string> Pool::Properties() {
@@ -1438,7 +1438,7 @@ absl::Status Pool::DeleteSnapshot(absl::string_view volume,
   }
   snaps.erase(it);
   changed_ = true;
-  absl::Status s = Fail(CommitLocked());
+  absl::Status s = Fail(CommitUnlessGrouped());
   TrimCache();
   return s;
 }
@@ -1530,6 +1530,22 @@ absl::Status Pool::UpdateAllDigests() {
     }
   }
   return absl::OkStatus();
+}
+
+void Pool::BeginGroup() {
+  std::lock_guard<std::mutex> lock(mu_);
+  grouped_ = true;
+}
+
+absl::Status Pool::EndGroup() {
+  std::lock_guard<std::mutex> lock(mu_);
+  grouped_ = false;
+  if (absl::Status s = CheckWritable(); !s.ok()) return s;
+  return Fail(CommitLocked());
+}
+
+absl::Status Pool::CommitUnlessGrouped() {
+  return grouped_ ? absl::OkStatus() : CommitLocked();
 }
 
 absl::Status Pool::MaybeCommit() {

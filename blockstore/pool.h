@@ -253,6 +253,13 @@ class Pool {
   absl::Status SetProperty(absl::string_view key, absl::string_view value);
   std::map<std::string, std::string> Properties();
 
+  // Between BeginGroup() and EndGroup(), DeleteSnapshot, SetProperty and
+  // SetVolumeReadOnly do not commit one by one: EndGroup() commits them
+  // together (atomically, and once). Any other mutating call commits as
+  // usual, taking the group's changes with it. Not nested.
+  void BeginGroup();
+  absl::Status EndGroup();
+
   void SetTuning(const PoolTuning& tuning);
 
   uint32_t chunk_size() const { return sb_.chunk_size; }
@@ -301,6 +308,7 @@ class Pool {
   absl::Status FormatLocked(const CreatePoolOptions& options)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckWritable() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status CommitUnlessGrouped() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Fail(absl::Status s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<VolumeRec*> FindVolume(absl::string_view name)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -424,6 +432,7 @@ class Pool {
   std::map<std::string, VolumeRec, std::less<>> volumes_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::string, std::less<>> properties_
       ABSL_GUARDED_BY(mu_);
+  bool grouped_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<uint64_t> catalog_nodes_ ABSL_GUARDED_BY(mu_);
 
   std::vector<uint32_t> counts_ ABSL_GUARDED_BY(mu_);

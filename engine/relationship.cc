@@ -301,13 +301,16 @@ int64_t Replication::Now() const {
   return now_ ? now_() : absl::GetCurrentTimeNanos();
 }
 
-void Replication::Active(const std::string& id, bool on) {
+void Replication::Inactive(const std::string& id) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (on) {
-    active_.insert(id);
-  } else {
-    active_.erase(id);
-  }
+  active_.erase(id);
+}
+
+std::optional<std::string> Replication::Running(const std::string& id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = active_.find(id);
+  if (it == active_.end()) return std::nullopt;
+  return it->second;
 }
 
 bool Replication::InRelationship(Pool& pool, const std::string& volume) {
@@ -401,45 +404,58 @@ absl::StatusOr<Replication::Loaded> Replication::Load(const Endpoint& either) {
   return rel;
 }
 
-absl::Status Replication::Save(Loaded& rel, bool require_both) {
+absl::Status Replication::Save(Loaded& rel, bool require_both, bool prune) {
   if (require_both) {
     if (rel.src == nullptr) return rel.src_error;
     if (rel.dst == nullptr) return rel.dst_error;
   }
-  ++rel.rec.epoch;
-  std::string text = rel.rec.ToJson();
-  if (rel.dst != nullptr) {
-    if (absl::Status s = rel.dst->SetProperty(
-            PropertyKey(rel.rec.destination.volume), text);
-        !s.ok()) {
-      return s;
-    }
+  std::optional<SnapshotInfo> common;
+  if (prune && rel.src != nullptr && rel.dst != nullptr) {
+    common = CommonSnapshot(*rel.src, rel.rec.source.volume, *rel.dst,
+                            rel.rec.destination.volume);
   }
-  if (rel.src != nullptr) {
-    if (absl::Status s =
-            rel.src->SetProperty(PropertyKey(rel.rec.source.volume), text);
-        !s.ok()) {
-      return s;
-    }
+  ++rel.rec.epoch;
+  const std::string text = rel.rec.ToJson();
+  for (auto [pool, volume] :
+       {std::pair{rel.dst, rel.rec.destination.volume},
+        std::pair{rel.src, rel.rec.source.volume}}) {
+    if (pool == nullptr) continue;
+    // The record and the pruning land in one commit per pool.
+    pool->BeginGroup();
+    absl::Status s =
+        common ? PruneSnapshots(*pool, volume, rel.rec.id, *common)
+               : absl::OkStatus();
+    if (s.ok()) s = pool->SetProperty(PropertyKey(volume), text);
+    absl::Status ended = pool->EndGroup();
+    if (!s.ok()) return s;
+    if (!ended.ok()) return ended;
   }
   return absl::OkStatus();
 }
 
 absl::Status Replication::CheckNotActive(const Loaded& rel) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (active_.contains(rel.rec.id)) {
+  if (std::optional<std::string> op = Running(rel.rec.id)) {
     return absl::FailedPreconditionError(absl::StrCat(
         "relationship ", rel.rec.source.ToString(), " -> ",
-        rel.rec.destination.ToString(),
-        " is Transferring (", rel.rec.operation,
+        rel.rec.destination.ToString(), " is Transferring (", *op,
         " in progress); wait until its status is Idle"));
   }
   return absl::OkStatus();
 }
 
+// The counter is saved with the record at the end of a transfer: after a
+// crash, names it handed out may exist already, on either side.
 std::string Replication::NextSnapshotName(Loaded& rel) {
-  return absl::StrFormat("%s%06d", RepPrefix(rel.rec.id),
-                         rel.rec.next_snapshot++);
+  for (;;) {
+    std::string name = absl::StrFormat("%s%06d", RepPrefix(rel.rec.id),
+                                       rel.rec.next_snapshot++);
+    bool taken = false;
+    for (auto [pool, volume] : {std::pair{rel.src, rel.rec.source.volume},
+                                std::pair{rel.dst, rel.rec.destination.volume}}) {
+      taken = taken || (pool != nullptr && pool->GetSnapshot(volume, name).ok());
+    }
+    if (!taken) return name;
+  }
 }
 
 // An operation found Transferring here was interrupted (this process holds
@@ -493,32 +509,36 @@ absl::StatusOr<std::string> Replication::Recover(Loaded& rel) {
       }
     }
   }
-  if (absl::Status s = Save(rel, true); !s.ok()) return s;
-  if (done) {
-    if (absl::Status s = PruneSnapshots(rel); !s.ok()) return s;
-  }
+  if (absl::Status s = Save(rel, true, /*prune=*/done); !s.ok()) return s;
   return done ? op : std::string();
 }
 
-absl::Status Replication::Begin(Loaded& rel, const std::string& operation) {
+// `persist`: record Transferring in both pools before any data changes, so
+// that a crash is recovered from the record. An update does without (two
+// commits fewer on the hot path): until it ends, its only changes are a new
+// replication snapshot on the source (the next update ships it as well) and
+// an atomic receive, so the Mirrored record stays true whatever happens.
+absl::Status Replication::Begin(Loaded& rel, const std::string& operation,
+                                bool persist) {
   if (rel.src == nullptr) return rel.src_error;
   if (rel.dst == nullptr) return rel.dst_error;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (active_.contains(rel.rec.id)) {
+    if (!active_.emplace(rel.rec.id, operation).second) {
       return absl::FailedPreconditionError(
           absl::StrCat("relationship ", rel.rec.source.ToString(), " -> ",
                        rel.rec.destination.ToString(), " is Transferring"));
     }
-    active_.insert(rel.rec.id);
   }
   rel.rec.status = TransferStatus::kTransferring;
   rel.rec.operation = operation;
   rel.rec.progress_bytes = 0;
   rel.rec.progress_total_bytes = 0;
-  if (absl::Status s = Save(rel, true); !s.ok()) {
-    Active(rel.rec.id, false);
-    return s;
+  if (persist) {
+    if (absl::Status s = Save(rel, true); !s.ok()) {
+      Inactive(rel.rec.id);
+      return s;
+    }
   }
   if (transfer_started_) transfer_started_(operation);
   return absl::OkStatus();
@@ -534,10 +554,9 @@ absl::Status Replication::Finish(Loaded& rel, const TransferStats& stats) {
   rel.rec.last_transfer_error.clear();
   rel.rec.total_transfer_bytes += stats.stream_bytes;
   rel.rec.progress_bytes = rel.rec.progress_total_bytes;
-  absl::Status s = Save(rel, true);
-  Active(rel.rec.id, false);
-  if (!s.ok()) return s;
-  return PruneSnapshots(rel);
+  absl::Status s = Save(rel, true, /*prune=*/true);
+  Inactive(rel.rec.id);
+  return s;
 }
 
 absl::Status Replication::Fail(Loaded& rel, const absl::Status& error) {
@@ -548,32 +567,25 @@ absl::Status Replication::Fail(Loaded& rel, const absl::Status& error) {
   // Best effort: a pool that failed may refuse this too; the next command
   // then recovers from the Transferring record.
   Save(rel, false).IgnoreError();
-  Active(rel.rec.id, false);
+  Inactive(rel.rec.id);
   return error;
 }
 
 // Replication snapshots of this relationship older than the last common
-// one are no longer a possible base: delete them on both sides. The common
-// one itself is kept (only release deletes it); user and safety snapshots
-// are never touched.
-absl::Status Replication::PruneSnapshots(Loaded& rel) {
-  if (rel.src == nullptr || rel.dst == nullptr) return absl::OkStatus();
-  std::optional<SnapshotInfo> common =
-      CommonSnapshot(*rel.src, rel.rec.source.volume, *rel.dst,
-                     rel.rec.destination.volume);
-  if (!common) return absl::OkStatus();
-  const std::string prefix = RepPrefix(rel.rec.id);
-  for (auto [pool, volume] :
-       {std::pair{rel.src, rel.rec.source.volume},
-        std::pair{rel.dst, rel.rec.destination.volume}}) {
-    absl::StatusOr<std::vector<SnapshotInfo>> snaps = pool->ListSnapshots(volume);
-    if (!snaps.ok()) return snaps.status();
-    for (const SnapshotInfo& s : *snaps) {
-      if (s.guid == common->guid) break;  // newer ones stay
-      if (absl::StartsWith(s.name, prefix)) {
-        if (absl::Status st = pool->DeleteSnapshot(volume, s.name); !st.ok()) {
-          return st;
-        }
+// one are no longer a possible base: delete them. The common one itself is
+// kept (only release deletes it); user and safety snapshots are never
+// touched.
+absl::Status Replication::PruneSnapshots(Pool& pool, const std::string& volume,
+                                         const std::string& id,
+                                         const SnapshotInfo& common) {
+  const std::string prefix = RepPrefix(id);
+  absl::StatusOr<std::vector<SnapshotInfo>> snaps = pool.ListSnapshots(volume);
+  if (!snaps.ok()) return snaps.status();
+  for (const SnapshotInfo& s : *snaps) {
+    if (s.guid == common.guid) break;  // newer ones stay
+    if (absl::StartsWith(s.name, prefix)) {
+      if (absl::Status st = pool.DeleteSnapshot(volume, s.name); !st.ok()) {
+        return st;
       }
     }
   }
@@ -852,7 +864,9 @@ absl::StatusOr<TransferStats> Replication::Initialize(const Endpoint& either) {
         " exists; initialize creates it: delete it first"));
   }
   std::string name = NextSnapshotName(*rel);
-  if (absl::Status s = Begin(*rel, "initialize"); !s.ok()) return s;
+  if (absl::Status s = Begin(*rel, "initialize", /*persist=*/true); !s.ok()) {
+    return s;
+  }
   absl::StatusOr<SnapshotInfo> snap =
       rel->src->CreateSnapshot(r.source.volume, name);
   if (!snap.ok()) return Fail(*rel, snap.status());
@@ -897,7 +911,9 @@ absl::StatusOr<TransferStats> Replication::Update(const Endpoint& either) {
     return s;
   }
   std::string snap_name = NextSnapshotName(*rel);
-  if (absl::Status s = Begin(*rel, "update"); !s.ok()) return s;
+  if (absl::Status s = Begin(*rel, "update", /*persist=*/false); !s.ok()) {
+    return s;
+  }
   absl::StatusOr<SnapshotInfo> snap =
       rel->src->CreateSnapshot(r.source.volume, snap_name);
   if (!snap.ok()) return Fail(*rel, snap.status());
@@ -915,10 +931,10 @@ absl::Status Replication::Break(const Endpoint& either) {
   RelationshipRecord& r = rel->rec;
   const std::string name = absl::StrCat(r.source.ToString(), " -> ",
                                         r.destination.ToString());
-  if (absl::Status s = CheckNotActive(*rel); !s.ok()) {
+  if (std::optional<std::string> op = Running(r.id)) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "cannot break ", name, ": relationship status is Transferring (",
-        r.operation, " in progress); wait until it is Idle, then break"));
+        "cannot break ", name, ": relationship status is Transferring (", *op,
+        " in progress); wait until it is Idle, then break"));
   }
   if (rel->src != nullptr && rel->dst != nullptr) {
     if (absl::StatusOr<std::string> rec = Recover(*rel); !rec.ok()) {
@@ -1038,7 +1054,9 @@ absl::StatusOr<TransferStats> Replication::Overwrite(
   const std::string sv = reverse ? r.destination.volume : r.source.volume;
   const std::string rv = reverse ? r.source.volume : r.destination.volume;
   std::string snap_name = NextSnapshotName(rel);
-  if (absl::Status s = Begin(rel, operation); !s.ok()) return s;
+  if (absl::Status s = Begin(rel, operation, /*persist=*/true); !s.ok()) {
+    return s;
+  }
   auto undo = [&](absl::Status s) {
     if (HasVolume(receiver, rv)) {
       receiver.SetVolumeReadOnly(rv, false).IgnoreError();
@@ -1245,11 +1263,13 @@ absl::StatusOr<RelationshipReport> Replication::Report(const Endpoint& either) {
     out.lag_seconds =
         std::max<int64_t>(0, (Now() - replicated_ns) / 1000000000);
   }
-  bool interrupted = false;
-  if (r.status == TransferStatus::kTransferring) {
-    std::lock_guard<std::mutex> lock(mu_);
-    interrupted = !active_.contains(r.id);
+  std::optional<std::string> running = Running(r.id);
+  if (running) {  // this process is transferring it now
+    out.record.status = TransferStatus::kTransferring;
+    out.record.operation = *running;
   }
+  const bool interrupted =
+      r.status == TransferStatus::kTransferring && !running;
   auto unhealthy = [&](std::string why) {
     out.healthy = false;
     out.unhealthy_reason = std::move(why);

@@ -28,7 +28,7 @@
 #include <functional>
 #include <mutex>
 #include <optional>
-#include <set>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -178,10 +178,10 @@ class Replication {
  private:
   struct Loaded;
   absl::StatusOr<Loaded> Load(const Endpoint& either);
-  absl::Status Save(Loaded& rel, bool require_both);
+  absl::Status Save(Loaded& rel, bool require_both, bool prune = false);
   // The operation it finished, or empty (none, or rolled back).
   absl::StatusOr<std::string> Recover(Loaded& rel);
-  absl::Status Begin(Loaded& rel, const std::string& operation);
+  absl::Status Begin(Loaded& rel, const std::string& operation, bool persist);
   absl::Status CheckNotActive(const Loaded& rel);
   absl::StatusOr<TransferStats> Transfer(Loaded& rel, blockstore::Pool& from,
                                          const std::string& from_volume,
@@ -205,17 +205,23 @@ class Replication {
                                           bool reverse, const Confirm& confirm);
   absl::Status Finish(Loaded& rel, const TransferStats& stats);
   absl::Status Fail(Loaded& rel, const absl::Status& error);
-  absl::Status PruneSnapshots(Loaded& rel);
+  static absl::Status PruneSnapshots(blockstore::Pool& pool,
+                                     const std::string& volume,
+                                     const std::string& id,
+                                     const blockstore::SnapshotInfo& common);
   std::string NextSnapshotName(Loaded& rel);
   int64_t Now() const;
-  void Active(const std::string& id, bool on);
+  void Inactive(const std::string& id);
+  // The operation this process runs on relationship `id` now, if any.
+  std::optional<std::string> Running(const std::string& id);
 
   PoolProvider& pools_;
   std::function<void(const RelationshipRecord&)> progress_;
   std::function<void(const std::string&)> transfer_started_;
   std::function<int64_t()> now_;
   std::mutex mu_;
-  std::set<std::string> active_;  // relationships transferring now (mu_)
+  // Relationship id -> the operation transferring it now, in this process.
+  std::map<std::string, std::string> active_;  // guarded by mu_
 };
 
 }  // namespace engine
