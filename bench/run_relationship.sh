@@ -39,6 +39,7 @@ $T relationship create --source "$work/a1.img:v" --destination "$work/b1.img:v" 
 $T relationship initialize "$work/a1.img:v" >/dev/null
 $D create --pool "$work/a2.img" v@base 2>/dev/null | $D apply - --pool "$work/b2.img" v 2>/dev/null
 prev=base
+rels=() plains=()
 
 echo "## 1% of 64 KiB chunks rewritten per round (655 chunks, 41 MiB)"
 echo "| round | relationship update, s | snapshot + create \| apply, s | overhead | update on the wire | delta stream | update peak RSS |"
@@ -56,6 +57,7 @@ for round in $(seq 1 "$rounds"); do
   summary=$($D create --pool "$work/a2.img" "v@r$round" --base "$prev" 2>/dev/null |
     $D apply - --pool "$work/b2.img" v 2>&1)
   t_plain=$(elapsed "$s")
+  rels+=("$t_rel") plains+=("$t_plain")
   prev=r$round
   wire=$($T status "$work/a1.img:v" --json | awk -F': ' '/"last_transfer_bytes"/ {gsub(",", "", $2); print $2}')
   stream=$(grep -o '[0-9.]* [KMG]*i*B stream' <<<"$summary" | cut -d' ' -f1-2)
@@ -67,3 +69,7 @@ for round in $(seq 1 "$rounds"); do
     'BEGIN { printf "| %d | %.3f | %.3f | %+.0f%% | %.2f MiB | %s | %d MiB |\n",
              r, a, b, (a / b - 1) * 100, w / 1048576, st, m / 1024 }'
 done
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+m_rel=$(median "${rels[@]}") m_plain=$(median "${plains[@]}")
+awk -v a="$m_rel" -v b="$m_plain" -v n="$rounds" \
+  'BEGIN { printf "| median of %d | %.3f | %.3f | %+.0f%% | | | |\n", n, a, b, (a / b - 1) * 100 }'

@@ -273,12 +273,14 @@ absl::Status Pool::LoadLocked() {
 
   // Reference counts of this commit.
   uint64_t total = sb_.meta_count + sb_.data_count;
+  // Both table copies in one device batch: this commit's, and the other
+  // one, compared below.
   AlignedBuffer table(sb_.refcount_pages * 4096);
-  if (absl::Status s =
-          io_.ReadAt(sb_.refcount_copy_offset(sb_.generation), table.span());
-      !s.ok()) {
-    return s;
-  }
+  AlignedBuffer other(sb_.refcount_pages * 4096);
+  const ReadOp table_reads[] = {
+      {sb_.refcount_copy_offset(sb_.generation), table.span()},
+      {sb_.refcount_copy_offset(sb_.generation + 1), other.span()}};
+  if (absl::Status s = io_.Read(table_reads); !s.ok()) return s;
   counts_.assign(total, 0);
   held_.assign(total, false);
   for (uint64_t p = 0; p < sb_.refcount_pages; ++p) {
@@ -342,12 +344,6 @@ absl::Status Pool::LoadLocked() {
   // one wherever that commit changes nothing. It may be older, or torn by a
   // crash: compare it page by page and have the first commit rewrite the
   // pages that differ (after a clean shutdown: usually none).
-  AlignedBuffer other(sb_.refcount_pages * 4096);
-  if (absl::Status s = io_.ReadAt(sb_.refcount_copy_offset(sb_.generation + 1),
-                                  other.span());
-      !s.ok()) {
-    return s;
-  }
   for (uint64_t p = 0; p < sb_.refcount_pages; ++p) {
     if (std::memcmp(table.data() + p * 4096, other.data() + p * 4096, 4096) !=
         0) {

@@ -416,21 +416,24 @@ absl::Status Replication::Save(Loaded& rel, bool require_both, bool prune) {
   }
   ++rel.rec.epoch;
   const std::string text = rel.rec.ToJson();
-  for (auto [pool, volume] :
-       {std::pair{rel.dst, rel.rec.destination.volume},
-        std::pair{rel.src, rel.rec.source.volume}}) {
-    if (pool == nullptr) continue;
-    // The record and the pruning land in one commit per pool.
+  // The record and the pruning land in one commit per pool, both pools at
+  // once (the epoch orders them, not the sequence).
+  auto save = [&](Pool* pool, const std::string& volume) {
+    if (pool == nullptr) return absl::OkStatus();
     pool->BeginGroup();
     absl::Status s =
         common ? PruneSnapshots(*pool, volume, rel.rec.id, *common)
                : absl::OkStatus();
     if (s.ok()) s = pool->SetProperty(PropertyKey(volume), text);
     absl::Status ended = pool->EndGroup();
-    if (!s.ok()) return s;
-    if (!ended.ok()) return ended;
-  }
-  return absl::OkStatus();
+    return s.ok() ? ended : s;
+  };
+  absl::Status src_saved;
+  std::thread src_thread(
+      [&] { src_saved = save(rel.src, rel.rec.source.volume); });
+  absl::Status dst_saved = save(rel.dst, rel.rec.destination.volume);
+  src_thread.join();
+  return dst_saved.ok() ? src_saved : dst_saved;
 }
 
 absl::Status Replication::CheckNotActive(const Loaded& rel) {

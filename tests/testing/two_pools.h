@@ -48,7 +48,10 @@ class PlannedCrashIo : public blockstore::IoWrapper {
     return target().Flush();
   }
   absl::Status Read(std::span<const blockstore::ReadOp> ops) override {
-    if (plan_.crashed()) return Unplugged();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (plan_.crashed()) return Unplugged();
+    }
     return target().Read(ops);
   }
 
@@ -56,8 +59,8 @@ class PlannedCrashIo : public blockstore::IoWrapper {
   static absl::Status Unplugged() {
     return absl::UnavailableError("injected power loss");
   }
-  // One lock for all devices would be more exact; the pools' own threads
-  // only write to one device at a time per pool, which is what matters.
+  // One lock for every device: the plan's count is shared (the engine
+  // commits to both pools at once).
   static inline std::mutex mu_;
   CrashPlan& plan_;
 };
