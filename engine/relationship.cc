@@ -1138,13 +1138,18 @@ absl::StatusOr<TransferStats> Replication::Reestablish(const Endpoint& either,
   if (!rel.ok()) return rel.status();
   if (absl::Status s = CheckNotActive(*rel); !s.ok()) return s;
   if (absl::StatusOr<std::string> r = Recover(*rel); !r.ok()) return r.status();
-  RelationshipRecord& r = rel->rec;
   TransferStats total;
-  if (r.pending != kReestablish) {
-    // Already in the original direction (perhaps it just completed).
-    if (r.mirror_state == MirrorState::kMirrored && r.source == r.origin) {
-      return total;
-    }
+  auto add = [&](const TransferStats& t) {
+    total.stream_bytes += t.stream_bytes;
+    total.data_bytes += t.data_bytes;
+    total.snapshots += t.snapshots;
+    total.seconds += t.seconds;
+  };
+  const bool home = rel->rec.mirror_state == MirrorState::kMirrored &&
+                    rel->rec.source == rel->rec.origin;
+  if (rel->rec.pending != kReestablish) {
+    RelationshipRecord& r = rel->rec;
+    if (home) return total;  // already the original direction
     if (r.mirror_state != MirrorState::kMirrored) {
       return absl::FailedPreconditionError(absl::StrCat(
           "cannot reestablish ", r.source.ToString(), " -> ",
@@ -1162,29 +1167,30 @@ absl::StatusOr<TransferStats> Replication::Reestablish(const Endpoint& either,
     }
     r.pending = kReestablish;
     if (absl::Status s = Save(*rel, true); !s.ok()) return s;
+  }
+  // Run again after a crash, `pending` is set and the state says which step
+  // it reached: still Mirrored backwards (update and break to do), Broken
+  // (the reverse resync to do), or home (only `pending` to clear).
+  if (!home && rel->rec.mirror_state == MirrorState::kMirrored) {
     absl::StatusOr<TransferStats> u = Update(either);
     if (!u.ok()) return u.status();
-    total.stream_bytes += u->stream_bytes;
-    total.data_bytes += u->data_bytes;
-    total.snapshots += u->snapshots;
-    total.seconds += u->seconds;
+    add(*u);
     if (absl::Status s = Break(either); !s.ok()) return s;
     rel = Load(either);
     if (!rel.ok()) return rel.status();
   }
-  // Written on the current source since the update just made: nothing,
-  // unless something wrote in between; then it must be confirmed again.
-  absl::StatusOr<TransferStats> rr = Overwrite(
-      *rel, "reverse-resync", true, [&](const LossPreview& p) {
-        return p.bytes == 0 || confirm(p);
-      });
-  if (!rr.ok()) return rr.status();
+  if (!home) {
+    // Written on the current source since the update just made: nothing,
+    // unless something wrote in between; then it must be confirmed again.
+    absl::StatusOr<TransferStats> rr = Overwrite(
+        *rel, "reverse-resync", true, [&](const LossPreview& p) {
+          return p.bytes == 0 || confirm(p);
+        });
+    if (!rr.ok()) return rr.status();
+    add(*rr);
+  }
   rel->rec.pending.clear();
   if (absl::Status s = Save(*rel, true); !s.ok()) return s;
-  total.stream_bytes += rr->stream_bytes;
-  total.data_bytes += rr->data_bytes;
-  total.snapshots += rr->snapshots;
-  total.seconds += rr->seconds;
   return total;
 }
 

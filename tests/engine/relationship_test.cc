@@ -526,6 +526,34 @@ TEST(RelationshipCrashTest, EveryOperationCompletesWhenRunAgain) {
           kept(p.pool("a"), a_before);
         });
   }
+  {
+    Replication rep(start);
+    ASSERT_TRUE(rep.ReverseResync(kA, kYes).ok());
+    WriteChunks(start.pool("b"), "v", 40, 3, 5, 45);  // b is the source now
+  }
+  {
+    SCOPED_TRACE("reestablish");
+    CrashEverywhere(
+        start, [](Replication& r) { return r.Reestablish(kB, kYes).status(); },
+        [](TwoPools& p, Replication& r) {
+          ExpectMirrored(p, r, kA);
+          EXPECT_TRUE(Record(r, kA).pending.empty());
+        });
+  }
+  {
+    SCOPED_TRACE("release");
+    CrashEverywhere(
+        start, [](Replication& r) { return r.Release(kB); },
+        [](TwoPools& p, Replication&) {
+          for (const char* name : {"a", "b"}) {
+            EXPECT_TRUE(p.pool(name).Properties().empty()) << name;
+            for (const auto& s : Snaps(p.pool(name))) {
+              EXPECT_FALSE(Replication::IsReplicationSnapshot(s.name));
+            }
+            EXPECT_FALSE(p.pool(name).GetVolume("v")->read_only) << name;
+          }
+        });
+  }
 }
 
 }  // namespace
