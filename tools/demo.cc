@@ -166,6 +166,12 @@ int Drill::Run() {
   Step("two pools (4 GiB sparse files, 64 KiB chunks) in " + dir_);
   for (const char* name : {"site-a.pool", "site-b.pool"}) {
     std::string path = dir_ + "/" + name;
+    if (access(path.c_str(), F_OK) == 0) {
+      std::printf("  [FAIL] %s exists (from an earlier demo?): delete it or "
+                  "pick another directory\n",
+                  path.c_str());
+      return 1;
+    }
     blockstore::FileIoOptions options;
     options.create_size_bytes = 4ull << 30;
     absl::StatusOr<std::unique_ptr<blockstore::Io>> io =
