@@ -10,6 +10,7 @@
 //    would overwrite, and that is kept in a snapshot on the overwritten side;
 //  - a declined confirmation changes nothing.
 // A failure names its seed; rerun one with TANDEM_MODEL_SEED=<seed>.
+// TANDEM_MODEL_SEEDS and TANDEM_MODEL_STEPS scale the run (label soak: more).
 #include <cstdlib>
 #include <map>
 #include <random>
@@ -256,16 +257,22 @@ class ModelRun {
 };
 
 TEST(RelationshipModelTest, RandomInterleavingsKeepEveryInvariant) {
+  auto env = [](const char* name, uint64_t fallback) {
+    const char* v = std::getenv(name);
+    return v != nullptr ? std::strtoull(v, nullptr, 10) : fallback;
+  };
   std::vector<uint64_t> seeds;
   if (const char* s = std::getenv("TANDEM_MODEL_SEED")) {
     seeds.push_back(std::strtoull(s, nullptr, 10));
   } else {
-    for (uint64_t i = 1; i <= 40; ++i) seeds.push_back(i * 7919);
+    const uint64_t n = env("TANDEM_MODEL_SEEDS", 40);
+    for (uint64_t i = 1; i <= n; ++i) seeds.push_back(i * 7919);
   }
+  const int steps = static_cast<int>(env("TANDEM_MODEL_STEPS", 80));
   for (uint64_t seed : seeds) {
     SCOPED_TRACE(absl::StrCat("TANDEM_MODEL_SEED=", seed));
     ModelRun run(seed);
-    run.Go(80);
+    run.Go(steps);
     if (::testing::Test::HasFailure()) return;
   }
   if (seeds.size() > 1) {
