@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <chrono>
 #include <random>
 #include <thread>
@@ -60,11 +59,6 @@ double SecondsSince(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() -
                                        start)
       .count();
-}
-
-absl::StatusOr<std::vector<SnapshotInfo>> Snapshots(Pool& pool,
-                                                    const std::string& volume) {
-  return pool.ListSnapshots(volume);
 }
 
 bool HasVolume(Pool& pool, const std::string& volume) {
@@ -647,7 +641,7 @@ absl::StatusOr<TransferStats> Replication::Transfer(
         "break, then resync or reverse-resync to compare them chunk by "
         "chunk"));
   }
-  absl::StatusOr<std::vector<SnapshotInfo>> snaps = Snapshots(from, from_volume);
+  absl::StatusOr<std::vector<SnapshotInfo>> snaps = from.ListSnapshots(from_volume);
   if (!snaps.ok()) return snaps.status();
   // Every snapshot after the common one, user snapshots included, in order:
   // the destination gets each of them.

@@ -23,12 +23,11 @@
 #ifndef TANDEM_ENGINE_RELATIONSHIP_H_
 #define TANDEM_ENGINE_RELATIONSHIP_H_
 
-#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <mutex>
-#include <optional>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
