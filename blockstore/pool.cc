@@ -854,9 +854,12 @@ absl::StatusOr<VolumeInfo> Pool::GetVolume(absl::string_view name) {
   std::lock_guard<std::mutex> lock(mu_);
   absl::StatusOr<VolumeRec*> v = FindVolume(name);
   if (!v.ok()) return v.status();
-  return VolumeInfo{(*v)->name,       (*v)->guid,
-                    (*v)->create_time_ns, (*v)->size_bytes,
-                    (*v)->snapshots.size(), (*v)->read_only};
+  return VolumeInfo{(*v)->name,
+                    (*v)->guid,
+                    (*v)->create_time_ns,
+                    (*v)->size_bytes,
+                    (*v)->snapshots.size(),
+                    (*v)->read_only};
 }
 
 absl::Status Pool::SetVolumeReadOnly(absl::string_view name, bool read_only) {
@@ -876,10 +879,10 @@ absl::Status Pool::SetProperty(absl::string_view key, absl::string_view value) {
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   if (key.empty() || key.size() > kMaxPropertyKeyBytes ||
       value.size() > kMaxPropertyValueBytes) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "pool property '", key.substr(0, 40), "': the key must be 1-",
-        kMaxPropertyKeyBytes, " bytes and the value at most ",
-        kMaxPropertyValueBytes));
+    return absl::InvalidArgumentError(
+        absl::StrCat("pool property '", key.substr(0, 40),
+                     "': the key must be 1-", kMaxPropertyKeyBytes,
+                     " bytes and the value at most ", kMaxPropertyValueBytes));
   }
   auto it = properties_.find(key);
   if (value.empty()) {

@@ -8,9 +8,8 @@ namespace engine {
 absl::Status Pipe::Write(std::span<const std::byte> data) {
   std::unique_lock<std::mutex> lock(mu_);
   while (!data.empty()) {
-    changed_.wait(lock, [&] {
-      return !read_aborted_.ok() || buffered_ < capacity_;
-    });
+    changed_.wait(lock,
+                  [&] { return !read_aborted_.ok() || buffered_ < capacity_; });
     if (!read_aborted_.ok()) return read_aborted_;
     size_t n = std::min(data.size(), capacity_ - buffered_);
     pieces_.emplace_back(reinterpret_cast<const char*>(data.data()), n);

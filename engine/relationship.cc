@@ -56,8 +56,7 @@ std::string RepPrefix(const std::string& id) {
 }
 
 double SecondsSince(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() -
-                                       start)
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
       .count();
 }
 
@@ -220,8 +219,8 @@ absl::StatusOr<RelationshipRecord> RelationshipRecord::FromJson(
       return absl::DataLossError(absl::StrCat(
           "relationship record: bad relationship_status '", st, "'"));
     }
-    r.status = st == "Idle" ? TransferStatus::kIdle
-                            : TransferStatus::kTransferring;
+    r.status =
+        st == "Idle" ? TransferStatus::kIdle : TransferStatus::kTransferring;
     r.operation = j.at("operation").get<std::string>();
     r.pending = j.at("pending").get<std::string>();
     r.origin = {j.at("origin").at("pool").get<std::string>(),
@@ -260,8 +259,8 @@ std::string LossPreview::Describe() const {
   if (method == "hash-diff") {
     absl::StrAppend(&s, operation, ": ", overwritten.ToString(),
                     " shares no snapshot with the other side; ",
-                    blockstore::FormatBytes(bytes), " (", bytes,
-                    " bytes in ", chunks,
+                    blockstore::FormatBytes(bytes), " (", bytes, " bytes in ",
+                    chunks,
                     " chunks) differ by SHA-256 and will be overwritten.");
   } else {
     absl::StrAppend(&s, operation, ": ", overwritten.ToString(),
@@ -341,7 +340,8 @@ absl::StatusOr<Replication::Loaded> Replication::Load(const Endpoint& either) {
         "relationship create --source POOL:VOLUME --destination "
         "POOL:VOLUME`"));
   }
-  absl::StatusOr<RelationshipRecord> rec = RelationshipRecord::FromJson(it->second);
+  absl::StatusOr<RelationshipRecord> rec =
+      RelationshipRecord::FromJson(it->second);
   if (!rec.ok()) return rec.status();
   Loaded rel;
   rel.rec = *rec;
@@ -376,9 +376,8 @@ absl::StatusOr<Replication::Loaded> Replication::Load(const Endpoint& either) {
         }
       } else if (!orec.ok() || orec->id != rec->id) {
         return absl::FailedPreconditionError(absl::StrCat(
-            other.ToString(),
-            " holds a different relationship record than ", either.ToString(),
-            "; release one of them"));
+            other.ToString(), " holds a different relationship record than ",
+            either.ToString(), "; release one of them"));
       }
     }
     if (there_stale) {
@@ -415,9 +414,8 @@ absl::Status Replication::Save(Loaded& rel, bool require_both, bool prune) {
   auto save = [&](Pool* pool, const std::string& volume) {
     if (pool == nullptr) return absl::OkStatus();
     pool->BeginGroup();
-    absl::Status s =
-        common ? PruneSnapshots(*pool, volume, rel.rec.id, *common)
-               : absl::OkStatus();
+    absl::Status s = common ? PruneSnapshots(*pool, volume, rel.rec.id, *common)
+                            : absl::OkStatus();
     if (s.ok()) s = pool->SetProperty(PropertyKey(volume), text);
     absl::Status ended = pool->EndGroup();
     return s.ok() ? ended : s;
@@ -432,10 +430,10 @@ absl::Status Replication::Save(Loaded& rel, bool require_both, bool prune) {
 
 absl::Status Replication::CheckNotActive(const Loaded& rel) {
   if (std::optional<std::string> op = Running(rel.rec.id)) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "relationship ", rel.rec.source.ToString(), " -> ",
-        rel.rec.destination.ToString(), " is Transferring (", *op,
-        " in progress); wait until its status is Idle"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("relationship ", rel.rec.source.ToString(), " -> ",
+                     rel.rec.destination.ToString(), " is Transferring (", *op,
+                     " in progress); wait until its status is Idle"));
   }
   return absl::OkStatus();
 }
@@ -447,9 +445,11 @@ std::string Replication::NextSnapshotName(Loaded& rel) {
     std::string name = absl::StrFormat("%s%06d", RepPrefix(rel.rec.id),
                                        rel.rec.next_snapshot++);
     bool taken = false;
-    for (auto [pool, volume] : {std::pair{rel.src, rel.rec.source.volume},
-                                std::pair{rel.dst, rel.rec.destination.volume}}) {
-      taken = taken || (pool != nullptr && pool->GetSnapshot(volume, name).ok());
+    for (auto [pool, volume] :
+         {std::pair{rel.src, rel.rec.source.volume},
+          std::pair{rel.dst, rel.rec.destination.volume}}) {
+      taken =
+          taken || (pool != nullptr && pool->GetSnapshot(volume, name).ok());
     }
     if (!taken) return name;
   }
@@ -498,9 +498,11 @@ absl::StatusOr<std::string> Replication::Recover(Loaded& rel) {
                            : op == "update"   ? MirrorState::kMirrored
                                               : MirrorState::kBroken;
     rel.rec.last_transfer_error =
-        absl::StrCat(op, " was interrupted (crash or kill) before it "
-                         "completed; nothing was changed; run it again");
-    if (rel.rec.mirror_state == MirrorState::kBroken && HasVolume(receiver, rv)) {
+        absl::StrCat(op,
+                     " was interrupted (crash or kill) before it "
+                     "completed; nothing was changed; run it again");
+    if (rel.rec.mirror_state == MirrorState::kBroken &&
+        HasVolume(receiver, rv)) {
       if (absl::Status s = receiver.SetVolumeReadOnly(rv, false); !s.ok()) {
         return s;
       }
@@ -601,12 +603,10 @@ struct StepResult {
 // One delta, `from_volume@base..target` (base empty: full), streamed through
 // an in-process pipe into `to_volume`: the sender on its own thread, the
 // receiver here, so reading, compressing and applying overlap.
-absl::StatusOr<StepResult> Step(Pool& from, const std::string& from_volume,
-                                const std::string& base,
-                                const std::string& target, Pool& to,
-                                const std::string& to_volume, bool rollback,
-                                const std::function<void(uint64_t, uint64_t)>&
-                                    progress) {
+absl::StatusOr<StepResult> Step(
+    Pool& from, const std::string& from_volume, const std::string& base,
+    const std::string& target, Pool& to, const std::string& to_volume,
+    bool rollback, const std::function<void(uint64_t, uint64_t)>& progress) {
   Pipe pipe;
   absl::StatusOr<SendStats> sent;
   std::thread sender([&] {
@@ -641,7 +641,8 @@ absl::StatusOr<TransferStats> Replication::Transfer(
         "break, then resync or reverse-resync to compare them chunk by "
         "chunk"));
   }
-  absl::StatusOr<std::vector<SnapshotInfo>> snaps = from.ListSnapshots(from_volume);
+  absl::StatusOr<std::vector<SnapshotInfo>> snaps =
+      from.ListSnapshots(from_volume);
   if (!snaps.ok()) return snaps.status();
   // Every snapshot after the common one, user snapshots included, in order:
   // the destination gets each of them.
@@ -772,10 +773,10 @@ absl::StatusOr<TransferStats> Replication::HashDiffTransfer(
     rel.rec.progress_bytes = (k + 1) * cs;
     if (progress_ && (k % 256 == 255)) progress_(rel.rec);
   }
-  absl::StatusOr<SnapshotInfo> got = to.FinishReceive(
-      staging, to_volume, to_info->guid,
-      {target->name, target->guid, target->create_time_ns},
-      target->root_digest);
+  absl::StatusOr<SnapshotInfo> got =
+      to.FinishReceive(staging, to_volume, to_info->guid,
+                       {target->name, target->guid, target->create_time_ns},
+                       target->root_digest);
   if (!got.ok()) return fail(got.status());
   if (progress_) progress_(rel.rec);
   TransferStats stats;
@@ -786,7 +787,8 @@ absl::StatusOr<TransferStats> Replication::HashDiffTransfer(
   return stats;
 }
 
-// --- Operations ---------------------------------------------------------------
+// --- Operations
+// ---------------------------------------------------------------
 
 absl::StatusOr<RelationshipRecord> Replication::Create(
     const Endpoint& source, const Endpoint& destination,
@@ -795,8 +797,7 @@ absl::StatusOr<RelationshipRecord> Replication::Create(
   if (!src.ok()) return src.status();
   absl::StatusOr<Pool*> dst = pools_.Get(destination.pool);
   if (!dst.ok()) return dst.status();
-  if (*src == *dst ||
-      (*src)->Info().pool_guid == (*dst)->Info().pool_guid) {
+  if (*src == *dst || (*src)->Info().pool_guid == (*dst)->Info().pool_guid) {
     return absl::InvalidArgumentError(
         "source and destination must be in different pools");
   }
@@ -807,7 +808,8 @@ absl::StatusOr<RelationshipRecord> Replication::Create(
         "; create the destination pool with --chunk-size ",
         (*src)->chunk_size()));
   }
-  if (absl::StatusOr<blockstore::VolumeInfo> v = (*src)->GetVolume(source.volume);
+  if (absl::StatusOr<blockstore::VolumeInfo> v =
+          (*src)->GetVolume(source.volume);
       !v.ok()) {
     return v.status();
   }
@@ -816,7 +818,8 @@ absl::StatusOr<RelationshipRecord> Replication::Create(
         "destination volume ", destination.ToString(),
         " exists; initialize creates it: pick a new name or delete it"));
   }
-  for (auto [pool, ep] : {std::pair{*src, source}, std::pair{*dst, destination}}) {
+  for (auto [pool, ep] :
+       {std::pair{*src, source}, std::pair{*dst, destination}}) {
     if (pool->Properties().contains(PropertyKey(ep.volume))) {
       return absl::AlreadyExistsError(absl::StrCat(
           ep.ToString(), " is already in a relationship; release it first"));
@@ -856,9 +859,9 @@ absl::StatusOr<TransferStats> Replication::Initialize(const Endpoint& either) {
   if (rel->src == nullptr) return rel->src_error;
   if (rel->dst == nullptr) return rel->dst_error;
   if (HasVolume(*rel->dst, r.destination.volume)) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "destination volume ", r.destination.ToString(),
-        " exists; initialize creates it: delete it first"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("destination volume ", r.destination.ToString(),
+                     " exists; initialize creates it: delete it first"));
   }
   std::string name = NextSnapshotName(*rel);
   if (absl::Status s = Begin(*rel, "initialize", /*persist=*/true); !s.ok()) {
@@ -867,9 +870,8 @@ absl::StatusOr<TransferStats> Replication::Initialize(const Endpoint& either) {
   absl::StatusOr<SnapshotInfo> snap =
       rel->src->CreateSnapshot(r.source.volume, name);
   if (!snap.ok()) return Fail(*rel, snap.status());
-  absl::StatusOr<TransferStats> stats =
-      FullTransfer(*rel, *rel->src, r.source.volume, name, *rel->dst,
-                   r.destination.volume);
+  absl::StatusOr<TransferStats> stats = FullTransfer(
+      *rel, *rel->src, r.source.volume, name, *rel->dst, r.destination.volume);
   if (!stats.ok()) return Fail(*rel, stats.status());
   if (absl::Status s = rel->dst->SetVolumeReadOnly(r.destination.volume, true);
       !s.ok()) {
@@ -886,8 +888,8 @@ absl::StatusOr<TransferStats> Replication::Update(const Endpoint& either) {
   if (absl::Status s = CheckNotActive(*rel); !s.ok()) return s;
   if (absl::StatusOr<std::string> r = Recover(*rel); !r.ok()) return r.status();
   RelationshipRecord& r = rel->rec;
-  const std::string name = absl::StrCat(r.source.ToString(), " -> ",
-                                        r.destination.ToString());
+  const std::string name =
+      absl::StrCat(r.source.ToString(), " -> ", r.destination.ToString());
   if (r.mirror_state == MirrorState::kUninitialized) {
     return absl::FailedPreconditionError(absl::StrCat(
         "cannot update ", name,
@@ -914,9 +916,8 @@ absl::StatusOr<TransferStats> Replication::Update(const Endpoint& either) {
   absl::StatusOr<SnapshotInfo> snap =
       rel->src->CreateSnapshot(r.source.volume, snap_name);
   if (!snap.ok()) return Fail(*rel, snap.status());
-  absl::StatusOr<TransferStats> stats =
-      Transfer(*rel, *rel->src, r.source.volume, *rel->dst,
-               r.destination.volume, false);
+  absl::StatusOr<TransferStats> stats = Transfer(
+      *rel, *rel->src, r.source.volume, *rel->dst, r.destination.volume, false);
   if (!stats.ok()) return Fail(*rel, stats.status());
   if (absl::Status s = Finish(*rel, *stats); !s.ok()) return s;
   return stats;
@@ -926,8 +927,8 @@ absl::Status Replication::Break(const Endpoint& either) {
   absl::StatusOr<Loaded> rel = Load(either);
   if (!rel.ok()) return rel.status();
   RelationshipRecord& r = rel->rec;
-  const std::string name = absl::StrCat(r.source.ToString(), " -> ",
-                                        r.destination.ToString());
+  const std::string name =
+      absl::StrCat(r.source.ToString(), " -> ", r.destination.ToString());
   if (std::optional<std::string> op = Running(r.id)) {
     return absl::FailedPreconditionError(absl::StrCat(
         "cannot break ", name, ": relationship status is Transferring (", *op,
@@ -980,20 +981,24 @@ absl::StatusOr<LossPreview> Replication::Preview(Loaded& rel,
   if (common) {
     p.method = "rollback";
     p.common_snapshot = common->name;
-    absl::StatusOr<ChangeCount> c = CountChanges(receiver, rv, common->name, "");
+    absl::StatusOr<ChangeCount> c =
+        CountChanges(receiver, rv, common->name, "");
     if (!c.ok()) return c.status();
     p.chunks = c->all_chunks;
     p.bytes = c->all_chunks * cs;
-    absl::StatusOr<std::vector<SnapshotInfo>> snaps = receiver.ListSnapshots(rv);
+    absl::StatusOr<std::vector<SnapshotInfo>> snaps =
+        receiver.ListSnapshots(rv);
     if (!snaps.ok()) return snaps.status();
     bool after = false;
     for (const SnapshotInfo& s : *snaps) {
       if (after) p.kept_snapshots.push_back(s.name);
       after = after || s.guid == common->guid;
     }
-    absl::StatusOr<bool> changed = receiver.ChangedSince(rv, snaps->back().name);
+    absl::StatusOr<bool> changed =
+        receiver.ChangedSince(rv, snaps->back().name);
     if (!changed.ok()) return changed.status();
-    if (p.bytes > 0 || *changed) p.safety_snapshot = SafetyName(receiver, rv, Now());
+    if (p.bytes > 0 || *changed)
+      p.safety_snapshot = SafetyName(receiver, rv, Now());
     return p;
   }
   p.method = "hash-diff";
@@ -1021,23 +1026,24 @@ absl::StatusOr<TransferStats> Replication::Overwrite(
     Loaded& rel, const std::string& operation, bool reverse,
     const Confirm& confirm) {
   RelationshipRecord& r = rel.rec;
-  const std::string name = absl::StrCat(r.source.ToString(), " -> ",
-                                        r.destination.ToString());
+  const std::string name =
+      absl::StrCat(r.source.ToString(), " -> ", r.destination.ToString());
   // Mirrored: it already ran (a crash before the reply), or there is
   // nothing to resync; either way nothing to do.
   if (r.mirror_state == MirrorState::kMirrored) return TransferStats{};
   if (r.mirror_state != MirrorState::kBroken) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "cannot ", operation, " ", name, ": mirror state is ",
-        ToString(r.mirror_state), "; run `tandem relationship initialize` "
-        "first"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot ", operation, " ", name, ": mirror state is ",
+                     ToString(r.mirror_state),
+                     "; run `tandem relationship initialize` "
+                     "first"));
   }
   if (rel.src == nullptr) {
     return absl::FailedPreconditionError(absl::StrCat(
         "cannot ", operation, ": the source pool cannot be opened (",
         rel.src_error.message(),
-        "); if it is lost for good, create an empty pool at ",
-        r.source.pool, " and run ", operation, " again"));
+        "); if it is lost for good, create an empty pool at ", r.source.pool,
+        " and run ", operation, " again"));
   }
   if (rel.dst == nullptr) return rel.dst_error;
   absl::StatusOr<LossPreview> preview = Preview(rel, operation, reverse);
@@ -1177,9 +1183,8 @@ absl::StatusOr<TransferStats> Replication::Reestablish(const Endpoint& either,
     // Written on the current source since the update just made: nothing,
     // unless something wrote in between; then it must be confirmed again.
     absl::StatusOr<TransferStats> rr = Overwrite(
-        *rel, "reverse-resync", true, [&](const LossPreview& p) {
-          return p.bytes == 0 || confirm(p);
-        });
+        *rel, "reverse-resync", true,
+        [&](const LossPreview& p) { return p.bytes == 0 || confirm(p); });
     if (!rr.ok()) return rr.status();
     add(*rr);
   }
@@ -1223,7 +1228,8 @@ absl::Status Replication::Release(const Endpoint& either) {
   return absl::OkStatus();
 }
 
-// --- Health ---------------------------------------------------------------------
+// --- Health
+// ---------------------------------------------------------------------
 
 absl::StatusOr<RelationshipReport> Replication::Report(const Endpoint& either) {
   absl::StatusOr<Loaded> rel = Load(either);
@@ -1245,9 +1251,8 @@ absl::StatusOr<RelationshipReport> Replication::Report(const Endpoint& either) {
   // the like are not replicated data).
   int64_t replicated_ns = -1;
   if (rel->src != nullptr && rel->dst != nullptr) {
-    if (std::optional<SnapshotInfo> c =
-            CommonSnapshot(*rel->src, r.source.volume, *rel->dst,
-                           r.destination.volume)) {
+    if (std::optional<SnapshotInfo> c = CommonSnapshot(
+            *rel->src, r.source.volume, *rel->dst, r.destination.volume)) {
       out.last_common_snapshot = c->name;
       replicated_ns = c->create_time_ns;
     }
@@ -1285,13 +1290,15 @@ absl::StatusOr<RelationshipReport> Replication::Report(const Endpoint& either) {
   } else if (r.mirror_state == MirrorState::kUninitialized) {
     unhealthy("not initialized: no baseline transfer yet");
   } else if (r.mirror_state == MirrorState::kBroken) {
-    unhealthy("mirror is Broken: the destination is read-write and no "
-              "updates run");
+    unhealthy(
+        "mirror is Broken: the destination is read-write and no "
+        "updates run");
   } else if (!r.last_transfer_error.empty()) {
     unhealthy(absl::StrCat("last transfer failed: ", r.last_transfer_error));
   } else if (rel->src == nullptr || rel->dst == nullptr) {
     unhealthy(out.notes.front());
-  } else if (r.schedule_seconds > 0 && out.lag_seconds > 2 * r.schedule_seconds) {
+  } else if (r.schedule_seconds > 0 &&
+             out.lag_seconds > 2 * r.schedule_seconds) {
     unhealthy(absl::StrCat("lag ", out.lag_seconds,
                            " s is more than twice the schedule (",
                            r.schedule_seconds, " s): updates are not running"));

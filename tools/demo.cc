@@ -5,11 +5,11 @@
 
 #include <chrono>
 #include <climits>
-#include <thread>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -89,7 +89,9 @@ bool SameBytes(Pool& a, const std::string& va, const std::string& sa, Pool& b,
 class Drill {
  public:
   Drill(const std::string& dir, uint64_t volume_bytes)
-      : dir_(dir), bytes_(volume_bytes), pools_(blockstore::OpenMode::kReadWrite),
+      : dir_(dir),
+        bytes_(volume_bytes),
+        pools_(blockstore::OpenMode::kReadWrite),
         rep_(pools_) {}
 
   int Run();
@@ -102,9 +104,7 @@ class Drill {
     absl::StatusOr<engine::RelationshipReport> r = rep_.Report(a_);
     return r.ok() ? r->record : engine::RelationshipRecord{};
   }
-  void Step(const std::string& what) {
-    std::printf("\n== %s\n", what.c_str());
-  }
+  void Step(const std::string& what) { std::printf("\n== %s\n", what.c_str()); }
   // The states and both sides' root digests, after every step.
   void Show() {
     engine::RelationshipRecord r = record();
@@ -140,8 +140,8 @@ class Drill {
   }
   bool Mirrored(const std::string& what) {
     engine::RelationshipRecord r = record();
-    bool same = SameBytes(Src(), r.source.volume, "", Dst(),
-                          r.destination.volume, "");
+    bool same =
+        SameBytes(Src(), r.source.volume, "", Dst(), r.destination.volume, "");
     Check(same && r.mirror_state == engine::MirrorState::kMirrored,
           absl::StrCat(what, ": destination equals source byte for byte"));
     return same;
@@ -167,9 +167,10 @@ int Drill::Run() {
   for (const char* name : {"site-a.pool", "site-b.pool"}) {
     std::string path = dir_ + "/" + name;
     if (access(path.c_str(), F_OK) == 0) {
-      std::printf("  [FAIL] %s exists (from an earlier demo?): delete it or "
-                  "pick another directory\n",
-                  path.c_str());
+      std::printf(
+          "  [FAIL] %s exists (from an earlier demo?): delete it or "
+          "pick another directory\n",
+          path.c_str());
       return 1;
     }
     blockstore::FileIoOptions options;
@@ -186,14 +187,16 @@ int Drill::Run() {
     (name[5] == 'a' ? a_ : b_) = {resolved, "vol"};
   }
   Pool& a = P(a_);
-  Step(absl::StrCat("source volume site-a:vol, ", blockstore::FormatBytes(bytes_),
+  Step(absl::StrCat("source volume site-a:vol, ",
+                    blockstore::FormatBytes(bytes_),
                     " of mixed data (half random, half text)"));
   if (!Ok(a.CreateVolume("vol", bytes_), "create volume")) return 1;
   if (!Ok(a.Write("vol", 0, MixedData(bytes_, 1)), "write")) return 1;
   if (!Ok(a.Flush(), "flush")) return 1;
 
-  Step("relationship create --source site-a:vol --destination site-b:vol "
-       "--schedule 10m");
+  Step(
+      "relationship create --source site-a:vol --destination site-b:vol "
+      "--schedule 10m");
   if (!Ok(rep_.Create(a_, b_, 600).status(), "create relationship")) return 1;
   Show();
 
@@ -211,8 +214,9 @@ int Drill::Run() {
   Check(!P(b_).Write("vol", 0, MixedData(kChunk, 2)).ok(),
         "the destination refuses writes while Mirrored");
 
-  Step("write 1% more, snapshot site-a:vol@before-upgrade, write 1% more; "
-       "update");
+  Step(
+      "write 1% more, snapshot site-a:vol@before-upgrade, write 1% more; "
+      "update");
   const uint64_t one_percent = std::max<uint64_t>(1, bytes_ / kChunk / 100);
   if (!Write(a, one_percent, 3)) return 1;
   if (!Ok(a.CreateSnapshot("vol", "before-upgrade").status(), "snapshot")) {
@@ -257,8 +261,9 @@ int Drill::Run() {
   Check(record().mirror_state == engine::MirrorState::kBroken &&
             !P(b_).GetVolume("vol")->read_only,
         "Broken, and site-b:vol is writable");
-  std::printf("  clients write 2%% on site-b:vol; site-a:vol took 1%% of late "
-              "writes before it went down\n");
+  std::printf(
+      "  clients write 2%% on site-b:vol; site-a:vol took 1%% of late "
+      "writes before it went down\n");
   if (!Write(P(b_), 2 * one_percent, 6)) return 1;
   if (!Write(a, one_percent, 7)) return 1;
   const std::string a_before_hex = a.RootDigest("vol", "")->ToHex();
@@ -274,7 +279,8 @@ int Drill::Run() {
   Transferred(t);
   Show();
   Mirrored("reverse resync");
-  Check(record().source == b_, "the direction flipped: site-b:vol -> site-a:vol");
+  Check(record().source == b_,
+        "the direction flipped: site-b:vol -> site-a:vol");
   absl::StatusOr<blockstore::SnapshotInfo> safety =
       a.GetSnapshot("vol", preview.safety_snapshot);
   Check(safety.ok() && safety->root_digest.ToHex() == a_before_hex,

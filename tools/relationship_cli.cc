@@ -53,9 +53,10 @@ absl::StatusOr<Endpoint> ParseEndpoint(const std::string& text) {
     return Endpoint{resolved, text.substr(at + 1)};
   }
   if (text.find(':') == std::string::npos || text.back() == ':') {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "'", text, "' is not POOL:VOLUME (a pool file or device, a colon, a "
-                   "volume name)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", text,
+                     "' is not POOL:VOLUME (a pool file or device, a colon, a "
+                     "volume name)"));
   }
   return absl::NotFoundError(absl::StrCat(
       "'", text, "': no pool file or device before any ':' in it exists"));
@@ -101,7 +102,8 @@ json ReportJson(const RelationshipReport& rep) {
       {"relationship_status", ToString(r.status)},
       {"healthy", rep.healthy},
       {"unhealthy_reason", rep.unhealthy_reason},
-      {"lag_seconds", rep.lag_seconds < 0 ? json(nullptr) : json(rep.lag_seconds)},
+      {"lag_seconds",
+       rep.lag_seconds < 0 ? json(nullptr) : json(rep.lag_seconds)},
       {"schedule_seconds", r.schedule_seconds},
       {"last_transfer_bytes", r.last_transfer_bytes},
       {"last_transfer_data_bytes", r.last_transfer_data_bytes},
@@ -138,14 +140,13 @@ void PrintReport(const RelationshipReport& rep) {
                                         : "unknown (a pool cannot be opened)");
   if (r.last_transfer_end_ns != 0) {
     row("last transfer",
-        absl::StrFormat("%s on the wire, %s of data, %.2f s, ended %s",
-                        FormatBytes(r.last_transfer_bytes),
-                        FormatBytes(r.last_transfer_data_bytes),
-                        r.last_transfer_seconds,
-                        absl::FormatTime("%Y-%m-%dT%H:%M:%SZ",
-                                         absl::FromUnixNanos(
-                                             r.last_transfer_end_ns),
-                                         absl::UTCTimeZone())));
+        absl::StrFormat(
+            "%s on the wire, %s of data, %.2f s, ended %s",
+            FormatBytes(r.last_transfer_bytes),
+            FormatBytes(r.last_transfer_data_bytes), r.last_transfer_seconds,
+            absl::FormatTime("%Y-%m-%dT%H:%M:%SZ",
+                             absl::FromUnixNanos(r.last_transfer_end_ns),
+                             absl::UTCTimeZone())));
   } else {
     row("last transfer", "none yet");
   }
@@ -182,9 +183,10 @@ struct Asker {
 absl::Status Explain(absl::Status s, const std::string& op,
                      const Asker& asker) {
   if (absl::IsCancelled(s) && asker.refused_without_terminal) {
-    return absl::CancelledError(absl::StrCat(
-        op, " overwrites data and there is no terminal to confirm on: "
-            "rerun with --yes (nothing was changed)"));
+    return absl::CancelledError(
+        absl::StrCat(op,
+                     " overwrites data and there is no terminal to confirm on: "
+                     "rerun with --yes (nothing was changed)"));
   }
   return s;
 }
@@ -220,8 +222,9 @@ void AddRelationshipCommands(CLI::App& app, RelationshipArgs& args,
       "create", "join a source volume and a new destination volume");
   create->add_option("--source", args.source, "POOL:VOLUME (must exist)")
       ->required();
-  create->add_option("--destination", args.destination,
-                     "POOL:VOLUME (created by initialize)")
+  create
+      ->add_option("--destination", args.destination,
+                   "POOL:VOLUME (created by initialize)")
       ->required();
   create->add_option("--schedule", args.schedule,
                      "10m, hourly, daily or a duration (for health)");
@@ -241,8 +244,7 @@ void AddRelationshipCommands(CLI::App& app, RelationshipArgs& args,
     absl::StatusOr<RelationshipRecord> r = rep.Create(*s, *d, every);
     if (!r.ok()) return act(r.status());
     std::printf("created %s -> %s (schedule %s); %s\n",
-                r->source.ToString().c_str(),
-                r->destination.ToString().c_str(),
+                r->source.ToString().c_str(), r->destination.ToString().c_str(),
                 FormatSchedule(every).c_str(), StateLine(*r).c_str());
   });
 
@@ -266,7 +268,8 @@ void AddRelationshipCommands(CLI::App& app, RelationshipArgs& args,
         OpSpec{"reestablish",
                "after a reverse resync: back to the original direction", true},
         OpSpec{"release",
-               "remove the relationship and its replication snapshots", false}}) {
+               "remove the relationship and its replication snapshots",
+               false}}) {
     CLI::App* cmd = rel->add_subcommand(spec.name, spec.help);
     cmd->add_option("POOL:VOLUME", args.endpoint, "either side")->required();
     if (spec.asks) {
@@ -305,8 +308,7 @@ void AddRelationshipCommands(CLI::App& app, RelationshipArgs& args,
                       e->ToString().c_str());
         } else {
           absl::StatusOr<RelationshipReport> r = rep.Report(*e);
-          std::printf("break %s: %s; %s is read-write\n",
-                      e->ToString().c_str(),
+          std::printf("break %s: %s; %s is read-write\n", e->ToString().c_str(),
                       r.ok() ? StateLine(r->record).c_str() : "?",
                       r.ok() ? r->record.destination.ToString().c_str() : "");
         }

@@ -577,8 +577,8 @@ int Run(int argc, char** argv) {
         OpenPool(pool_path, OpenMode::kReadWrite);
     if (!p.ok()) return act(p.status());
     if (engine::Replication::IsReplicationSnapshot(ref.snapshot)) {
-      if (absl::Status s = InRelationship(
-              **p, ref.volume, "deleting its replication snapshots");
+      if (absl::Status s = InRelationship(**p, ref.volume,
+                                          "deleting its replication snapshots");
           !s.ok()) {
         return act(s);
       }

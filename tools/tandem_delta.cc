@@ -64,8 +64,8 @@ absl::Status Create(const std::string& pool_path, const std::string& ref,
   // Anything else that exists (a device, a FIFO, /dev/stdout) is written in
   // place: renaming over it would replace the device node itself.
   struct stat st;
-  const bool in_place = output == "-" || (stat(output.c_str(), &st) == 0 &&
-                                          !S_ISREG(st.st_mode));
+  const bool in_place =
+      output == "-" || (stat(output.c_str(), &st) == 0 && !S_ISREG(st.st_mode));
   std::string partial = in_place ? output : output + ".partial";
   int fd = 1;
   if (output != "-") {

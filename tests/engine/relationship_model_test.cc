@@ -133,7 +133,8 @@ class ModelRun {
       case 4: {  // a user snapshot on the source
         std::string name = absl::StrCat("user", ++user_);
         ASSERT_TRUE(P(source_).CreateSnapshot("v", name).ok());
-        if (state_ == MirrorState::kMirrored) pending_user_snaps_.push_back(name);
+        if (state_ == MirrorState::kMirrored)
+          pending_user_snaps_.push_back(name);
         break;
       }
       case 5:
@@ -191,7 +192,8 @@ class ModelRun {
   void Overwrite(bool reverse) {
     const Endpoint victim = reverse ? source_ : Dest();
     const bool exists = P(victim).GetVolume("v").ok();
-    std::vector<std::byte> before = exists ? Content(P(victim)) : std::vector<std::byte>{};
+    std::vector<std::byte> before =
+        exists ? Content(P(victim)) : std::vector<std::byte>{};
     const bool say_yes = rng_() % 4 != 0;
     LossPreview shown;
     bool asked = false;

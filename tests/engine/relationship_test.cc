@@ -44,8 +44,8 @@ std::vector<std::byte> Chunk(uint64_t seed) {
 void WriteChunks(Pool& pool, const std::string& vol, uint64_t first,
                  uint64_t count, uint64_t step, uint64_t seed) {
   for (uint64_t i = 0; i < count; ++i) {
-    absl::Status s = pool.Write(vol, (first + i * step) * kChunk,
-                                Chunk(seed * 1000 + i));
+    absl::Status s =
+        pool.Write(vol, (first + i * step) * kChunk, Chunk(seed * 1000 + i));
     ASSERT_TRUE(s.ok()) << s;
   }
   ASSERT_TRUE(pool.Flush().ok());
@@ -159,7 +159,7 @@ TEST_F(RelationshipTest, TheOperatorProcedureWithEveryGuard) {
   EXPECT_TRUE(rep.Break(kB).ok());  // again: nothing to do
   EXPECT_THAT(rep.Update(kA).status().message(),
               HasSubstr("mirror state is Broken"));
-  WriteChunks(b, "v", 20, 6, 7, 5);  // the destination runs production
+  WriteChunks(b, "v", 20, 6, 7, 5);   // the destination runs production
   WriteChunks(a, "v", 150, 3, 1, 6);  // late writes on the old source
 
   // Reverse resync without confirmation changes nothing.
@@ -182,7 +182,8 @@ TEST_F(RelationshipTest, TheOperatorProcedureWithEveryGuard) {
   EXPECT_EQ(shown.overwritten, kA);
   EXPECT_EQ(shown.bytes, 3 * kChunk);
   EXPECT_EQ(rr->data_bytes, 6 * kChunk);
-  EXPECT_THAT(shown.Describe(), HasSubstr("12 KiB (12288 bytes in 3 chunks) written there"));
+  EXPECT_THAT(shown.Describe(),
+              HasSubstr("12 KiB (12288 bytes in 3 chunks) written there"));
   ASSERT_FALSE(shown.safety_snapshot.empty());
   EXPECT_EQ(Content(a, "v", shown.safety_snapshot), a_before);
   EXPECT_EQ(Content(a, "v"), Content(b, "v"));
@@ -320,11 +321,13 @@ TEST_F(RelationshipTest, HealthFollowsStateErrorsAndLag) {
   for (const auto& snap : Snaps(pools.pool("b"))) {
     ASSERT_TRUE(pools.pool("b").DeleteSnapshot("v", snap.name).ok());
   }
-  EXPECT_THAT(rep.Update(kA).status().message(), HasSubstr("break, then resync or reverse-resync"));
+  EXPECT_THAT(rep.Update(kA).status().message(),
+              HasSubstr("break, then resync or reverse-resync"));
   r = rep.Report(kA);
   EXPECT_FALSE(r->healthy);
-  EXPECT_THAT(r->unhealthy_reason,
-              HasSubstr("last transfer failed: the two volumes share no snapshot"));
+  EXPECT_THAT(
+      r->unhealthy_reason,
+      HasSubstr("last transfer failed: the two volumes share no snapshot"));
   EXPECT_EQ(r->record.status, TransferStatus::kIdle);
   EXPECT_EQ(r->record.mirror_state, MirrorState::kMirrored);
   // The way out: break and resync (a hash-diff: nothing differs).
@@ -362,8 +365,9 @@ TEST_F(RelationshipTest, RecordsRoundTripAndBadOnesAreNamed) {
               HasSubstr("bad mirror_state 'Bent'"));
   EXPECT_THAT(RelationshipRecord::FromJson("{}").status().message(),
               HasSubstr("relationship record is malformed"));
-  EXPECT_THAT(RelationshipRecord::FromJson(text.substr(0, 40)).status().message(),
-              HasSubstr("relationship record is malformed"));
+  EXPECT_THAT(
+      RelationshipRecord::FromJson(text.substr(0, 40)).status().message(),
+      HasSubstr("relationship record is malformed"));
   std::string newer = text;
   newer.replace(newer.find("\"version\":1"), 11, "\"version\":9");
   EXPECT_EQ(RelationshipRecord::FromJson(newer).status().code(),
@@ -417,8 +421,8 @@ void CrashEverywhere(TwoPools& start, const Op& op, const Check& check) {
   }
   ASSERT_GT(points, 0u);
   for (uint64_t at = 0; at < points; ++at) {
-    SCOPED_TRACE(absl::StrCat("power loss at durable write ", at, " of ",
-                              points));
+    SCOPED_TRACE(
+        absl::StrCat("power loss at durable write ", at, " of ", points));
     TwoPools pools(start, true);
     testing_util::CrashPlan plan{0, at};
     pools.Arm(plan);

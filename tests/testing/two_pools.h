@@ -72,7 +72,8 @@ class TwoPools : public engine::PoolProvider {
   explicit TwoPools(uint32_t chunk = 4096) {
     for (const char* name : {"a", "b"}) {
       raw_[name] = std::make_unique<blockstore::MemIo>(kDevice);
-      auto p = blockstore::Pool::Create(*raw_[name], {.chunk_size_bytes = chunk});
+      auto p =
+          blockstore::Pool::Create(*raw_[name], {.chunk_size_bytes = chunk});
       EXPECT_TRUE(p.ok()) << p.status();
     }
     OpenAll();

@@ -477,7 +477,8 @@ TEST_P(CliTest, RelationshipProcedureAndStatus) {
               HasSubstr("Mirrored, Idle"));
   st = json::parse(Ok({"status", src, "--json"}));
   EXPECT_THAT(st[0]["source"].get<std::string>(), HasSubstr("/a.img:v"));
-  EXPECT_THAT(Ok({"status", src}), HasSubstr("mirror state           Mirrored"));
+  EXPECT_THAT(Ok({"status", src}),
+              HasSubstr("mirror state           Mirrored"));
   EXPECT_THAT(Ok({"relationship", "release", dst}), HasSubstr("released"));
   EXPECT_THAT(Ok({"status", "--pool", a}), HasSubstr("no relationships"));
   Ok({"write", "--pool", b, "v"}, RandomBytes(4096, 24));
