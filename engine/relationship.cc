@@ -242,6 +242,10 @@ absl::StatusOr<RelationshipRecord> RelationshipRecord::FromJson(
   return r;
 }
 
+std::string RelationshipRecord::Direction() const {
+  return absl::StrCat(source.ToString(), " -> ", destination.ToString());
+}
+
 std::string LossPreview::Describe() const {
   std::string s;
   if (operation == "reestablish") {
@@ -349,7 +353,7 @@ absl::StatusOr<Replication::Loaded> Replication::Load(const Endpoint& either) {
   if (!here_is_source && !(rec->destination == either)) {
     return absl::FailedPreconditionError(absl::StrCat(
         "the relationship record of ", either.ToString(), " names ",
-        rec->source.ToString(), " -> ", rec->destination.ToString(),
+        rec->Direction(),
         "; was the pool moved? Name it by the path the relationship was "
         "created with"));
   }
@@ -431,16 +435,17 @@ absl::Status Replication::Save(Loaded& rel, bool require_both, bool prune) {
 absl::Status Replication::CheckNotActive(const Loaded& rel) {
   if (std::optional<std::string> op = Running(rel.rec.id)) {
     return absl::FailedPreconditionError(
-        absl::StrCat("relationship ", rel.rec.source.ToString(), " -> ",
-                     rel.rec.destination.ToString(), " is Transferring (", *op,
-                     " in progress); wait until its status is Idle"));
+        absl::StrCat("relationship ", rel.rec.Direction(), " is Transferring (",
+                     *op, " in progress); wait until its status is Idle"));
   }
   return absl::OkStatus();
 }
 
-// The counter is saved with the record at the end of a transfer: after a
-// crash, names it handed out may exist already, on either side.
-std::string Replication::NextSnapshotName(Loaded& rel) {
+// A new replication snapshot of `volume` on `pool` (the sender). The name
+// counter is saved with the record at the end of a transfer: after a crash,
+// names it handed out may exist already, on either side.
+absl::StatusOr<std::string> Replication::TakeReplicationSnapshot(
+    Loaded& rel, Pool& pool, const std::string& volume) {
   for (;;) {
     std::string name = absl::StrFormat("%s%06d", RepPrefix(rel.rec.id),
                                        rel.rec.next_snapshot++);
@@ -451,7 +456,10 @@ std::string Replication::NextSnapshotName(Loaded& rel) {
       taken =
           taken || (pool != nullptr && pool->GetSnapshot(volume, name).ok());
     }
-    if (!taken) return name;
+    if (taken) continue;
+    absl::StatusOr<SnapshotInfo> snap = pool.CreateSnapshot(volume, name);
+    if (!snap.ok()) return snap.status();
+    return name;
   }
 }
 
@@ -524,9 +532,8 @@ absl::Status Replication::Begin(Loaded& rel, const std::string& operation,
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!active_.emplace(rel.rec.id, operation).second) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("relationship ", rel.rec.source.ToString(), " -> ",
-                       rel.rec.destination.ToString(), " is Transferring"));
+      return absl::FailedPreconditionError(absl::StrCat(
+          "relationship ", rel.rec.Direction(), " is Transferring"));
     }
   }
   rel.rec.status = TransferStatus::kTransferring;
@@ -627,31 +634,40 @@ absl::StatusOr<StepResult> Step(
                     applied->chunks_written * uint64_t{to.chunk_size()}};
 }
 
-}  // namespace
-
-absl::StatusOr<TransferStats> Replication::Transfer(
-    Loaded& rel, Pool& from, const std::string& from_volume, Pool& to,
-    const std::string& to_volume, bool rollback_first) {
-  auto start = std::chrono::steady_clock::now();
+// The sender's snapshots from the last one both sides hold, oldest first:
+// {common, every snapshot after it}, user snapshots included.
+absl::StatusOr<std::vector<std::string>> ChainSinceCommon(
+    Pool& from, const std::string& from_volume, Pool& to,
+    const std::string& to_volume) {
   std::optional<SnapshotInfo> common =
-      CommonSnapshot(from, from_volume, to, to_volume);
+      Replication::CommonSnapshot(from, from_volume, to, to_volume);
   if (!common) {
-    return absl::FailedPreconditionError(absl::StrCat(
+    return absl::FailedPreconditionError(
         "the two volumes share no snapshot any more (deleted by hand?): "
         "break, then resync or reverse-resync to compare them chunk by "
-        "chunk"));
+        "chunk");
   }
   absl::StatusOr<std::vector<SnapshotInfo>> snaps =
       from.ListSnapshots(from_volume);
   if (!snaps.ok()) return snaps.status();
-  // Every snapshot after the common one, user snapshots included, in order:
-  // the destination gets each of them.
   std::vector<std::string> chain = {common->name};
   bool after = false;
   for (const SnapshotInfo& s : *snaps) {
     if (after) chain.push_back(s.name);
     after = after || s.guid == common->guid;
   }
+  return chain;
+}
+
+}  // namespace
+
+// Ships chain[0]..chain[1], chain[1]..chain[2], ... (chain[0] empty: a full
+// delta of chain[1]) one delta each, so the receiver gets every snapshot.
+absl::StatusOr<TransferStats> Replication::Transfer(
+    Loaded& rel, Pool& from, const std::string& from_volume, Pool& to,
+    const std::string& to_volume, const std::vector<std::string>& chain,
+    bool rollback_first) {
+  auto start = std::chrono::steady_clock::now();
   std::vector<uint64_t> step_total;
   uint64_t total = 0;
   for (size_t i = 1; i < chain.size(); ++i) {
@@ -688,30 +704,6 @@ absl::StatusOr<TransferStats> Replication::Transfer(
   if (progress_) progress_(rel.rec);
   stats.seconds = SecondsSince(start);
   return stats;
-}
-
-absl::StatusOr<TransferStats> Replication::FullTransfer(
-    Loaded& rel, Pool& from, const std::string& from_volume,
-    const std::string& snapshot, Pool& to, const std::string& to_volume) {
-  auto start = std::chrono::steady_clock::now();
-  absl::StatusOr<ChangeCount> c = CountChanges(from, from_volume, "", snapshot);
-  if (!c.ok()) return c.status();
-  const uint64_t total = c->data_chunks * from.chunk_size();
-  rel.rec.progress_total_bytes = total;
-  rel.rec.progress_bytes = 0;
-  if (progress_) progress_(rel.rec);
-  auto progress = [&](uint64_t d, uint64_t t) {
-    if (!progress_) return;
-    RelationshipRecord now = rel.rec;
-    now.progress_bytes = t == 0 ? 0 : total * std::min(d, t) / t;
-    progress_(now);
-  };
-  absl::StatusOr<StepResult> r =
-      Step(from, from_volume, "", snapshot, to, to_volume, false, progress);
-  if (!r.ok()) return r.status();
-  rel.rec.progress_bytes = total;
-  if (progress_) progress_(rel.rec);
-  return TransferStats{r->stream_bytes, r->data_bytes, 1, SecondsSince(start)};
 }
 
 // No common snapshot, but the receiver still has data: compare SHA-256 of
@@ -851,10 +843,10 @@ absl::StatusOr<TransferStats> Replication::Initialize(const Endpoint& either) {
   // Run again after it completed (a crash before the reply): done.
   if (r.mirror_state == MirrorState::kMirrored) return TransferStats{};
   if (r.mirror_state != MirrorState::kUninitialized) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "relationship ", r.source.ToString(), " -> ", r.destination.ToString(),
-        " is already initialized (mirror state ", ToString(r.mirror_state),
-        "); use update"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("relationship ", r.Direction(),
+                     " is already initialized (mirror state ",
+                     ToString(r.mirror_state), "); use update"));
   }
   if (rel->src == nullptr) return rel->src_error;
   if (rel->dst == nullptr) return rel->dst_error;
@@ -863,15 +855,15 @@ absl::StatusOr<TransferStats> Replication::Initialize(const Endpoint& either) {
         absl::StrCat("destination volume ", r.destination.ToString(),
                      " exists; initialize creates it: delete it first"));
   }
-  std::string name = NextSnapshotName(*rel);
   if (absl::Status s = Begin(*rel, "initialize", /*persist=*/true); !s.ok()) {
     return s;
   }
-  absl::StatusOr<SnapshotInfo> snap =
-      rel->src->CreateSnapshot(r.source.volume, name);
+  absl::StatusOr<std::string> snap =
+      TakeReplicationSnapshot(*rel, *rel->src, r.source.volume);
   if (!snap.ok()) return Fail(*rel, snap.status());
-  absl::StatusOr<TransferStats> stats = FullTransfer(
-      *rel, *rel->src, r.source.volume, name, *rel->dst, r.destination.volume);
+  absl::StatusOr<TransferStats> stats =
+      Transfer(*rel, *rel->src, r.source.volume, *rel->dst,
+               r.destination.volume, {"", *snap}, false);
   if (!stats.ok()) return Fail(*rel, stats.status());
   if (absl::Status s = rel->dst->SetVolumeReadOnly(r.destination.volume, true);
       !s.ok()) {
@@ -888,8 +880,7 @@ absl::StatusOr<TransferStats> Replication::Update(const Endpoint& either) {
   if (absl::Status s = CheckNotActive(*rel); !s.ok()) return s;
   if (absl::StatusOr<std::string> r = Recover(*rel); !r.ok()) return r.status();
   RelationshipRecord& r = rel->rec;
-  const std::string name =
-      absl::StrCat(r.source.ToString(), " -> ", r.destination.ToString());
+  const std::string name = r.Direction();
   if (r.mirror_state == MirrorState::kUninitialized) {
     return absl::FailedPreconditionError(absl::StrCat(
         "cannot update ", name,
@@ -909,15 +900,18 @@ absl::StatusOr<TransferStats> Replication::Update(const Endpoint& either) {
       !s.ok()) {
     return s;
   }
-  std::string snap_name = NextSnapshotName(*rel);
   if (absl::Status s = Begin(*rel, "update", /*persist=*/false); !s.ok()) {
     return s;
   }
-  absl::StatusOr<SnapshotInfo> snap =
-      rel->src->CreateSnapshot(r.source.volume, snap_name);
+  absl::StatusOr<std::string> snap =
+      TakeReplicationSnapshot(*rel, *rel->src, r.source.volume);
   if (!snap.ok()) return Fail(*rel, snap.status());
-  absl::StatusOr<TransferStats> stats = Transfer(
-      *rel, *rel->src, r.source.volume, *rel->dst, r.destination.volume, false);
+  absl::StatusOr<std::vector<std::string>> chain = ChainSinceCommon(
+      *rel->src, r.source.volume, *rel->dst, r.destination.volume);
+  if (!chain.ok()) return Fail(*rel, chain.status());
+  absl::StatusOr<TransferStats> stats =
+      Transfer(*rel, *rel->src, r.source.volume, *rel->dst,
+               r.destination.volume, *chain, false);
   if (!stats.ok()) return Fail(*rel, stats.status());
   if (absl::Status s = Finish(*rel, *stats); !s.ok()) return s;
   return stats;
@@ -927,8 +921,7 @@ absl::Status Replication::Break(const Endpoint& either) {
   absl::StatusOr<Loaded> rel = Load(either);
   if (!rel.ok()) return rel.status();
   RelationshipRecord& r = rel->rec;
-  const std::string name =
-      absl::StrCat(r.source.ToString(), " -> ", r.destination.ToString());
+  const std::string name = r.Direction();
   if (std::optional<std::string> op = Running(r.id)) {
     return absl::FailedPreconditionError(absl::StrCat(
         "cannot break ", name, ": relationship status is Transferring (", *op,
@@ -1026,8 +1019,7 @@ absl::StatusOr<TransferStats> Replication::Overwrite(
     Loaded& rel, const std::string& operation, bool reverse,
     const Confirm& confirm) {
   RelationshipRecord& r = rel.rec;
-  const std::string name =
-      absl::StrCat(r.source.ToString(), " -> ", r.destination.ToString());
+  const std::string name = r.Direction();
   // Mirrored: it already ran (a crash before the reply), or there is
   // nothing to resync; either way nothing to do.
   if (r.mirror_state == MirrorState::kMirrored) return TransferStats{};
@@ -1056,7 +1048,6 @@ absl::StatusOr<TransferStats> Replication::Overwrite(
   Pool& receiver = reverse ? *rel.src : *rel.dst;
   const std::string sv = reverse ? r.destination.volume : r.source.volume;
   const std::string rv = reverse ? r.source.volume : r.destination.volume;
-  std::string snap_name = NextSnapshotName(rel);
   if (absl::Status s = Begin(rel, operation, /*persist=*/true); !s.ok()) {
     return s;
   }
@@ -1078,18 +1069,19 @@ absl::StatusOr<TransferStats> Replication::Overwrite(
       return undo(s);
     }
   }
-  if (absl::StatusOr<SnapshotInfo> s = sender.CreateSnapshot(sv, snap_name);
-      !s.ok()) {
-    return undo(s.status());
-  }
+  absl::StatusOr<std::string> snap = TakeReplicationSnapshot(rel, sender, sv);
+  if (!snap.ok()) return undo(snap.status());
   absl::StatusOr<TransferStats> stats;
   if (preview->method == "new-volume") {
-    stats = FullTransfer(rel, sender, sv, snap_name, receiver, rv);
+    stats = Transfer(rel, sender, sv, receiver, rv, {"", *snap}, false);
   } else if (preview->method == "hash-diff") {
-    stats = HashDiffTransfer(rel, sender, sv, snap_name, receiver, rv,
+    stats = HashDiffTransfer(rel, sender, sv, *snap, receiver, rv,
                              preview->safety_snapshot);
   } else {
-    stats = Transfer(rel, sender, sv, receiver, rv, true);
+    absl::StatusOr<std::vector<std::string>> chain =
+        ChainSinceCommon(sender, sv, receiver, rv);
+    stats = chain.ok() ? Transfer(rel, sender, sv, receiver, rv, *chain, true)
+                       : chain.status();
   }
   if (!stats.ok()) return undo(stats.status());
   if (absl::Status s = receiver.SetVolumeReadOnly(rv, true); !s.ok()) {
@@ -1152,8 +1144,7 @@ absl::StatusOr<TransferStats> Replication::Reestablish(const Endpoint& either,
     if (home) return total;  // already the original direction
     if (r.mirror_state != MirrorState::kMirrored) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "cannot reestablish ", r.source.ToString(), " -> ",
-          r.destination.ToString(), ": mirror state is ",
+          "cannot reestablish ", r.Direction(), ": mirror state is ",
           ToString(r.mirror_state),
           "; reestablish turns a Mirrored relationship around (after a "
           "reverse resync)"));

@@ -83,6 +83,7 @@ struct RelationshipRecord {
   uint64_t progress_bytes = 0;
   uint64_t progress_total_bytes = 0;
 
+  std::string Direction() const;  // "SOURCE -> DESTINATION"
   std::string ToJson() const;
   static absl::StatusOr<RelationshipRecord> FromJson(const std::string& json);
 };
@@ -186,13 +187,8 @@ class Replication {
                                          const std::string& from_volume,
                                          blockstore::Pool& to,
                                          const std::string& to_volume,
+                                         const std::vector<std::string>& chain,
                                          bool rollback_first);
-  absl::StatusOr<TransferStats> FullTransfer(Loaded& rel,
-                                             blockstore::Pool& from,
-                                             const std::string& from_volume,
-                                             const std::string& snapshot,
-                                             blockstore::Pool& to,
-                                             const std::string& to_volume);
   absl::StatusOr<TransferStats> HashDiffTransfer(
       Loaded& rel, blockstore::Pool& from, const std::string& from_volume,
       const std::string& snapshot, blockstore::Pool& to,
@@ -208,7 +204,8 @@ class Replication {
                                      const std::string& volume,
                                      const std::string& id,
                                      const blockstore::SnapshotInfo& common);
-  std::string NextSnapshotName(Loaded& rel);
+  absl::StatusOr<std::string> TakeReplicationSnapshot(
+      Loaded& rel, blockstore::Pool& pool, const std::string& volume);
   int64_t Now() const;
   void Inactive(const std::string& id);
   // The operation this process runs on relationship `id` now, if any.

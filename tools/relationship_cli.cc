@@ -195,9 +195,7 @@ void PrintDone(const std::string& op, Replication& rep, const Endpoint& e,
                const TransferStats& stats) {
   absl::StatusOr<RelationshipReport> r = rep.Report(e);
   std::string state = r.ok() ? StateLine(r->record) : "?";
-  std::string dir = r.ok() ? absl::StrCat(r->record.source.ToString(), " -> ",
-                                          r->record.destination.ToString())
-                           : e.ToString();
+  std::string dir = r.ok() ? r->record.Direction() : e.ToString();
   if (stats.snapshots == 0 && stats.stream_bytes == 0) {
     std::printf("%s %s: nothing to do; %s\n", op.c_str(), dir.c_str(),
                 state.c_str());

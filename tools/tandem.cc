@@ -30,6 +30,7 @@
 #include "blockstore/util.h"
 #include "engine/relationship.h"
 #include "nlohmann/json.hpp"
+#include "tools/command_line.h"
 #include "tools/demo.h"
 #include "tools/open_pool.h"
 #include "tools/relationship_cli.h"
@@ -635,15 +636,8 @@ int Run(int argc, char** argv) {
     if (rc != 0) failure = Failure{"demo: a check failed (see above)", rc};
   });
 
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::CallForAllHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "tandem: %s (see 'tandem --help')\n", e.what());
-    return 2;
+  if (std::optional<int> rc = ParseCommandLine(app, argc, argv, "tandem")) {
+    return *rc;
   }
   if (failure.has_value()) {
     std::fprintf(stderr, "tandem: %s\n", failure->message.c_str());

@@ -23,6 +23,7 @@
 #include "engine/delta_receive.h"
 #include "engine/delta_send.h"
 #include "nlohmann/json.hpp"
+#include "tools/command_line.h"
 #include "tools/fd_stream.h"
 #include "tools/open_pool.h"
 #include "tools/progress.h"
@@ -363,16 +364,9 @@ int Run(int argc, char** argv) {
     act(Apply(file, pool_path, volume, image, rollback, !no_verify_base));
   });
 
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::CallForAllHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "tandem-delta: %s (see 'tandem-delta --help')\n",
-                 e.what());
-    return 2;
+  if (std::optional<int> rc =
+          ParseCommandLine(app, argc, argv, "tandem-delta")) {
+    return *rc;
   }
   if (failure.has_value()) {
     std::fprintf(stderr, "tandem-delta: %s\n", failure->c_str());
