@@ -33,12 +33,13 @@
 //   A node's digest = XXH3-128 of its kFanout entry digests in order.
 //
 // Catalog (the payload of the catalog node chain, catalog_bytes long):
-//   u32 magic "TCAT", u32 version (2; 1 is read), u32 volume count, then per
-//   volume: str name, guid, u64 create_time_ns, u64 size, root entry, u32
-//   snapshot count, per snapshot (str name, guid, u64 create_time_ns, u64
-//   generation, u64 size, root entry), and in version 2 u32 flags (bit 0:
-//   read-only). Version 2 then has u32 property count and (str key, str
-//   value) pairs. str = u16 length + bytes.
+//   u32 magic "TCAT", u32 version (3; 1 and 2 are read), u32 volume count,
+//   then per volume: str name, guid, u64 create_time_ns, u64 size, root
+//   entry, u32 snapshot count, per snapshot (str name, guid, u64
+//   create_time_ns, u64 generation, u64 size, root entry, and from version 3
+//   str owner), and from version 2 u32 flags (bit 0: read-only). From
+//   version 2 there follow u32 property count and (str key, str value)
+//   pairs. str = u16 length + bytes.
 //
 // Refcount page (4 KiB): 0 u64 checksum over [8, 4096) seeded with the page
 //   index, 8 u32 page index, 16: kCountsPerPage u32 counts. Counts are

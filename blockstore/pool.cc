@@ -43,9 +43,10 @@ Entry GetEntry(ByteReader& r) {
 constexpr uint32_t kCatalogMagic = 0x54414354;  // "TCAT"
 // Version 2 added a flags word per volume (bit 0: read-only) and the pool's
 // properties after the volumes. Version 1 catalogs are read as such.
-constexpr uint32_t kCatalogVersion = 2;
+constexpr uint32_t kCatalogVersion = 3;
 constexpr uint32_t kVolumeReadOnly = 1;
 constexpr size_t kMaxPropertyKeyBytes = 200;
+constexpr size_t kMaxSnapshotOwnerBytes = 64;
 constexpr size_t kMaxPropertyValueBytes = 60000;
 
 }  // namespace
@@ -373,6 +374,7 @@ std::string Pool::SerializeCatalog() const {
       w.U64(s.generation);
       w.U64(s.size_bytes);
       PutEntry(w, s.root);
+      w.Str(s.owner);
     }
     w.U32(v.read_only ? kVolumeReadOnly : 0);
   }
@@ -393,7 +395,7 @@ absl::Status Pool::ParseCatalog(absl::string_view bytes) {
   ByteReader r(bytes);
   if (r.U32() != kCatalogMagic) return bad("magic");
   const uint32_t version = r.U32();
-  if (version != 1 && version != 2) return bad("version");
+  if (version < 1 || version > kCatalogVersion) return bad("version");
   auto root_ok = [&](const Entry& e) {
     return e.ptr == 0 ||
            (e.ptr >= sb_.meta_start && e.ptr < sb_.meta_start + sb_.meta_count);
@@ -419,7 +421,9 @@ absl::Status Pool::ParseCatalog(absl::string_view bytes) {
       s.generation = r.U64();
       s.size_bytes = r.U64();
       s.root = GetEntry(r);
-      if (s.size_bytes > kMaxVolumeBytes || !root_ok(s.root)) {
+      if (version >= 3) s.owner = r.Str();
+      if (s.size_bytes > kMaxVolumeBytes || !root_ok(s.root) ||
+          s.owner.size() > kMaxSnapshotOwnerBytes) {
         return bad(absl::StrCat("snapshot ", v.name, "@", s.name));
       }
       v.snapshots.push_back(std::move(s));
@@ -885,16 +889,18 @@ absl::Status Pool::SetProperty(absl::string_view key, absl::string_view value) {
                      " bytes and the value at most ", kMaxPropertyValueBytes));
   }
   auto it = properties_.find(key);
+  if (value.empty() ? it == properties_.end()
+                    : it != properties_.end() && it->second == value) {
+    return absl::OkStatus();
+  }
+  // Before the change: EnsureSpace may commit, and a refused call must
+  // commit nothing of its own.
+  if (absl::Status s = EnsureSpace(0, 0); !s.ok()) return s;
   if (value.empty()) {
-    if (it == properties_.end()) return absl::OkStatus();
     properties_.erase(it);
   } else {
-    if (it != properties_.end() && it->second == value) {
-      return absl::OkStatus();
-    }
     properties_[std::string(key)] = std::string(value);
   }
-  if (absl::Status s = EnsureSpace(0, 0); !s.ok()) return s;
   changed_ = true;
   return Fail(CommitUnlessGrouped());
 }
@@ -1356,10 +1362,16 @@ absl::Status Pool::Flush() {
 }
 
 absl::StatusOr<SnapshotInfo> Pool::CreateSnapshot(absl::string_view volume,
-                                                  absl::string_view name) {
+                                                  absl::string_view name,
+                                                  absl::string_view owner) {
   std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   if (absl::Status s = ValidName(name, "snapshot"); !s.ok()) return s;
+  if (owner.size() > kMaxSnapshotOwnerBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "snapshot owner is ", owner.size(), " bytes; at most ",
+        kMaxSnapshotOwnerBytes));
+  }
   absl::StatusOr<VolumeRec*> v = FindWritableVolume(volume);
   if (!v.ok()) return v.status();
   if (FindSnapshot(**v, name).ok()) {
@@ -1378,17 +1390,19 @@ absl::StatusOr<SnapshotInfo> Pool::CreateSnapshot(absl::string_view volume,
   rec.generation = gen_;
   rec.size_bytes = (*v)->size_bytes;
   rec.root = (*v)->root;
+  rec.owner = std::string(owner);
   IncRef(rec.root.ptr, depth);
   (*v)->snapshots.push_back(rec);
   changed_ = true;
   if (absl::Status s = Fail(CommitLocked()); !s.ok()) return s;
-  return SnapshotInfo{(*v)->name,
-                      rec.name,
-                      rec.guid,
-                      rec.create_time_ns,
-                      rec.size_bytes,
-                      rec.generation,
-                      VolumeDigest(rec.root, rec.size_bytes)};
+  return InfoOf(**v, rec);
+}
+
+SnapshotInfo Pool::InfoOf(const VolumeRec& v, const SnapshotRec& s) const {
+  return SnapshotInfo{v.name,       s.name,
+                      s.guid,       s.create_time_ns,
+                      s.size_bytes, s.generation,
+                      VolumeDigest(s.root, s.size_bytes), s.owner};
 }
 
 absl::StatusOr<std::vector<SnapshotInfo>> Pool::ListSnapshots(
@@ -1397,10 +1411,7 @@ absl::StatusOr<std::vector<SnapshotInfo>> Pool::ListSnapshots(
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
   std::vector<SnapshotInfo> out;
-  for (const SnapshotRec& s : (*v)->snapshots) {
-    out.push_back({(*v)->name, s.name, s.guid, s.create_time_ns, s.size_bytes,
-                   s.generation, VolumeDigest(s.root, s.size_bytes)});
-  }
+  for (const SnapshotRec& s : (*v)->snapshots) out.push_back(InfoOf(**v, s));
   return out;
 }
 
@@ -1411,13 +1422,7 @@ absl::StatusOr<SnapshotInfo> Pool::GetSnapshot(absl::string_view volume,
   if (!v.ok()) return v.status();
   absl::StatusOr<const SnapshotRec*> s = FindSnapshot(**v, name);
   if (!s.ok()) return s.status();
-  return SnapshotInfo{(*v)->name,
-                      (*s)->name,
-                      (*s)->guid,
-                      (*s)->create_time_ns,
-                      (*s)->size_bytes,
-                      (*s)->generation,
-                      VolumeDigest((*s)->root, (*s)->size_bytes)};
+  return InfoOf(**v, **s);
 }
 
 absl::Status Pool::DeleteSnapshot(absl::string_view volume,

@@ -48,6 +48,10 @@ struct SnapshotInfo {
   uint64_t size_bytes = 0;
   uint64_t generation = 0;  // commit in which it was taken
   Digest root_digest;
+  // Who took it: empty for a user's snapshot; the layer that made it
+  // otherwise (replication: its relationship id). Set only through the API,
+  // never derived from the name, so no name a user picks is mistaken for it.
+  std::string owner;
 };
 
 struct VolumeInfo {
@@ -110,6 +114,7 @@ struct SnapshotIdentity {
   std::string name;
   Guid guid{};
   int64_t create_time_ns = 0;
+  std::string owner;  // on this side (SnapshotInfo::owner)
 };
 
 struct CreatePoolOptions {
@@ -176,9 +181,11 @@ class Pool {
   // Commits the open transaction (no-op when nothing changed).
   absl::Status Flush();
 
-  // Snapshots: O(1) in the volume size; committed on return.
+  // Snapshots: O(1) in the volume size; committed on return. `owner` (at
+  // most 64 bytes) is kept with it (SnapshotInfo::owner).
   absl::StatusOr<SnapshotInfo> CreateSnapshot(absl::string_view volume,
-                                              absl::string_view name);
+                                              absl::string_view name,
+                                              absl::string_view owner = {});
   absl::StatusOr<std::vector<SnapshotInfo>> ListSnapshots(
       absl::string_view volume);
   absl::StatusOr<SnapshotInfo> GetSnapshot(absl::string_view volume,
@@ -291,6 +298,7 @@ class Pool {
     uint64_t generation = 0;
     uint64_t size_bytes = 0;
     Entry root;
+    std::string owner;
   };
   struct VolumeRec {
     std::string name;
@@ -317,6 +325,8 @@ class Pool {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<const SnapshotRec*> FindSnapshot(const VolumeRec& v,
                                                   absl::string_view name)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  SnapshotInfo InfoOf(const VolumeRec& v, const SnapshotRec& s) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Tree shape.

@@ -297,8 +297,20 @@ absl::StatusOr<SnapshotInfo> Pool::FinishReceive(
                      expected.ToHex(), "; nothing was changed"));
   }
   auto it = volumes_.find(volume);
+  if (it != volumes_.end()) {
+    for (const SnapshotRec& s : it->second.snapshots) {
+      if (s.name == identity.name || s.guid == identity.guid) {
+        return absl::AlreadyExistsError(absl::StrCat(
+            "volume '", volume, "' already has snapshot '", s.name, "'"));
+      }
+    }
+  } else if (absl::Status s = ValidName(volume, "volume"); !s.ok()) {
+    return s;
+  }
+  // Before any change: EnsureSpace may commit, and a refused receive must
+  // leave nothing behind (no empty volume that blocks the retry).
+  if (absl::Status s = EnsureSpace(0, 1); !s.ok()) return s;
   if (it == volumes_.end()) {
-    if (absl::Status s = ValidName(volume, "volume"); !s.ok()) return s;
     VolumeRec v;
     v.name = std::string(volume);
     v.guid = volume_guid;
@@ -306,15 +318,7 @@ absl::StatusOr<SnapshotInfo> Pool::FinishReceive(
     v.root = {0, gen_, {}};
     v.size_bytes = stage.size_bytes;
     it = volumes_.emplace(v.name, std::move(v)).first;
-  } else {
-    for (const SnapshotRec& s : it->second.snapshots) {
-      if (s.name == identity.name || s.guid == identity.guid) {
-        return absl::AlreadyExistsError(absl::StrCat(
-            "volume '", volume, "' already has snapshot '", s.name, "'"));
-      }
-    }
   }
-  if (absl::Status s = EnsureSpace(0, 1); !s.ok()) return s;
   VolumeRec& dest = it->second;
   // The staging tree becomes the live volume (its reference moves along);
   // the old live tree is released.
@@ -332,14 +336,13 @@ absl::StatusOr<SnapshotInfo> Pool::FinishReceive(
   rec.generation = gen_;
   rec.size_bytes = dest.size_bytes;
   rec.root = dest.root;
+  rec.owner = identity.owner;
   IncRef(rec.root.ptr, depth);
   dest.snapshots.push_back(rec);
   volumes_.erase(volumes_.find(staging));
   changed_ = true;
   if (absl::Status s = Fail(CommitLocked()); !s.ok()) return s;
-  return SnapshotInfo{
-      std::string(volume), rec.name,       rec.guid, rec.create_time_ns,
-      rec.size_bytes,      rec.generation, got};
+  return InfoOf(dest, rec);
 }
 
 }  // namespace blockstore

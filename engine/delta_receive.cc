@@ -437,7 +437,8 @@ absl::StatusOr<ApplyStats> ApplyDelta(blockstore::Pool& pool,
   if (stats.ok()) {
     absl::StatusOr<blockstore::SnapshotInfo> snap = pool.FinishReceive(
         staging, volume, h.volume_guid,
-        {h.target_name, h.target_guid, h.target_create_time_ns},
+        {h.target_name, h.target_guid, h.target_create_time_ns,
+         options.target_owner},
         h.target_digest);
     if (snap.ok()) {
       stats->snapshot = *snap;

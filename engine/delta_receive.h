@@ -81,6 +81,8 @@ struct ApplyOptions {
   // it changed since: the volume's live content is replaced by the base's
   // first. Snapshots newer than the base are kept.
   bool rollback = false;
+  // SnapshotInfo::owner of the received target snapshot (empty: a user's).
+  std::string target_owner;
   std::function<void(uint64_t done, uint64_t total)> progress;
 };
 

@@ -767,7 +767,7 @@ absl::StatusOr<TransferStats> Replication::HashDiffTransfer(
   }
   absl::StatusOr<SnapshotInfo> got =
       to.FinishReceive(staging, to_volume, to_info->guid,
-                       {target->name, target->guid, target->create_time_ns},
+                       {target->name, target->guid, target->create_time_ns, ""},
                        target->root_digest);
   if (!got.ok()) return fail(got.status());
   if (progress_) progress_(rel.rec);

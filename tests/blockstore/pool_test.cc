@@ -5,6 +5,7 @@
 #include <memory>
 #include <random>
 
+#include "absl/strings/str_cat.h"
 #include "blockstore/mem_io.h"
 #include "blockstore/util.h"
 #include "gmock/gmock.h"
@@ -212,6 +213,66 @@ TEST(PoolTest, PropertiesAreCommittedAndRemoved) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(pool->SetProperty("k", std::string(70000, 'x')).code(),
             absl::StatusCode::kInvalidArgument);
+  ExpectConsistent(*pool);
+}
+
+TEST(PoolTest, SnapshotOwnerIsKeptAndNeverTakenFromTheName) {
+  MemIo io(32 << 20);
+  {
+    auto pool = MakePool(io);
+    ASSERT_TRUE(pool->CreateVolume("v", 1 << 20).ok());
+    absl::StatusOr<SnapshotInfo> mine = pool->CreateSnapshot("v", "rep.x.1");
+    ASSERT_TRUE(mine.ok()) << mine.status();
+    EXPECT_EQ(mine->owner, "");
+    absl::StatusOr<SnapshotInfo> owned =
+        pool->CreateSnapshot("v", "s2", "0a1b2c3d-relationship");
+    ASSERT_TRUE(owned.ok()) << owned.status();
+    EXPECT_EQ(owned->owner, "0a1b2c3d-relationship");
+    EXPECT_EQ(pool->CreateSnapshot("v", "s3", std::string(65, 'o'))
+                  .status()
+                  .code(),
+              absl::StatusCode::kInvalidArgument);
+    // A received snapshot takes the owner its receiver gives it.
+    ASSERT_TRUE(pool->BeginReceive(".recv-w", "w", "", 1 << 20).ok());
+    absl::StatusOr<Digest> d = pool->RootDigest(".recv-w", "");
+    ASSERT_TRUE(d.ok());
+    ASSERT_TRUE(pool->FinishReceive(".recv-w", "w", Guid{},
+                                    {"got", Guid{std::byte{7}}, 5, "them"}, *d)
+                    .ok());
+  }
+  auto pool = Reopen(io);
+  auto snaps = pool->ListSnapshots("v");
+  ASSERT_TRUE(snaps.ok());
+  ASSERT_EQ(snaps->size(), 2u);
+  EXPECT_EQ((*snaps)[0].owner, "");
+  EXPECT_EQ((*snaps)[1].owner, "0a1b2c3d-relationship");
+  EXPECT_EQ(pool->GetSnapshot("w", "got")->owner, "them");
+  ExpectConsistent(*pool);
+}
+
+TEST(PoolTest, ARefusedFullReceiveLeavesNoVolumeBehind) {
+  MemIo io(8 << 20);
+  {
+    auto pool = MakePool(io);
+    ASSERT_TRUE(pool->BeginReceive(".recv-v", "v", "", 1 << 20).ok());
+    ASSERT_TRUE(pool->Write(".recv-v", 0, TestData(8192, 3)).ok());
+    absl::StatusOr<Digest> d = pool->RootDigest(".recv-v", "");
+    ASSERT_TRUE(d.ok());
+    // Fill the metadata area with properties until the pool refuses more.
+    absl::Status s;
+    for (int i = 0; s.ok() && i < 1000; ++i) {
+      s = pool->SetProperty(absl::StrCat("k", i), std::string(60000, 'x'));
+    }
+    ASSERT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+    absl::StatusOr<SnapshotInfo> got = pool->FinishReceive(
+        ".recv-v", "v", Guid{}, {"s", Guid{std::byte{1}}, 1, ""}, *d);
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kResourceExhausted);
+    EXPECT_EQ(pool->GetVolume("v").status().code(),
+              absl::StatusCode::kNotFound);
+    ASSERT_TRUE(pool->Flush().ok());
+  }
+  auto pool = Reopen(io);
+  EXPECT_EQ(pool->GetVolume("v").status().code(), absl::StatusCode::kNotFound);
   ExpectConsistent(*pool);
 }
 
