@@ -335,8 +335,12 @@ absl::StatusOr<DeltaEnd> DecodeEnd(std::span<const std::byte, kEndBytes> in,
 std::string EncodeResumeToken(const ResumeToken& t) {
   blockstore::ByteWriter o;
   o.Raw(t.target_guid.data(), 16);
-  o.U64(t.next_segment);
-  o.U64(t.chain);
+  o.Raw(t.base_guid.data(), 16);
+  for (uint64_t v : {t.header_checksum, t.next_segment, t.chain, t.next_chunk,
+                     uint64_t{t.any_record}, t.records, t.chunks_written,
+                     t.chunks_cleared, t.record_bytes, t.stored_bytes}) {
+    o.U64(v);
+  }
   return o.Take();
 }
 
@@ -347,8 +351,25 @@ absl::StatusOr<ResumeToken> DecodeResumeToken(std::span<const std::byte> in) {
   }
   ResumeToken t;
   std::memcpy(t.target_guid.data(), in.data(), 16);
-  t.next_segment = GetLe64(in.data() + 16);
-  t.chain = GetLe64(in.data() + 24);
+  std::memcpy(t.base_guid.data(), in.data() + 16, 16);
+  const std::byte* p = in.data() + 32;
+  auto next = [&p] {
+    uint64_t v = GetLe64(p);
+    p += 8;
+    return v;
+  };
+  t.header_checksum = next();
+  t.next_segment = next();
+  t.chain = next();
+  t.next_chunk = next();
+  uint64_t any = next();
+  if (any > 1) return absl::DataLossError("resume token: bad record flag");
+  t.any_record = any == 1;
+  t.records = next();
+  t.chunks_written = next();
+  t.chunks_cleared = next();
+  t.record_bytes = next();
+  t.stored_bytes = next();
   return t;
 }
 

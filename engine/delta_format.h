@@ -33,7 +33,7 @@ inline constexpr uint32_t kMaxSegmentRecordBytes = (1 << 20) + 4096;
 inline constexpr size_t kRecordHeaderBytes = 16;
 inline constexpr size_t kEndBytes = 88;
 inline constexpr uint64_t kMaxVolumeBytes = uint64_t{1} << 60;
-inline constexpr size_t kResumeTokenBytes = 32;
+inline constexpr size_t kResumeTokenBytes = 112;
 
 struct ListedSnapshot {
   Guid guid{};
@@ -149,12 +149,33 @@ void EncodeEnd(const DeltaEnd& e, std::span<std::byte, kEndBytes> out);
 absl::StatusOr<DeltaEnd> DecodeEnd(std::span<const std::byte, kEndBytes> in,
                                    uint64_t stream_offset);
 
+// Where an interrupted receive of one stream stands: everything up to
+// segment `next_segment` is applied and committed on the receiver. A sender
+// given the token re-sends the same header, then segments from
+// `next_segment` on, holding the records for chunks `next_chunk` and after,
+// with the chain seeded from `chain` and the end's totals counted from the
+// ones here; records are absolute, so chunks applied again after a crash
+// come out the same. The receiver keeps the token with its staging volume
+// and checks that a resumed stream matches it.
 struct ResumeToken {
   Guid target_guid{};
+  Guid base_guid{};              // zero for a full delta
+  uint64_t header_checksum = 0;  // of the stream's header: the same stream
   uint64_t next_segment = 0;
-  uint64_t chain = 0;
+  uint64_t chain = 0;  // chain checksum of segment next_segment - 1
+  uint64_t next_chunk = 0;
+  bool any_record = false;  // a record came before (RESIZE only first)
+  // Totals of segments [0, next_segment).
+  uint64_t records = 0;
+  uint64_t chunks_written = 0;
+  uint64_t chunks_cleared = 0;
+  uint64_t record_bytes = 0;
+  uint64_t stored_bytes = 0;
+
+  bool operator==(const ResumeToken&) const = default;
 };
 std::string EncodeResumeToken(const ResumeToken& t);
+// DataLoss if `in` is not a token of this version.
 absl::StatusOr<ResumeToken> DecodeResumeToken(std::span<const std::byte> in);
 
 }  // namespace engine

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <future>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "blockstore/digest_builder.h"
@@ -30,7 +31,8 @@ absl::Status ReadFull(ByteSource& in, std::span<std::byte> out,
 
 // --- DeltaReader -------------------------------------------------------------
 
-absl::StatusOr<std::unique_ptr<DeltaReader>> DeltaReader::Open(ByteSource& in) {
+absl::StatusOr<std::unique_ptr<DeltaReader>> DeltaReader::Open(
+    ByteSource& in, const ResumeToken* resume) {
   std::unique_ptr<DeltaReader> r(new DeltaReader(in));
   std::vector<std::byte> bytes(kHeaderPrefixBytes);
   if (absl::Status s = ReadFull(in, bytes, "the header", 0); !s.ok()) return s;
@@ -46,12 +48,47 @@ absl::StatusOr<std::unique_ptr<DeltaReader>> DeltaReader::Open(ByteSource& in) {
   absl::StatusOr<DeltaHeader> h = DecodeHeader(bytes, &r->chain_);
   if (!h.ok()) return h.status();
   r->header_ = std::move(*h);
+  r->header_checksum_ = r->chain_;
   r->offset_ = *length;
+  if (resume != nullptr) {
+    if (resume->header_checksum != r->chain_ ||
+        resume->target_guid != r->header_.target_guid ||
+        resume->base_guid != r->header_.base_guid) {
+      return absl::FailedPreconditionError(
+          "the resumed delta stream is not the one this receive was "
+          "interrupted in (its header differs)");
+    }
+    r->next_segment_ = resume->next_segment;
+    r->chain_ = resume->chain;
+    r->order_ = {resume->any_record, resume->next_chunk};
+    r->record_total_ = resume->records;
+    r->chunks_written_ = resume->chunks_written;
+    r->chunks_cleared_ = resume->chunks_cleared;
+    r->record_bytes_ = resume->record_bytes;
+    r->stored_bytes_ = resume->stored_bytes;
+  }
   ZSTD_DCtx* dctx = ZSTD_createDCtx();
   // Never let a frame make us allocate a window beyond 8 MiB.
   ZSTD_DCtx_setParameter(dctx, ZSTD_d_windowLogMax, 23);
   r->dctx_ = dctx;
   return r;
+}
+
+ResumeToken DeltaReader::Checkpoint() const {
+  ResumeToken t;
+  t.target_guid = header_.target_guid;
+  t.base_guid = header_.base_guid;
+  t.header_checksum = header_checksum_;
+  t.next_segment = next_segment_;
+  t.chain = chain_;
+  t.next_chunk = order_.next_chunk;
+  t.any_record = order_.any_record;
+  t.records = record_total_;
+  t.chunks_written = chunks_written_;
+  t.chunks_cleared = chunks_cleared_;
+  t.record_bytes = record_bytes_;
+  t.stored_bytes = stored_bytes_;
+  return t;
 }
 
 DeltaReader::~DeltaReader() { ZSTD_freeDCtx(static_cast<ZSTD_DCtx*>(dctx_)); }
@@ -236,7 +273,7 @@ void GatherChunks(const DeltaReader::Record& r, uint32_t chunk_size,
 
 absl::Status CheckBase(blockstore::Pool& pool, absl::string_view volume,
                        const DeltaHeader& h, bool rollback,
-                       std::string* base_name) {
+                       const std::string& advice, std::string* base_name) {
   absl::StatusOr<std::vector<blockstore::SnapshotInfo>> snaps =
       pool.ListSnapshots(volume);
   if (!snaps.ok()) {
@@ -268,16 +305,16 @@ absl::Status CheckBase(blockstore::Pool& pool, absl::string_view volume,
   if (base != newest && !rollback) {
     return absl::FailedPreconditionError(absl::StrCat(
         "delta base is snapshot '", h.base_name, "' (", GuidText(h.base_guid),
-        ") but on volume '", volume, "' ", newest_text,
-        "; pass --rollback to roll back to '", base->name, "' first"));
+        ") but on volume '", volume, "' ", newest_text, "; ", advice,
+        " to roll back to '", base->name, "' first"));
   }
   if (!rollback) {
     absl::StatusOr<bool> changed = pool.ChangedSince(volume, base->name);
     if (!changed.ok()) return changed.status();
     if (*changed) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "volume '", volume, "' was written since snapshot '", base->name,
-          "'; pass --rollback to discard those writes"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("volume '", volume, "' was written since snapshot '",
+                       base->name, "'; ", advice, " to discard those writes"));
     }
   }
   return absl::OkStatus();
@@ -356,7 +393,17 @@ class WriteBatch {
   std::future<absl::Status> pending_;
 };
 
+constexpr char kResumeKeyPrefix[] = "receive:";
+
+std::string ResumeKey(absl::string_view volume) {
+  return absl::StrCat(kResumeKeyPrefix, volume);
+}
+
+// Applies the records; at a segment end at least `checkpoint_bytes` of
+// stream after the last resume point, commits the staging content with a
+// new resume point.
 absl::StatusOr<ApplyStats> ApplyRecords(blockstore::Pool& pool,
+                                        absl::string_view volume,
                                         const std::string& staging,
                                         DeltaReader& reader,
                                         const ApplyOptions& options) {
@@ -364,6 +411,7 @@ absl::StatusOr<ApplyStats> ApplyRecords(blockstore::Pool& pool,
   const uint64_t c = h.chunk_size;
   ApplyStats stats;
   WriteBatch batch(pool, staging, h.chunk_size);
+  uint64_t checkpointed_at = reader.stream_offset();
   while (true) {
     absl::StatusOr<std::optional<DeltaReader::Record>> r = reader.Next();
     if (!r.ok()) return r.status();
@@ -389,6 +437,21 @@ absl::StatusOr<ApplyStats> ApplyRecords(blockstore::Pool& pool,
     }
     if (!s.ok()) return s;
     ++stats.records;
+    if (options.checkpoint_bytes > 0 && reader.at_segment_end() &&
+        reader.stream_offset() - checkpointed_at >= options.checkpoint_bytes) {
+      // The token lands in the same commit as the data it vouches for.
+      if (absl::Status f = batch.Flush(); !f.ok()) return f;
+      std::string token = EncodeResumeToken(reader.Checkpoint());
+      if (absl::Status p = pool.SetProperty(
+              ResumeKey(volume),
+              blockstore::Hex({reinterpret_cast<const std::byte*>(token.data()),
+                               token.size()}));
+          !p.ok()) {
+        return p;
+      }
+      checkpointed_at = reader.stream_offset();
+      ++stats.checkpoints;
+    }
     if (options.progress) options.progress(reader.record_bytes_read(), 0);
   }
   if (absl::Status s = batch.Flush(); !s.ok()) return s;
@@ -396,12 +459,74 @@ absl::StatusOr<ApplyStats> ApplyRecords(blockstore::Pool& pool,
   return stats;
 }
 
+absl::StatusOr<std::vector<std::byte>> Unhex(absl::string_view hex) {
+  if (hex.size() % 2 != 0) return absl::DataLossError("odd hex length");
+  std::vector<std::byte> out(hex.size() / 2);
+  for (size_t i = 0; i < out.size(); ++i) {
+    int v = 0;
+    for (char ch : hex.substr(2 * i, 2)) {
+      int d = ch >= '0' && ch <= '9'   ? ch - '0'
+              : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
+                                       : -1;
+      if (d < 0) return absl::DataLossError("not hex");
+      v = v * 16 + d;
+    }
+    out[i] = static_cast<std::byte>(v);
+  }
+  return out;
+}
+
 }  // namespace
+
+std::string StagingVolume(absl::string_view volume) {
+  return absl::StrCat(".recv-", volume);
+}
+
+absl::StatusOr<std::optional<ResumeToken>> ResumePoint(
+    blockstore::Pool& pool, absl::string_view volume) {
+  std::map<std::string, std::string> props = pool.Properties();
+  auto it = props.find(ResumeKey(volume));
+  if (it == props.end()) return std::nullopt;
+  if (!pool.GetVolume(StagingVolume(volume)).ok()) return std::nullopt;
+  absl::StatusOr<std::vector<std::byte>> raw = Unhex(it->second);
+  if (!raw.ok()) {
+    return absl::DataLossError(
+        absl::StrCat("resume point of volume '", volume, "' is malformed"));
+  }
+  absl::StatusOr<ResumeToken> t = DecodeResumeToken(*raw);
+  if (!t.ok()) return t.status();
+  return *t;
+}
+
+absl::Status DropReceive(blockstore::Pool& pool, absl::string_view volume) {
+  pool.BeginGroup();
+  absl::Status s = pool.SetProperty(ResumeKey(volume), "");
+  if (s.ok()) {
+    s = pool.DeleteVolume(StagingVolume(volume), true);
+    if (absl::IsNotFound(s)) s = absl::OkStatus();
+  }
+  absl::Status ended = pool.EndGroup();
+  return s.ok() ? ended : s;
+}
 
 absl::StatusOr<ApplyStats> ApplyDelta(blockstore::Pool& pool,
                                       absl::string_view volume, ByteSource& in,
                                       const ApplyOptions& options) {
-  absl::StatusOr<std::unique_ptr<DeltaReader>> reader = DeltaReader::Open(in);
+  std::optional<ResumeToken> held;
+  if (options.resume) {
+    absl::StatusOr<std::optional<ResumeToken>> point =
+        ResumePoint(pool, volume);
+    if (!point.ok()) return point.status();
+    if (!*point || **point != *options.resume) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "volume '", volume,
+          "' no longer holds the interrupted receive to resume; start it "
+          "over"));
+    }
+    held = *point;
+  }
+  absl::StatusOr<std::unique_ptr<DeltaReader>> reader =
+      DeltaReader::Open(in, held ? &*held : nullptr);
   if (!reader.ok()) return reader.status();
   const DeltaHeader& h = (*reader)->header();
   if (pool.chunk_size() != h.chunk_size) {
@@ -412,8 +537,8 @@ absl::StatusOr<ApplyStats> ApplyDelta(blockstore::Pool& pool,
                      "--chunk-size ",
                      h.chunk_size));
   }
-  std::string staging = absl::StrCat(".recv-", volume);
-  absl::Status begun;
+  const std::string staging = StagingVolume(volume);
+  std::string base_name;
   if (h.full()) {
     if (pool.GetVolume(volume).ok()) {
       return absl::FailedPreconditionError(
@@ -421,34 +546,49 @@ absl::StatusOr<ApplyStats> ApplyDelta(blockstore::Pool& pool,
                        "' exists and the delta is a full one; apply it "
                        "under a new name or delete the volume first"));
     }
-    begun = pool.BeginReceive(staging, volume, "", h.size_bytes);
-  } else {
-    std::string base_name;
-    if (absl::Status s =
-            CheckBase(pool, volume, h, options.rollback, &base_name);
-        !s.ok()) {
+  } else if (absl::Status s = CheckBase(pool, volume, h, options.rollback,
+                                        options.rollback_advice, &base_name);
+             !s.ok()) {
+    return s;
+  }
+  if (!held) {
+    // A fresh receive: whatever an earlier one left goes.
+    if (absl::Status s = pool.SetProperty(ResumeKey(volume), ""); !s.ok()) {
       return s;
     }
-    begun = pool.BeginReceive(staging, volume, base_name, 0);
+    absl::Status begun =
+        h.full() ? pool.BeginReceive(staging, volume, "", h.size_bytes)
+                 : pool.BeginReceive(staging, volume, base_name, 0);
+    if (!begun.ok()) return begun;
   }
-  if (!begun.ok()) return begun;
   absl::StatusOr<ApplyStats> stats =
-      ApplyRecords(pool, staging, **reader, options);
+      ApplyRecords(pool, volume, staging, **reader, options);
+  bool bad_content = false;
   if (stats.ok()) {
-    absl::StatusOr<blockstore::SnapshotInfo> snap = pool.FinishReceive(
-        staging, volume, h.volume_guid,
-        {h.target_name, h.target_guid, h.target_create_time_ns,
-         options.target_owner},
-        h.target_digest);
-    if (snap.ok()) {
+    // The resume point goes in the commit that finishes the receive.
+    pool.BeginGroup();
+    absl::Status cleared = pool.SetProperty(ResumeKey(volume), "");
+    absl::StatusOr<blockstore::SnapshotInfo> snap =
+        cleared.ok() ? pool.FinishReceive(staging, volume, h.volume_guid,
+                                          {h.target_name, h.target_guid,
+                                           h.target_create_time_ns,
+                                           options.target_owner},
+                                          h.target_digest)
+                     : cleared;
+    absl::Status ended = pool.EndGroup();
+    if (snap.ok() && ended.ok()) {
       stats->snapshot = *snap;
       return stats;
     }
-    stats = snap.status();
+    bad_content = absl::IsDataLoss(snap.status());
+    stats = snap.ok() ? ended : snap.status();
   }
-  // Nothing reached `volume`; give the staging space back (best effort: a
-  // stopped pool drops it at the next receive).
-  pool.DeleteVolume(staging, true).IgnoreError();
+  // Nothing reached `volume`. Keep what a resume can go on from; else give
+  // the staging space back (best effort: a stopped pool drops it at the
+  // next receive).
+  if (options.checkpoint_bytes == 0 || bad_content) {
+    DropReceive(pool, volume).IgnoreError();
+  }
   return stats.status();
 }
 

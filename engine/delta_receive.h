@@ -32,8 +32,12 @@ class DeltaReader {
     uint64_t segment = 0;
   };
 
-  // `in` must outlive the reader. Reads and checks the header.
-  static absl::StatusOr<std::unique_ptr<DeltaReader>> Open(ByteSource& in);
+  // `in` must outlive the reader. Reads and checks the header. With
+  // `resume`, the stream is the rest of one whose first segments were read
+  // before (the token says where that stopped): its header must be the same
+  // (FailedPrecondition if not) and its first segment the token's.
+  static absl::StatusOr<std::unique_ptr<DeltaReader>> Open(
+      ByteSource& in, const ResumeToken* resume = nullptr);
   ~DeltaReader();
 
   const DeltaHeader& header() const { return header_; }
@@ -43,6 +47,11 @@ class DeltaReader {
   const DeltaEnd& end() const { return end_; }
   uint64_t stream_offset() const { return offset_; }
   uint64_t record_bytes_read() const { return record_bytes_; }
+  // True once the record Next() returned last was its segment's last: a
+  // point to resume from (Checkpoint).
+  bool at_segment_end() const { return records_left_ == 0 && !ended_; }
+  // Where this stream stands now; meaningful at a segment end.
+  ResumeToken Checkpoint() const;
 
  private:
   explicit DeltaReader(ByteSource& in) : in_(in) {}
@@ -52,6 +61,7 @@ class DeltaReader {
   ByteSource& in_;
   DeltaHeader header_;
   uint64_t offset_ = 0;
+  uint64_t header_checksum_ = 0;
   uint64_t chain_ = 0;
   uint64_t next_segment_ = 0;
   std::vector<std::byte> stored_;
@@ -69,10 +79,11 @@ class DeltaReader {
 };
 
 struct ApplyStats {
+  uint64_t checkpoints = 0;  // resume points committed
   uint64_t records = 0;
   uint64_t chunks_written = 0;
   uint64_t chunks_cleared = 0;
-  uint64_t stream_bytes = 0;
+  uint64_t stream_bytes = 0;  // read by this call
   blockstore::SnapshotInfo snapshot;  // the received target (pool apply)
 };
 
@@ -83,6 +94,20 @@ struct ApplyOptions {
   bool rollback = false;
   // SnapshotInfo::owner of the received target snapshot (empty: a user's).
   std::string target_owner;
+  // Commit a resume point (staging content and a ResumeToken, in one
+  // commit) after the first segment that ends at least this many stream
+  // bytes after the last one; 0: never. With resume points, a failed apply
+  // keeps its staging volume and last resume point (ResumePoint), unless
+  // what it received turned out wrong (the end digest): DropReceive or a
+  // fresh apply clears them.
+  uint64_t checkpoint_bytes = 0;
+  // Go on from this resume point (ResumePoint's, unchanged): the stream is
+  // the rest of the one that was interrupted. FailedPrecondition if the
+  // pool no longer holds it.
+  std::optional<ResumeToken> resume;
+  // What a refused base should tell the user to do (default: the
+  // `tandem-delta apply` flag).
+  std::string rollback_advice = "pass --rollback";
   std::function<void(uint64_t done, uint64_t total)> progress;
 };
 
@@ -96,6 +121,15 @@ struct ApplyOptions {
 absl::StatusOr<ApplyStats> ApplyDelta(blockstore::Pool& pool,
                                       absl::string_view volume, ByteSource& in,
                                       const ApplyOptions& options = {});
+
+// The resume point an interrupted apply into `volume` left, if any.
+absl::StatusOr<std::optional<ResumeToken>> ResumePoint(blockstore::Pool& pool,
+                                                       absl::string_view volume);
+// Drops what an interrupted apply into `volume` left (staging volume and
+// resume point), committed on return; OK if there is none.
+absl::Status DropReceive(blockstore::Pool& pool, absl::string_view volume);
+// The hidden volume an apply into `volume` stages in.
+std::string StagingVolume(absl::string_view volume);
 
 struct ImageOptions {
   bool verify_base = true;    // image content must equal the base first

@@ -42,10 +42,11 @@ struct Segment {
 class Pipeline {
  public:
   Pipeline(int workers, int level, ByteSink& out, uint64_t chain_seed,
-           const SendOptions& options, uint64_t total)
+           const SendOptions& options, uint64_t total, uint64_t first_sequence)
       : level_(level),
         out_(out),
         chain_(chain_seed),
+        first_sequence_(first_sequence),
         max_in_flight_(2 * workers),
         options_(options),
         total_(total) {
@@ -135,7 +136,7 @@ class Pipeline {
   }
 
   void WriteInOrder() {
-    uint64_t next = 0;
+    uint64_t next = first_sequence_;
     uint64_t done_bytes = 0;
     while (true) {
       std::unique_ptr<Segment> seg;
@@ -193,6 +194,7 @@ class Pipeline {
   std::condition_variable work_;     // todo_ grew, closed_, or an error
   std::condition_variable done_cv_;  // done_ grew, workers_done_, or an error
   uint64_t chain_;                   // guarded by mu_, as is all below
+  const uint64_t first_sequence_;
   uint64_t stored_bytes_ = 0;
   const int max_in_flight_;
   int in_flight_ = 0;
@@ -210,8 +212,12 @@ class Pipeline {
 // Packs records into segments and hands full ones to the pipeline.
 class SegmentBuilder {
  public:
-  SegmentBuilder(Pipeline& pipeline, uint32_t chunk_size, SendStats& stats)
-      : pipeline_(pipeline), chunk_size_(chunk_size), stats_(stats) {
+  SegmentBuilder(Pipeline& pipeline, uint32_t chunk_size, SendStats& stats,
+                 uint64_t first_sequence)
+      : pipeline_(pipeline),
+        chunk_size_(chunk_size),
+        stats_(stats),
+        next_sequence_(first_sequence) {
     Start();
   }
 
@@ -297,142 +303,275 @@ class SegmentBuilder {
   const uint32_t chunk_size_;
   SendStats& stats_;
   std::unique_ptr<Segment> seg_;
-  uint64_t next_sequence_ = 0;
+  uint64_t next_sequence_;
   size_t write_at_ = kNone;
   uint64_t write_next_ = 0;
 };
 
-}  // namespace
-
-absl::StatusOr<SendStats> SendDelta(blockstore::Pool& pool,
-                                    absl::string_view volume,
-                                    absl::string_view base,
-                                    absl::string_view target, ByteSink& out,
-                                    const SendOptions& options) {
-  absl::StatusOr<blockstore::VolumeInfo> vol = pool.GetVolume(volume);
-  if (!vol.ok()) return vol.status();
-  absl::StatusOr<blockstore::SnapshotInfo> t = pool.GetSnapshot(volume, target);
-  if (!t.ok()) return t.status();
-  DeltaHeader h;
-  h.features = kFeatureZstd;
-  h.chunk_size = pool.chunk_size();
-  h.size_bytes = t->size_bytes;
-  h.volume_guid = vol->guid;
-  h.target_guid = t->guid;
-  h.target_create_time_ns = t->create_time_ns;
-  h.target_digest = t->root_digest;
-  h.volume_name = std::string(volume);
-  h.target_name = t->name;
-  absl::StatusOr<std::vector<blockstore::SnapshotInfo>> all =
-      pool.ListSnapshots(volume);
-  if (!all.ok()) return all.status();
-  uint64_t base_generation = 0;
-  if (!base.empty()) {
-    absl::StatusOr<blockstore::SnapshotInfo> b = pool.GetSnapshot(volume, base);
-    if (!b.ok()) return b.status();
-    if (b->generation >= t->generation) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("base snapshot '", base, "' is not older than target '",
-                       target, "'"));
-    }
-    h.base_size_bytes = b->size_bytes;
-    h.base_guid = b->guid;
-    h.base_create_time_ns = b->create_time_ns;
-    h.base_digest = b->root_digest;
-    h.base_name = b->name;
-    base_generation = b->generation;
-  }
-  for (const blockstore::SnapshotInfo& s : *all) {
-    if (s.generation > base_generation && s.generation < t->generation &&
-        h.listed.size() < kMaxListedSnapshots) {
-      h.listed.push_back({s.guid, s.create_time_ns, s.name});
-    }
-  }
-
-  // The header goes out first, so the receiver prepares while the metadata
-  // is walked.
+// Where a send starts: the beginning, or a receiver's resume point.
+struct Start {
   uint64_t chain = 0;
-  std::string header = EncodeHeader(h, &chain);
-  if (absl::Status s = out.Write(
-          {reinterpret_cast<const std::byte*>(header.data()), header.size()});
-      !s.ok()) {
-    return s;
+  uint64_t next_segment = 0;
+  uint64_t next_chunk = 0;
+  bool any_record = false;
+  SendStats totals;  // records before the start (for the end record)
+  uint64_t stored_bytes = 0;
+};
+
+// Checks `options.resume` against the stream about to be sent and turns it
+// into a start. FailedPrecondition if it is another stream's (the
+// receiver must start over).
+absl::StatusOr<Start> StartOf(const DeltaHeader& h, uint64_t header_checksum,
+                              const SendOptions& options) {
+  Start st;
+  st.chain = header_checksum;
+  if (!options.resume) return st;
+  const ResumeToken& t = *options.resume;
+  if (t.target_guid != h.target_guid || t.base_guid != h.base_guid ||
+      t.header_checksum != header_checksum) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the receiver's resume point is for another stream than the delta "
+        "of '",
+        h.volume_name, "@", h.target_name,
+        "' (its snapshots changed since); the receive must start over"));
   }
-  const uint32_t c_size = pool.chunk_size();
-  const size_t batch = std::max<size_t>(1, (4u << 20) / c_size);
-  // First pass over the metadata alone: the total, for progress.
-  SendStats stats;
-  uint64_t total = 0;
-  for (uint64_t from = 0;;) {
-    absl::StatusOr<blockstore::DiffBatch> d =
-        pool.Diff(volume, base, target, from, 65536);
-    if (!d.ok()) return d.status();
-    for (const ChangedRun& r : d->runs) {
-      total +=
-          r.kind == ChangedRun::Kind::kData ? 16 + c_size : kRecordHeaderBytes;
+  if (t.next_chunk > h.chunk_count() || t.next_segment == 0) {
+    return absl::FailedPreconditionError(
+        "the receiver's resume point is out of range for this delta");
+  }
+  st.chain = t.chain;
+  st.next_segment = t.next_segment;
+  st.next_chunk = t.next_chunk;
+  st.any_record = t.any_record;
+  st.totals.segments = t.next_segment;
+  st.totals.records = t.records;
+  st.totals.chunks_written = t.chunks_written;
+  st.totals.chunks_cleared = t.chunks_cleared;
+  st.totals.record_bytes = t.record_bytes;
+  st.stored_bytes = t.stored_bytes;
+  return st;
+}
+
+// What goes into the records: batches of changed runs with the data of
+// their kData runs, in increasing chunk order.
+class RunFeed {
+ public:
+  virtual ~RunFeed() = default;
+  // Total record bytes still to come (for progress).
+  virtual absl::StatusOr<uint64_t> Remaining() = 0;
+  // The next batch; `runs` empty and true returned at the end.
+  virtual absl::StatusOr<bool> Next(std::vector<ChangedRun>& runs,
+                                    std::span<const std::byte>& data) = 0;
+};
+
+// The changes between two snapshots, from the tree diff, with read-ahead:
+// while the chunks of one diff batch are packed into segments (and
+// compressed by the pipeline), the next batch is read from disk on another
+// thread into the other buffer.
+class DiffFeed final : public RunFeed {
+ public:
+  DiffFeed(blockstore::Pool& pool, absl::string_view volume,
+           absl::string_view base, absl::string_view target, uint64_t from,
+           SendStats& stats)
+      : pool_(pool),
+        volume_(volume),
+        base_(base),
+        target_(target),
+        from_(from),
+        chunk_(pool.chunk_size()),
+        batch_(std::max<size_t>(1, (4u << 20) / chunk_)),
+        stats_(stats) {}
+
+  ~DiffFeed() override {
+    // Never leave a read running into a buffer about to be freed.
+    for (Batch& b : batches_) {
+      if (b.read.valid()) b.read.wait();
     }
-    if (d->done) break;
-    from = d->next_chunk;
   }
 
-  int workers = options.threads > 0
-                    ? options.threads
-                    : std::max(1u, std::thread::hardware_concurrency());
-  Pipeline pipeline(workers, options.zstd_level, out, chain, options, total);
-  SegmentBuilder builder(pipeline, c_size, stats);
-  absl::Status status;
-  if (!base.empty() && h.base_size_bytes != h.size_bytes) {
-    status = builder.Resize(h.size_bytes);
+  absl::StatusOr<uint64_t> Remaining() override {
+    uint64_t total = 0;
+    for (uint64_t from = from_;;) {
+      absl::StatusOr<blockstore::DiffBatch> d =
+          pool_.Diff(volume_, base_, target_, from, 65536);
+      if (!d.ok()) return d.status();
+      for (const ChangedRun& r : d->runs) {
+        total += r.kind == ChangedRun::Kind::kData ? 16 + chunk_
+                                                   : kRecordHeaderBytes;
+      }
+      if (d->done) return total;
+      from = d->next_chunk;
+    }
   }
-  // Read-ahead: while the chunks of one diff batch are packed into segments
-  // (and compressed by the pipeline), the next batch is read from disk on
-  // another thread into the other buffer.
+
+  absl::StatusOr<bool> Next(std::vector<ChangedRun>& runs,
+                            std::span<const std::byte>& data) override {
+    if (!started_) {
+      started_ = true;
+      if (absl::Status s = StartBatch(batches_[cur_], from_); !s.ok()) {
+        return s;
+      }
+    } else if (done_) {
+      runs.clear();
+      return true;
+    } else {
+      cur_ = 1 - cur_;
+    }
+    Batch& b = batches_[cur_];
+    if (absl::Status s = b.read.get(); !s.ok()) return s;
+    done_ = b.diff.done;
+    if (!done_) {
+      if (absl::Status s = StartBatch(batches_[1 - cur_], b.diff.next_chunk);
+          !s.ok()) {
+        return s;
+      }
+    }
+    runs = b.diff.runs;
+    data = b.data.span();
+    return false;
+  }
+
+ private:
   struct Batch {
     blockstore::DiffBatch diff;
     std::vector<ChangedRun> reads;
     blockstore::AlignedBuffer data;
     std::future<absl::Status> read;
   };
-  auto start_batch = [&](Batch& b, uint64_t from) -> absl::Status {
+
+  absl::Status StartBatch(Batch& b, uint64_t from) {
     absl::StatusOr<blockstore::DiffBatch> d =
-        pool.Diff(volume, base, target, from, batch);
+        pool_.Diff(volume_, base_, target_, from, batch_);
     if (!d.ok()) return d.status();
     b.diff = std::move(*d);
-    stats.nodes_visited += b.diff.nodes_visited;
+    stats_.nodes_visited += b.diff.nodes_visited;
     b.reads.clear();
     for (const ChangedRun& r : b.diff.runs) {
       if (r.kind == ChangedRun::Kind::kData) b.reads.push_back(r);
     }
-    if (b.data.size() == 0) b.data = blockstore::AlignedBuffer(batch * c_size);
-    b.read = std::async(std::launch::async, [&pool, &b] {
-      return pool.ReadChunks(b.reads, b.data.span());
+    if (b.data.size() == 0) b.data = blockstore::AlignedBuffer(batch_ * chunk_);
+    b.read = std::async(std::launch::async, [this, &b] {
+      return pool_.ReadChunks(b.reads, b.data.span());
     });
     return absl::OkStatus();
-  };
-  Batch batches[2];
-  int cur = 0;
-  if (status.ok()) status = start_batch(batches[cur], 0);
+  }
+
+  blockstore::Pool& pool_;
+  const std::string volume_, base_, target_;
+  const uint64_t from_;
+  const uint32_t chunk_;
+  const size_t batch_;
+  SendStats& stats_;
+  Batch batches_[2];
+  int cur_ = 0;
+  bool started_ = false;
+  bool done_ = false;
+};
+
+// Listed chunks of a snapshot, each read and hashed here (hash-diff: the
+// chunks found to differ, a small part of the volume).
+class ChunkListFeed final : public RunFeed {
+ public:
+  ChunkListFeed(blockstore::Pool& pool, absl::string_view volume,
+                const blockstore::SnapshotInfo& target,
+                std::span<const uint64_t> chunks)
+      : pool_(pool),
+        volume_(volume),
+        target_(target),
+        chunks_(chunks),
+        chunk_(pool.chunk_size()),
+        buf_(kBatch * chunk_) {}
+
+  absl::StatusOr<uint64_t> Remaining() override {
+    return (chunks_.size() - at_) * (16 + chunk_);
+  }
+
+  absl::StatusOr<bool> Next(std::vector<ChangedRun>& runs,
+                            std::span<const std::byte>& data) override {
+    runs.clear();
+    if (at_ == chunks_.size()) return true;
+    for (size_t i = 0; i < kBatch && at_ < chunks_.size(); ++i, ++at_) {
+      const uint64_t c = chunks_[at_];
+      std::span<std::byte> slot = buf_.span().subspan(i * chunk_, chunk_);
+      std::fill(slot.begin(), slot.end(), std::byte{0});
+      const uint64_t off = c * chunk_;
+      const uint64_t len = std::min<uint64_t>(chunk_, target_.size_bytes - off);
+      if (absl::Status s = pool_.Read(volume_, target_.name, off,
+                                      slot.first(len));
+          !s.ok()) {
+        return s;
+      }
+      runs.push_back({ChangedRun::Kind::kData, c, 1, 0,
+                      blockstore::Hash128(slot)});
+    }
+    data = buf_.span();
+    return false;
+  }
+
+ private:
+  static constexpr size_t kBatch = 64;
+  blockstore::Pool& pool_;
+  const std::string volume_;
+  const blockstore::SnapshotInfo target_;
+  std::span<const uint64_t> chunks_;
+  const uint32_t chunk_;
+  size_t at_ = 0;
+  blockstore::AlignedBuffer buf_;
+};
+
+// Sends `h` and the records `feed` yields (a RESIZE first when the sizes
+// differ), from `options.resume` if given, then the end.
+absl::StatusOr<SendStats> SendStream(const DeltaHeader& h, RunFeed& feed,
+                                     ByteSink& out, const SendOptions& options,
+                                     SendStats stats) {
+  uint64_t header_checksum = 0;
+  std::string header = EncodeHeader(h, &header_checksum);
+  absl::StatusOr<Start> start = StartOf(h, header_checksum, options);
+  if (!start.ok()) return start.status();
+  // The header goes out first, so the receiver prepares while the metadata
+  // is walked.
+  if (absl::Status s = out.Write(
+          {reinterpret_cast<const std::byte*>(header.data()), header.size()});
+      !s.ok()) {
+    return s;
+  }
+  absl::StatusOr<uint64_t> total = feed.Remaining();
+  if (!total.ok()) return total.status();
+  const uint64_t nodes_visited = stats.nodes_visited;
+  stats = start->totals;
+  stats.nodes_visited = nodes_visited;
+  const uint64_t segments_before = stats.segments;
+
+  int workers = options.threads > 0
+                    ? options.threads
+                    : std::max(1u, std::thread::hardware_concurrency());
+  Pipeline pipeline(workers, options.zstd_level, out, start->chain, options,
+                    *total, start->next_segment);
+  SegmentBuilder builder(pipeline, h.chunk_size, stats, start->next_segment);
+  absl::Status status;
+  if (!h.full() && h.base_size_bytes != h.size_bytes && !start->any_record) {
+    status = builder.Resize(h.size_bytes);
+  }
+  std::vector<ChangedRun> runs;
+  std::span<const std::byte> data;
   while (status.ok()) {
-    Batch& b = batches[cur];
-    status = b.read.get();
-    if (!status.ok()) break;
-    if (!b.diff.done) status = start_batch(batches[1 - cur], b.diff.next_chunk);
+    absl::StatusOr<bool> end = feed.Next(runs, data);
+    if (!end.ok()) {
+      status = end.status();
+      break;
+    }
+    if (*end) break;
     size_t next_read = 0;
-    for (const ChangedRun& r : b.diff.runs) {
+    for (const ChangedRun& r : runs) {
       if (!status.ok()) break;
       if (r.kind == ChangedRun::Kind::kData) {
-        status = builder.Write(r.first_chunk, r.digest,
-                               {b.data.data() + next_read++ * c_size, c_size});
+        status = builder.Write(
+            r.first_chunk, r.digest,
+            data.subspan(next_read++ * h.chunk_size, h.chunk_size));
       } else {
         status = builder.Clear(r.kind, r.first_chunk, r.count_chunks);
       }
     }
-    if (b.diff.done) break;
-    cur = 1 - cur;
-  }
-  // Never leave a read running into a buffer about to be freed.
-  for (Batch& b : batches) {
-    if (b.read.valid()) b.read.wait();
   }
   if (status.ok()) status = builder.Flush();
   uint64_t end_chain = 0, stored = 0;
@@ -446,15 +585,106 @@ absl::StatusOr<SendStats> SendDelta(blockstore::Pool& pool,
   e.chunks_written = stats.chunks_written;
   e.chunks_cleared = stats.chunks_cleared;
   e.record_bytes = stats.record_bytes;
-  e.stored_bytes = stored;
+  e.stored_bytes = start->stored_bytes + stored;
   e.chain = end_chain;
   e.target_digest = h.target_digest;
   std::array<std::byte, kEndBytes> end;
   EncodeEnd(e, end);
   if (absl::Status s = out.Write(end); !s.ok()) return s;
-  stats.stream_bytes =
-      header.size() + stats.segments * kSegmentHeaderBytes + stored + kEndBytes;
+  stats.stream_bytes = header.size() +
+                       (stats.segments - segments_before) * kSegmentHeaderBytes +
+                       stored + kEndBytes;
   return stats;
+}
+
+void SetTarget(DeltaHeader& h, const blockstore::VolumeInfo& vol,
+               const blockstore::SnapshotInfo& t, uint32_t chunk_size) {
+  h.features = kFeatureZstd;
+  h.chunk_size = chunk_size;
+  h.size_bytes = t.size_bytes;
+  h.volume_guid = vol.guid;
+  h.target_guid = t.guid;
+  h.target_create_time_ns = t.create_time_ns;
+  h.target_digest = t.root_digest;
+  h.volume_name = vol.name;
+  h.target_name = t.name;
+}
+
+void SetBase(DeltaHeader& h, const blockstore::SnapshotInfo& b) {
+  h.base_size_bytes = b.size_bytes;
+  h.base_guid = b.guid;
+  h.base_create_time_ns = b.create_time_ns;
+  h.base_digest = b.root_digest;
+  h.base_name = b.name;
+}
+
+}  // namespace
+
+absl::StatusOr<SendStats> SendDelta(blockstore::Pool& pool,
+                                    absl::string_view volume,
+                                    absl::string_view base,
+                                    absl::string_view target, ByteSink& out,
+                                    const SendOptions& options) {
+  absl::StatusOr<blockstore::VolumeInfo> vol = pool.GetVolume(volume);
+  if (!vol.ok()) return vol.status();
+  absl::StatusOr<blockstore::SnapshotInfo> t = pool.GetSnapshot(volume, target);
+  if (!t.ok()) return t.status();
+  DeltaHeader h;
+  SetTarget(h, *vol, *t, pool.chunk_size());
+  absl::StatusOr<std::vector<blockstore::SnapshotInfo>> all =
+      pool.ListSnapshots(volume);
+  if (!all.ok()) return all.status();
+  uint64_t base_generation = 0;
+  if (!base.empty()) {
+    absl::StatusOr<blockstore::SnapshotInfo> b = pool.GetSnapshot(volume, base);
+    if (!b.ok()) return b.status();
+    if (b->generation >= t->generation) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("base snapshot '", base, "' is not older than target '",
+                       target, "'"));
+    }
+    SetBase(h, *b);
+    base_generation = b->generation;
+  }
+  for (const blockstore::SnapshotInfo& s : *all) {
+    if (s.generation > base_generation && s.generation < t->generation &&
+        h.listed.size() < kMaxListedSnapshots) {
+      h.listed.push_back({s.guid, s.create_time_ns, s.name});
+    }
+  }
+  SendStats stats;
+  uint64_t from = options.resume ? options.resume->next_chunk : 0;
+  DiffFeed feed(pool, volume, base, target, from, stats);
+  return SendStream(h, feed, out, options, stats);
+}
+
+absl::StatusOr<SendStats> SendChunks(blockstore::Pool& pool,
+                                     absl::string_view volume,
+                                     absl::string_view target,
+                                     const blockstore::SnapshotInfo& base,
+                                     std::span<const uint64_t> chunks,
+                                     ByteSink& out,
+                                     const SendOptions& options) {
+  absl::StatusOr<blockstore::VolumeInfo> vol = pool.GetVolume(volume);
+  if (!vol.ok()) return vol.status();
+  absl::StatusOr<blockstore::SnapshotInfo> t = pool.GetSnapshot(volume, target);
+  if (!t.ok()) return t.status();
+  const uint64_t count = blockstore::DivRoundUp(t->size_bytes, pool.chunk_size());
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    if (chunks[i] >= count || (i > 0 && chunks[i] <= chunks[i - 1])) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "chunk list for '", volume, "@", target,
+          "' is not increasing within the snapshot (entry ", i, ")"));
+    }
+  }
+  DeltaHeader h;
+  SetTarget(h, *vol, *t, pool.chunk_size());
+  SetBase(h, base);
+  const uint64_t from = options.resume ? options.resume->next_chunk : 0;
+  std::span<const uint64_t> rest = chunks.subspan(
+      std::lower_bound(chunks.begin(), chunks.end(), from) - chunks.begin());
+  ChunkListFeed feed(pool, volume, *t, rest);
+  return SendStream(h, feed, out, options, {});
 }
 
 }  // namespace engine

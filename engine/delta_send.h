@@ -5,10 +5,13 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
+#include <span>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "blockstore/pool.h"
+#include "engine/delta_format.h"
 #include "engine/stream.h"
 
 namespace engine {
@@ -19,6 +22,10 @@ struct SendOptions {
   // Called from the writing thread with stream record bytes done and the
   // total, which is known before the first byte is sent.
   std::function<void(uint64_t done, uint64_t total)> progress;
+  // Send the rest of a stream the receiver holds part of (its ResumePoint):
+  // the same header, then the segments from the token's on.
+  // FailedPrecondition if the token is for another stream.
+  std::optional<ResumeToken> resume;
 };
 
 struct SendStats {
@@ -27,7 +34,7 @@ struct SendStats {
   uint64_t chunks_written = 0;
   uint64_t chunks_cleared = 0;  // ZERO and UNMAP
   uint64_t record_bytes = 0;    // before compression
-  uint64_t stream_bytes = 0;    // on the wire, header and end included
+  uint64_t stream_bytes = 0;    // sent by this call, header and end included
   uint64_t nodes_visited = 0;   // tree nodes the diff read
 };
 
@@ -40,6 +47,19 @@ absl::StatusOr<SendStats> SendDelta(blockstore::Pool& pool,
                                     absl::string_view base,
                                     absl::string_view target, ByteSink& out,
                                     const SendOptions& options = {});
+
+// A stream from `base`, a snapshot the RECEIVER holds (this pool need not),
+// to `volume@target` that carries only `chunks` (increasing, within the
+// target), read from the target: hash-diff, once the chunks that differ are
+// known. The receiver's apply then checks the result's digest as for any
+// delta. InvalidArgument for a bad chunk list.
+absl::StatusOr<SendStats> SendChunks(blockstore::Pool& pool,
+                                     absl::string_view volume,
+                                     absl::string_view target,
+                                     const blockstore::SnapshotInfo& base,
+                                     std::span<const uint64_t> chunks,
+                                     ByteSink& out,
+                                     const SendOptions& options = {});
 
 }  // namespace engine
 

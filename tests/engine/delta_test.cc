@@ -2,6 +2,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "blockstore/mem_io.h"
@@ -315,6 +316,188 @@ TEST(DeltaTest, CrashAtEveryDurableWriteOfAnApplyKeepsTheBase) {
           << "space leaked";
     }
   }
+}
+
+// A source that hands out `limit` bytes of `bytes`, then fails as a cut
+// connection does.
+class CutSource final : public ByteSource {
+ public:
+  CutSource(const std::string& bytes, size_t limit)
+      : bytes_(bytes), limit_(limit) {}
+  absl::StatusOr<size_t> Read(std::span<std::byte> out) override {
+    if (pos_ >= limit_) return absl::UnavailableError("connection cut");
+    size_t n = std::min({out.size(), bytes_.size() - pos_, limit_ - pos_});
+    std::memcpy(out.data(), bytes_.data() + pos_, n);
+    pos_ += n;
+    return n;
+  }
+
+ private:
+  const std::string& bytes_;
+  const size_t limit_;
+  size_t pos_ = 0;
+};
+
+// The source of a resumed send: its stream from the receiver's resume point.
+std::string SendRest(Pool& pool, const std::string& base,
+                     const std::string& target, const ResumeToken& token,
+                     SendStats* stats) {
+  StringSink sink;
+  SendOptions options;
+  options.zstd_level = 0;  // the test data compresses well; count raw bytes
+  options.resume = token;
+  absl::StatusOr<SendStats> s = SendDelta(pool, "v", base, target, sink, options);
+  EXPECT_TRUE(s.ok()) << s.status();
+  if (s.ok()) *stats = *s;
+  return sink.Take();
+}
+
+TEST(DeltaTest, ACutReceiveResumesFromItsLastResumePoint) {
+  // Incompressible chunks in ~1 MiB segments: 24 segments a full delta, and
+  // an incremental that resizes, trims and rewrites.
+  MemIo src_io(128 << 20);
+  auto src = MakePool(src_io);
+  ASSERT_TRUE(src->CreateVolume("v", 6000 * kChunk).ok());
+  ASSERT_TRUE(src->Write("v", 0, TestData(6000 * kChunk, 5)).ok());
+  ASSERT_TRUE(src->CreateSnapshot("v", "a").ok());
+  ASSERT_TRUE(src->Trim("v", 100 * kChunk, 50 * kChunk).ok());
+  ASSERT_TRUE(src->ResizeVolume("v", 6500 * kChunk + 9).ok());
+  for (uint64_t c = 0; c < 6500; c += 3) {
+    ASSERT_TRUE(src->Write("v", c * kChunk, TestData(kChunk, c)).ok());
+  }
+  ASSERT_TRUE(src->CreateSnapshot("v", "b").ok());
+  const std::string full = Send(*src, "v", "", "a", nullptr, 0);
+  const std::string inc = Send(*src, "v", "a", "b", nullptr, 0);
+  MemIo dst_io(128 << 20);
+  auto dst = MakePool(dst_io);
+  ApplyOptions options;
+  options.checkpoint_bytes = 3 << 20;
+  for (auto [stream, base, target] :
+       {std::tuple{&full, "", "a"}, std::tuple{&inc, "a", "b"}}) {
+    // Each attempt is cut after `step` bytes, more than one checkpoint
+    // interval: it commits at least one resume point, and what the next
+    // attempt sends again stays within one interval (plus a segment and
+    // the header).
+    const size_t step = 4500 << 10;
+    uint64_t attempts = 0;
+    for (;;) {
+      SCOPED_TRACE(absl::StrCat("target ", target, ", attempt ", attempts));
+      absl::StatusOr<std::optional<ResumeToken>> point = ResumePoint(*dst, "v");
+      ASSERT_TRUE(point.ok()) << point.status();
+      SendStats sent;
+      std::string piece = *point ? SendRest(*src, base, target, **point, &sent)
+                                 : *stream;
+      ApplyOptions o = options;
+      o.resume = *point;
+      CutSource in(piece, step);
+      absl::StatusOr<ApplyStats> got = ApplyDelta(*dst, "v", in, o);
+      ++attempts;
+      if (got.ok()) {
+        EXPECT_EQ(got->snapshot.name, target);
+        break;
+      }
+      ASSERT_EQ(got.status().code(), absl::StatusCode::kUnavailable)
+          << got.status();
+      absl::StatusOr<std::optional<ResumeToken>> after = ResumePoint(*dst, "v");
+      ASSERT_TRUE(after.ok() && after->has_value());
+      const uint64_t before = *point ? (*point)->stored_bytes : 0;
+      const uint64_t kept = (*after)->stored_bytes - before;
+      EXPECT_GT(kept, 0u);
+      EXPECT_LE(step - kept, options.checkpoint_bytes + (1 << 20) + 8192)
+          << "an attempt lost more than one checkpoint interval";
+      ASSERT_LT(attempts, 100u);
+    }
+    EXPECT_GE(attempts, stream->size() / step) << "no cut happened";
+    EXPECT_EQ(*dst->RootDigest("v", target), *src->RootDigest("v", target));
+    EXPECT_EQ(ReadAll(*dst, "v"), ReadAll(*src, "v", target));
+    absl::StatusOr<std::optional<ResumeToken>> none = ResumePoint(*dst, "v");
+    ASSERT_TRUE(none.ok());
+    EXPECT_FALSE(none->has_value());
+  }
+  EXPECT_THAT(dst->Check(true)->problems, ::testing::IsEmpty());
+  EXPECT_EQ(dst->ListVolumes()->size(), 1u) << "a staging volume was left";
+}
+
+TEST(DeltaTest, AResumePointForAnotherStreamIsRefused) {
+  MemIo src_io(32 << 20), dst_io(32 << 20);
+  auto src = MakePool(src_io);
+  auto dst = MakePool(dst_io);
+  ASSERT_TRUE(src->CreateVolume("v", 2000 * kChunk).ok());
+  ASSERT_TRUE(src->Write("v", 0, TestData(2000 * kChunk, 9)).ok());
+  ASSERT_TRUE(src->CreateSnapshot("v", "a").ok());
+  ASSERT_TRUE(src->CreateSnapshot("v", "other").ok());
+  const std::string full = Send(*src, "v", "", "a", nullptr, 0);
+  ApplyOptions options;
+  options.checkpoint_bytes = 1;
+  CutSource in(full, full.size() / 2);
+  ASSERT_EQ(ApplyDelta(*dst, "v", in, options).status().code(),
+            absl::StatusCode::kUnavailable);
+  absl::StatusOr<std::optional<ResumeToken>> point = ResumePoint(*dst, "v");
+  ASSERT_TRUE(point.ok() && point->has_value());
+  StringSink sink;
+  SendOptions so;
+  so.resume = **point;
+  absl::StatusOr<SendStats> s = SendDelta(*src, "v", "", "other", sink, so);
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(s.status().message(), HasSubstr("must start over"));
+  // A resume the pool no longer holds is refused too; a fresh apply (no
+  // token) starts over and cleans up.
+  ASSERT_TRUE(DropReceive(*dst, "v").ok());
+  StringSource again(full);
+  options.resume = **point;
+  EXPECT_EQ(ApplyDelta(*dst, "v", again, options).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  options.resume.reset();
+  StringSource fresh(full);
+  ASSERT_TRUE(ApplyDelta(*dst, "v", fresh, options).ok());
+  EXPECT_EQ(*dst->RootDigest("v", ""), *src->RootDigest("v", "a"));
+}
+
+TEST(DeltaTest, SendChunksCarriesOnlyTheListedChunksOntoTheReceiversBase) {
+  MemIo src_io(32 << 20), dst_io(32 << 20);
+  auto src = MakePool(src_io);
+  auto dst = MakePool(dst_io);
+  // Two volumes that never shared a snapshot, equal but for a few chunks
+  // and their sizes.
+  ASSERT_TRUE(src->CreateVolume("v", 300 * kChunk).ok());
+  ASSERT_TRUE(dst->CreateVolume("v", 280 * kChunk + 5).ok());
+  std::vector<std::byte> data = TestData(300 * kChunk, 4);
+  ASSERT_TRUE(src->Write("v", 0, data).ok());
+  ASSERT_TRUE(dst->Write("v", 0, std::span(data).first(280 * kChunk + 5)).ok());
+  const std::vector<uint64_t> differ = {3, 17, 18, 280, 299};
+  for (uint64_t c : {3, 17, 18}) {
+    ASSERT_TRUE(dst->Write("v", c * kChunk, TestData(kChunk, 100 + c)).ok());
+  }
+  ASSERT_TRUE(src->CreateSnapshot("v", "t").ok());
+  absl::StatusOr<blockstore::SnapshotInfo> base =
+      dst->CreateSnapshot("v", "mine");
+  ASSERT_TRUE(base.ok());
+  StringSink sink;
+  SendOptions so;
+  so.zstd_level = 0;
+  absl::StatusOr<SendStats> sent =
+      SendChunks(*src, "v", "t", *base, std::vector<uint64_t>{280, 3}, sink, so);
+  EXPECT_EQ(sent.status().code(), absl::StatusCode::kInvalidArgument);
+  sent = SendChunks(*src, "v", "t", *base, differ, sink, so);
+  ASSERT_TRUE(sent.ok()) << sent.status();
+  EXPECT_EQ(sent->chunks_written, differ.size());
+  EXPECT_LT(sent->stream_bytes, differ.size() * (kChunk + 32) + 1024);
+  StringSource in(sink.bytes());
+  absl::StatusOr<ApplyStats> got = ApplyDelta(*dst, "v", in);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(ReadAll(*dst, "v"), data);
+  EXPECT_EQ(got->snapshot.guid, src->GetSnapshot("v", "t")->guid);
+  // Listing a chunk too few leaves a wrong result, which the digest catches.
+  ASSERT_TRUE(dst->Write("v", 0, TestData(kChunk, 77)).ok());
+  ASSERT_TRUE(dst->CreateSnapshot("v", "again").ok());
+  StringSink partial;
+  ASSERT_TRUE(SendChunks(*src, "v", "t", *dst->GetSnapshot("v", "again"),
+                         std::vector<uint64_t>{5},
+                         partial, so)
+                  .ok());
+  StringSource wrong(partial.bytes());
+  absl::StatusOr<ApplyStats> refused = ApplyDelta(*dst, "v", wrong);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kDataLoss);
 }
 
 TEST(DeltaTest, DiffCostFollowsTheChangeNotTheVolumeSize) {
