@@ -2,91 +2,50 @@
 // volume pair (initialize, update, break, resync, reverse resync,
 // re-establish, release) with the states and guards of the operator
 // procedure: Mirror state Uninitialized / Mirrored / Broken, Relationship
-// status Idle / Transferring, and health.
+// status Idle / Transferring, and health. This is the state machine; it
+// reaches the two sides only through Sites (site.h), local or remote, and
+// moves data with transfer.h.
 //
 // A relationship joins a source volume and a destination volume, each in its
-// own pool. Its record lives in BOTH pools (pool property
-// "relationship:VOLUME"), with an epoch that grows at every change: the copy
-// with the higher epoch wins, and the other is brought up to date when its
-// pool is reachable. Which snapshot the two sides share is never stored: it
-// is found from snapshot GUIDs (a received snapshot keeps the sender's), so
-// no crash between a data commit and a record commit can make the record
-// lie about it.
+// own pool. Its record (record.h) lives in BOTH pools, with an epoch that
+// grows at every change: the copy with the higher epoch wins, and the other
+// is brought up to date when its pool is reachable. Which snapshot the two
+// sides share is never stored: it is found from snapshot GUIDs (a received
+// snapshot keeps the sender's), so no crash between a data commit and a
+// record commit can make the record lie about it. Replication snapshots are
+// told apart by owner (the relationship id), never by name.
 //
-// Crash safety: every operation first records what it is doing (status
-// Transferring, `operation`), then changes data in steps that are each one
-// commit of one pool, then records the result. An operation found
-// Transferring in a pool that this process holds (and so nobody else runs)
-// was interrupted: it is finished from the data if its transfer completed,
-// else rolled back to the state it started from, and the command then runs.
-// So running the same command again completes it.
+// Concurrency: an operation claims the relationship at both sites (in one
+// order, the same from either end, so two drivers never both lose) and
+// holds the claims to its end; another operation meanwhile is refused as
+// Transferring. Crash safety: every long operation first records what it
+// is doing (status Transferring, operation, plan), then changes data in
+// steps that are each one commit of one pool, then records the result. An
+// operation found Transferring with nobody holding its claims was
+// interrupted: the same operation run again goes on with it (data from the
+// receiver's resume point, no new confirmation); another one first puts
+// back the state it started from (or finishes it, if its data arrived).
+//
+// Threads: every method may be called from any thread.
 #ifndef TANDEM_ENGINE_RELATIONSHIP_H_
 #define TANDEM_ENGINE_RELATIONSHIP_H_
 
 #include <cstdint>
 #include <functional>
-#include <map>
-#include <mutex>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "blockstore/pool.h"
+#include "engine/record.h"
+#include "engine/site.h"
+#include "engine/transfer.h"
 
 namespace engine {
-
-enum class MirrorState { kUninitialized, kMirrored, kBroken };
-enum class TransferStatus { kIdle, kTransferring };
-const char* ToString(MirrorState s);
-const char* ToString(TransferStatus s);
-
-// One side of a relationship: a volume in the pool at `pool` (a path).
-struct Endpoint {
-  std::string pool;
-  std::string volume;
-  std::string ToString() const { return pool + ":" + volume; }
-  bool operator==(const Endpoint&) const = default;
-};
-
-// Opens pools by path. The CLI opens files and devices (read-write, locked);
-// tests hand out in-memory pools. A pool that cannot be reached (a lost
-// site) is an error whose message says why.
-class PoolProvider {
- public:
-  virtual ~PoolProvider() = default;
-  virtual absl::StatusOr<blockstore::Pool*> Get(const std::string& path) = 0;
-};
-
-// The persisted record (JSON in the pool property).
-struct RelationshipRecord {
-  std::string id;  // GUID
-  uint64_t epoch = 0;
-  Endpoint source, destination;
-  Endpoint origin;  // the source it was created with (reestablish's aim)
-  int64_t schedule_seconds = 0;  // 0: no schedule
-  MirrorState mirror_state = MirrorState::kUninitialized;
-  TransferStatus status = TransferStatus::kIdle;
-  std::string operation;  // what runs while Transferring
-  std::string pending;    // "reestablish" between its steps
-  uint64_t next_snapshot = 1;
-  // Metrics of the last transfer (stream bytes on the wire) and in total.
-  int64_t last_transfer_end_ns = 0;
-  uint64_t last_transfer_bytes = 0;
-  uint64_t last_transfer_data_bytes = 0;  // chunk bytes carried
-  double last_transfer_seconds = 0;
-  std::string last_transfer_error;
-  uint64_t total_transfer_bytes = 0;
-  // The running (or last) transfer: data bytes done of a total known before
-  // it started.
-  uint64_t progress_bytes = 0;
-  uint64_t progress_total_bytes = 0;
-
-  std::string Direction() const;  // "SOURCE -> DESTINATION"
-  std::string ToJson() const;
-  static absl::StatusOr<RelationshipRecord> FromJson(const std::string& json);
-};
 
 // What `tandem status` shows for one relationship.
 struct RelationshipReport {
@@ -95,71 +54,80 @@ struct RelationshipReport {
   std::string unhealthy_reason;
   int64_t lag_seconds = -1;  // -1: unknown (no snapshot on the destination)
   std::string last_common_snapshot;
-  std::vector<std::string> notes;  // e.g. a pool that could not be opened
+  std::vector<std::string> notes;  // e.g. a pool that could not be reached
 };
 
-// What an overwriting operation is about to lose, shown before it asks.
-struct LossPreview {
-  std::string operation;  // "resync", "reverse-resync", "reestablish"
-  Endpoint overwritten;
-  std::string common_snapshot;  // empty: none shared
-  // "rollback": back to the common snapshot, then the other side's changes;
-  // "hash-diff": no common snapshot, chunks that differ (SHA-256) replaced;
-  // "new-volume": the volume is gone, a full baseline recreates it.
-  std::string method;
-  uint64_t bytes = 0;  // written on `overwritten` since the common snapshot
-  uint64_t chunks = 0;
-  std::string safety_snapshot;  // kept on `overwritten`; empty if none needed
-  std::vector<std::string> kept_snapshots;  // newer than the common one
-  std::string Describe() const;             // a few lines for people
-};
 // Returns true to go ahead.
 using Confirm = std::function<bool(const LossPreview&)>;
 
-// What one relationship operation moved.
-struct TransferStats {
-  uint64_t stream_bytes = 0;  // on the wire
-  uint64_t data_bytes = 0;    // chunk bytes written on the receiver
-  uint64_t snapshots = 0;     // snapshots received
-  double seconds = 0;
+// What a release did: everything, or its half on the reachable side (the
+// other finishes when it is reachable again: any command or status that
+// reaches both, or its daemon, does it).
+struct ReleaseReport {
+  bool complete = true;
+  Endpoint waiting;  // !complete: the side still holding its record
+  std::string why;   // why that side could not be reached
+};
+
+struct ReplicationOptions {
+  // The site this process runs as (a daemon); recorded as the driver of
+  // what it runs. Empty: a command-line process.
+  std::string driver;
+  // How long a transfer keeps retrying a lost connection that made no
+  // progress (zero: fails at once).
+  absl::Duration retry_window = absl::ZeroDuration();
 };
 
 class Replication {
  public:
-  explicit Replication(PoolProvider& pools) : pools_(pools) {}
+  explicit Replication(SiteProvider& sites, ReplicationOptions options = {});
+  ~Replication();
 
   // Joins two volumes: the source must exist, the destination must not (it
-  // is created, read-only, by initialize). Both pools must differ and have
-  // the same chunk size; neither volume may be in another relationship.
+  // is created, read-only, by initialize) and have a valid volume name.
+  // Both pools must be reachable and differ and have the same chunk size;
+  // neither volume may be in another relationship. `max_rate_bytes` (0:
+  // none) limits every transfer's bytes a second.
   absl::StatusOr<RelationshipRecord> Create(const Endpoint& source,
                                             const Endpoint& destination,
-                                            int64_t schedule_seconds);
+                                            int64_t schedule_seconds,
+                                            uint64_t max_rate_bytes = 0);
 
   // Each takes either endpoint of the relationship. Run again after it
   // completed, an operation finds nothing to do and succeeds (so a command
   // cut off by a crash can simply be repeated).
   absl::StatusOr<TransferStats> Initialize(const Endpoint& either);
   absl::StatusOr<TransferStats> Update(const Endpoint& either);
-  absl::Status Break(const Endpoint& either);
+  // Asks `confirm` (a mode change, not a loss) unless already Broken.
+  absl::Status Break(const Endpoint& either, const Confirm& confirm);
   absl::StatusOr<TransferStats> Resync(const Endpoint& either,
                                        const Confirm& confirm);
   absl::StatusOr<TransferStats> ReverseResync(const Endpoint& either,
                                               const Confirm& confirm);
   absl::StatusOr<TransferStats> Reestablish(const Endpoint& either,
                                             const Confirm& confirm);
-  absl::Status Release(const Endpoint& either);
+  absl::StatusOr<ReleaseReport> Release(const Endpoint& either);
+  // Goes on with what was interrupted here: an operation recorded as
+  // Transferring that nobody runs, a pending re-establish (asking nothing:
+  // it was confirmed when it started), or a receive into this side that
+  // left a resume point. Nothing to do: OK with nothing moved.
+  absl::StatusOr<TransferStats> Continue(const Endpoint& either);
 
   // The relationship of `either`.
   absl::StatusOr<RelationshipReport> Report(const Endpoint& either);
-  // Every relationship with a record in the pool at `pool`.
+  // Every relationship with a record in the pool of `pool` (its volume is
+  // ignored).
   absl::StatusOr<std::vector<RelationshipReport>> ReportPool(
-      const std::string& pool);
+      const Endpoint& pool);
 
-  // The last snapshot both sides hold (by GUID), if any.
+  // The last snapshot both lists hold (by GUID), if any.
   static std::optional<blockstore::SnapshotInfo> CommonSnapshot(
-      blockstore::Pool& a, const std::string& volume_a, blockstore::Pool& b,
-      const std::string& volume_b);
-  static bool IsReplicationSnapshot(const std::string& name);
+      const std::vector<blockstore::SnapshotInfo>& a,
+      const std::vector<blockstore::SnapshotInfo>& b);
+  // Taken by a relationship (this one or another), not by a user.
+  static bool IsReplicationSnapshot(const blockstore::SnapshotInfo& s) {
+    return !s.owner.empty();
+  }
   // True if `volume` of `pool` has a relationship record.
   static bool InRelationship(blockstore::Pool& pool, const std::string& volume);
 
@@ -167,9 +135,9 @@ class Replication {
   void set_progress(std::function<void(const RelationshipRecord&)> f) {
     progress_ = std::move(f);
   }
-  // Test hook: called with the operation name once a transfer has started
+  // Test hook: called with the operation once a transfer has started
   // (status Transferring recorded), from the transferring thread.
-  void set_transfer_started(std::function<void(const std::string&)> f) {
+  void set_transfer_started(std::function<void(Operation)> f) {
     transfer_started_ = std::move(f);
   }
   // For tests: a clock other than the wall clock (nanoseconds since 1970).
@@ -177,47 +145,42 @@ class Replication {
 
  private:
   struct Loaded;
+  using Claims = std::vector<std::unique_ptr<Claim>>;
   absl::StatusOr<Loaded> Load(const Endpoint& either);
+  // Load, claim both (reachable) sites for `op`, and recover what was
+  // interrupted; `continuing` says whether `op` goes on with it.
+  absl::StatusOr<Loaded> Start(const Endpoint& either, Operation op,
+                               Claims& claims, bool* continuing);
+  absl::Status TakeClaims(Loaded& rel, Operation op, Claims& claims);
   absl::Status Save(Loaded& rel, bool require_both, bool prune = false);
-  // The operation it finished, or empty (none, or rolled back).
-  absl::StatusOr<std::string> Recover(Loaded& rel);
-  absl::Status Begin(Loaded& rel, const std::string& operation, bool persist);
-  absl::Status CheckNotActive(const Loaded& rel);
-  absl::StatusOr<TransferStats> Transfer(Loaded& rel, blockstore::Pool& from,
-                                         const std::string& from_volume,
-                                         blockstore::Pool& to,
-                                         const std::string& to_volume,
-                                         const std::vector<std::string>& chain,
-                                         bool rollback_first);
-  absl::StatusOr<TransferStats> HashDiffTransfer(
-      Loaded& rel, blockstore::Pool& from, const std::string& from_volume,
-      const std::string& snapshot, blockstore::Pool& to,
-      const std::string& to_volume, const std::string& to_base);
-  absl::StatusOr<LossPreview> Preview(Loaded& rel, const std::string& operation,
-                                      bool reverse);
-  absl::StatusOr<TransferStats> Overwrite(Loaded& rel,
-                                          const std::string& operation,
-                                          bool reverse, const Confirm& confirm);
+  // The operation it finished, kNone (none, or rolled back), or `op` itself
+  // when `op` goes on with it.
+  absl::StatusOr<Operation> Recover(Loaded& rel, Operation op);
+  absl::Status Begin(Loaded& rel, Operation op, bool persist);
   absl::Status Finish(Loaded& rel, const TransferStats& stats);
   absl::Status Fail(Loaded& rel, const absl::Status& error);
-  static absl::Status PruneSnapshots(blockstore::Pool& pool,
-                                     const std::string& volume,
-                                     const std::string& id,
-                                     const blockstore::SnapshotInfo& common);
-  absl::StatusOr<std::string> TakeReplicationSnapshot(
-      Loaded& rel, blockstore::Pool& pool, const std::string& volume);
+  absl::StatusOr<TransferStats> DoUpdate(Loaded& rel);
+  absl::Status DoBreak(Loaded& rel, const Confirm& confirm);
+  absl::StatusOr<TransferStats> Overwrite(Loaded& rel, Operation op,
+                                          bool reverse, const Confirm& confirm,
+                                          bool continuing);
+  absl::StatusOr<LossPreview> Preview(Loaded& rel, Operation op, bool reverse);
+  TransferContext Context(Loaded& rel, std::optional<RateLimiter>& limiter);
+  absl::StatusOr<TransferStats> Move(Loaded& rel, Site& from,
+                                     const std::string& from_volume, Site& to,
+                                     const std::string& to_volume,
+                                     const std::vector<blockstore::SnapshotInfo>& chain,
+                                     bool rollback_first);
+  absl::StatusOr<blockstore::SnapshotInfo> TakeReplicationSnapshot(
+      Loaded& rel, Site& site, const std::string& volume);
+  absl::StatusOr<ReleaseReport> FinishRelease(Loaded& rel);
   int64_t Now() const;
-  void Inactive(const std::string& id);
-  // The operation this process runs on relationship `id` now, if any.
-  std::optional<std::string> Running(const std::string& id);
 
-  PoolProvider& pools_;
+  SiteProvider& sites_;
+  const ReplicationOptions options_;
   std::function<void(const RelationshipRecord&)> progress_;
-  std::function<void(const std::string&)> transfer_started_;
+  std::function<void(Operation)> transfer_started_;
   std::function<int64_t()> now_;
-  std::mutex mu_;
-  // Relationship id -> the operation transferring it now, in this process.
-  std::map<std::string, std::string> active_;  // guarded by mu_
 };
 
 }  // namespace engine

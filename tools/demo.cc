@@ -28,6 +28,7 @@ using engine::Endpoint;
 using engine::Replication;
 
 constexpr uint32_t kChunk = 64 << 10;
+const engine::Confirm kYes = [](const engine::LossPreview&) { return true; };
 
 int failures = 0;
 
@@ -97,7 +98,7 @@ class Drill {
   int Run();
 
  private:
-  Pool& P(const Endpoint& e) { return **pools_.Get(e.pool); }
+  Pool& P(const Endpoint& e) { return **pools_.Pool(e.pool); }
   Pool& Src() { return P(record().source); }
   Pool& Dst() { return P(record().destination); }
   engine::RelationshipRecord record() {
@@ -157,7 +158,7 @@ class Drill {
 
   const std::string dir_;
   const uint64_t bytes_;
-  FilePools pools_;
+  FileSites pools_;
   Replication rep_;
   Endpoint a_, b_;
 };
@@ -201,7 +202,7 @@ int Drill::Run() {
   Show();
 
   Step("break before the baseline: refused");
-  absl::Status s = rep_.Break(b_);
+  absl::Status s = rep_.Break(b_, kYes);
   std::printf("  refused: %s\n", std::string(s.message()).c_str());
   Check(absl::IsFailedPrecondition(s), "break refused while Uninitialized");
 
@@ -236,9 +237,9 @@ int Drill::Run() {
   if (!Write(a, 2 * one_percent, 5)) return 1;
   absl::Status during;
   engine::RelationshipRecord seen;
-  rep_.set_transfer_started([&](const std::string&) {
+  rep_.set_transfer_started([&](engine::Operation) {
     std::thread other([&] {
-      during = rep_.Break(b_);
+      during = rep_.Break(b_, kYes);
       seen = record();
     });
     other.join();
@@ -256,7 +257,13 @@ int Drill::Run() {
   Mirrored("update");
 
   Step("disaster at site A: break; site B serves (read-write)");
-  if (!Ok(rep_.Break(b_), "break")) return 1;
+  if (!Ok(rep_.Break(b_, [](const engine::LossPreview& p) {
+            std::printf("  %s\n  demo: answering yes\n", p.Describe().c_str());
+            return true;
+          }),
+          "break")) {
+    return 1;
+  }
   Show();
   Check(record().mirror_state == engine::MirrorState::kBroken &&
             !P(b_).GetVolume("vol")->read_only,
@@ -311,7 +318,7 @@ int Drill::Run() {
   Step("tandem status");
   absl::StatusOr<engine::RelationshipReport> report = rep_.Report(a_);
   if (!Ok(report.status(), "status")) return 1;
-  PrintReport(*report);
+  PrintReport(ReportJson(*report));
   Check(report->healthy, "healthy");
   for (const Endpoint& e : {a_, b_}) {
     absl::StatusOr<Pool::CheckReport> c = P(e).Check(false);

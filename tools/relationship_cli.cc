@@ -10,33 +10,42 @@
 #include <optional>
 
 #include "absl/strings/ascii.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
-#include "absl/time/time.h"
 #include "blockstore/util.h"
 #include "tools/open_pool.h"
 #include "tools/progress.h"
 
 namespace tools {
 
-using blockstore::FormatBytes;
+using blockstore::MutexLock;
 using engine::Endpoint;
-using engine::MirrorState;
-using engine::RelationshipRecord;
-using engine::RelationshipReport;
+using engine::Operation;
 using engine::Replication;
 using engine::TransferStats;
-using json = nlohmann::ordered_json;
 
-absl::StatusOr<blockstore::Pool*> FilePools::Get(const std::string& path) {
-  std::lock_guard<std::mutex> lock(mu_);
-  auto it = pools_.find(path);
+absl::StatusOr<engine::Site*> FileSites::Get(const Endpoint& e) {
+  MutexLock lock(mu_);
+  auto it = pools_.find(e.pool);
   if (it == pools_.end()) {
-    it = pools_.emplace(path, OpenPool(path, mode_)).first;
+    absl::StatusOr<std::unique_ptr<blockstore::Pool>> pool =
+        OpenPool(e.pool, mode_);
+    if (!pool.ok()) {
+      it = pools_.emplace(e.pool, pool.status()).first;
+    } else {
+      Entry made;
+      made.site = std::make_unique<engine::LocalSite>(e.pool, **pool);
+      made.pool = std::move(*pool);
+      it = pools_.emplace(e.pool, std::move(made)).first;
+    }
   }
   if (!it->second.ok()) return it->second.status();
-  return it->second->get();
+  return it->second->site.get();
+}
+
+absl::StatusOr<blockstore::Pool*> FileSites::Pool(const std::string& path) {
+  absl::StatusOr<engine::Site*> site = Get(Endpoint{path, ""});
+  if (!site.ok()) return site.status();
+  return &static_cast<engine::LocalSite*>(*site)->pool();
 }
 
 absl::StatusOr<Endpoint> ParseEndpoint(const std::string& text) {
@@ -62,300 +71,246 @@ absl::StatusOr<Endpoint> ParseEndpoint(const std::string& text) {
       "'", text, "': no pool file or device before any ':' in it exists"));
 }
 
-absl::StatusOr<int64_t> ParseSchedule(const std::string& text) {
-  std::string t = absl::AsciiStrToLower(text);
-  if (t == "hourly") return 3600;
-  if (t == "daily") return 86400;
-  int64_t days = 0;
-  if (t.size() > 1 && t.back() == 'd' &&
-      absl::SimpleAtoi(t.substr(0, t.size() - 1), &days) && days > 0) {
-    return days * 86400;
+bool Asker::operator()(const ordered_json& preview) {
+  std::printf("%s\n", preview.value("describe", "").c_str());
+  std::fflush(stdout);
+  if (yes) return true;
+  if (!isatty(0)) {
+    refused_without_terminal = true;
+    return false;
   }
-  absl::Duration d;
-  if (absl::ParseDuration(t, &d) && d >= absl::Seconds(1)) {
-    return absl::ToInt64Seconds(d);
-  }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "bad schedule '", text,
-      "': use 10m, hourly, daily or a duration such as 90s, 15m, 2h, 1d"));
+  std::fprintf(stderr, "Type yes to go on: ");
+  std::string line;
+  std::getline(std::cin, line);
+  return absl::AsciiStrToLower(absl::StripAsciiWhitespace(line)) == "yes";
 }
 
-std::string FormatSchedule(int64_t s) {
-  if (s == 0) return "none";
-  if (s % 86400 == 0) return absl::StrCat(s / 86400, "d");
-  if (s % 3600 == 0) return absl::StrCat(s / 3600, "h");
-  if (s % 60 == 0) return absl::StrCat(s / 60, "m");
-  return absl::StrCat(s, "s");
-}
-
-std::string StateLine(const RelationshipRecord& r) {
-  return absl::StrCat(ToString(r.mirror_state), ", ", ToString(r.status));
-}
-
-json ReportJson(const RelationshipReport& rep) {
-  const RelationshipRecord& r = rep.record;
-  return {
-      {"id", r.id},
-      {"source", r.source.ToString()},
-      {"destination", r.destination.ToString()},
-      {"mirror_state", ToString(r.mirror_state)},
-      {"relationship_status", ToString(r.status)},
-      {"healthy", rep.healthy},
-      {"unhealthy_reason", rep.unhealthy_reason},
-      {"lag_seconds",
-       rep.lag_seconds < 0 ? json(nullptr) : json(rep.lag_seconds)},
-      {"schedule_seconds", r.schedule_seconds},
-      {"last_transfer_bytes", r.last_transfer_bytes},
-      {"last_transfer_data_bytes", r.last_transfer_data_bytes},
-      {"last_transfer_seconds", r.last_transfer_seconds},
-      {"last_transfer_error", r.last_transfer_error},
-      {"progress_bytes", r.progress_bytes},
-      {"progress_total_bytes", r.progress_total_bytes},
-      {"total_transfer_bytes", r.total_transfer_bytes},
-      {"last_common_snapshot", rep.last_common_snapshot},
-      {"notes", rep.notes},
-  };
-}
-
-void PrintReport(const RelationshipReport& rep) {
-  const RelationshipRecord& r = rep.record;
-  auto row = [](const char* k, const std::string& v) {
-    std::printf("  %-22s %s\n", k, v.c_str());
-  };
-  std::printf("%s -> %s\n", r.source.ToString().c_str(),
-              r.destination.ToString().c_str());
-  row("mirror state", ToString(r.mirror_state));
-  row("relationship status",
-      r.status == engine::TransferStatus::kTransferring
-          ? absl::StrCat("Transferring (", r.operation, ")")
-          : "Idle");
-  row("healthy", rep.healthy ? "yes" : "no: " + rep.unhealthy_reason);
-  row("lag", rep.lag_seconds < 0
-                 ? "unknown"
-                 : absl::StrCat(rep.lag_seconds, " s (schedule ",
-                                FormatSchedule(r.schedule_seconds), ")"));
-  row("last common snapshot",
-      !rep.last_common_snapshot.empty() ? rep.last_common_snapshot
-      : rep.notes.empty()               ? "none"
-                                        : "unknown (a pool cannot be opened)");
-  if (r.last_transfer_end_ns != 0) {
-    row("last transfer",
-        absl::StrFormat(
-            "%s on the wire, %s of data, %.2f s, ended %s",
-            FormatBytes(r.last_transfer_bytes),
-            FormatBytes(r.last_transfer_data_bytes), r.last_transfer_seconds,
-            absl::FormatTime("%Y-%m-%dT%H:%M:%SZ",
-                             absl::FromUnixNanos(r.last_transfer_end_ns),
-                             absl::UTCTimeZone())));
-  } else {
-    row("last transfer", "none yet");
-  }
-  row("last transfer error",
-      r.last_transfer_error.empty() ? "none" : r.last_transfer_error);
-  row("progress", absl::StrCat(FormatBytes(r.progress_bytes), " / ",
-                               FormatBytes(r.progress_total_bytes)));
-  row("total transferred", FormatBytes(r.total_transfer_bytes));
-  for (const std::string& n : rep.notes) row("note", n);
-}
-
-namespace {
-
-// Asks on the terminal; with none (and no --yes) refuses.
-struct Asker {
-  bool yes = false;
-  bool refused_without_terminal = false;
-
-  bool operator()(const engine::LossPreview& p) {
-    std::printf("%s\n", p.Describe().c_str());
-    std::fflush(stdout);
-    if (yes) return true;
-    if (!isatty(0)) {
-      refused_without_terminal = true;
-      return false;
-    }
-    std::fprintf(stderr, "Type yes to go on: ");
-    std::string line;
-    std::getline(std::cin, line);
-    return absl::StripAsciiWhitespace(line) == "yes";
-  }
-};
-
-absl::Status Explain(absl::Status s, const std::string& op,
-                     const Asker& asker) {
-  if (absl::IsCancelled(s) && asker.refused_without_terminal) {
-    return absl::CancelledError(
-        absl::StrCat(op,
-                     " overwrites data and there is no terminal to confirm on: "
-                     "rerun with --yes (nothing was changed)"));
+absl::Status Asker::Explain(absl::Status s, const std::string& op) const {
+  if (absl::IsCancelled(s) && refused_without_terminal) {
+    return absl::CancelledError(absl::StrCat(
+        op,
+        op == "break" ? " makes the destination writable"
+                      : " overwrites data",
+        " and there is no terminal to confirm on: rerun with --yes (nothing "
+        "was changed)"));
   }
   return s;
 }
 
-void PrintDone(const std::string& op, Replication& rep, const Endpoint& e,
-               const TransferStats& stats) {
-  absl::StatusOr<RelationshipReport> r = rep.Report(e);
-  std::string state = r.ok() ? StateLine(r->record) : "?";
-  std::string dir = r.ok() ? r->record.Direction() : e.ToString();
-  if (stats.snapshots == 0 && stats.stream_bytes == 0) {
-    std::printf("%s %s: nothing to do; %s\n", op.c_str(), dir.c_str(),
-                state.c_str());
-    return;
+namespace {
+
+class Local final : public RelationshipBackend {
+ public:
+  absl::StatusOr<ordered_json> Create(const std::string& source,
+                                      const std::string& destination,
+                                      int64_t schedule_seconds,
+                                      uint64_t max_rate_bytes) override {
+    absl::StatusOr<Endpoint> s = ParseEndpoint(source);
+    if (!s.ok()) return s.status();
+    absl::StatusOr<Endpoint> d = ParseEndpoint(destination);
+    if (!d.ok()) return d.status();
+    FileSites sites(blockstore::OpenMode::kReadWrite);
+    Replication rep(sites);
+    absl::StatusOr<engine::RelationshipRecord> r =
+        rep.Create(*s, *d, schedule_seconds, max_rate_bytes);
+    if (!r.ok()) return r.status();
+    return RecordJson(*r);
   }
-  std::printf("%s %s: %s sent (%s of data, %llu snapshot(s)) in %.2f s; %s\n",
-              op.c_str(), dir.c_str(), FormatBytes(stats.stream_bytes).c_str(),
-              FormatBytes(stats.data_bytes).c_str(),
-              static_cast<unsigned long long>(stats.snapshots), stats.seconds,
-              state.c_str());
-}
+
+  absl::StatusOr<ordered_json> Run(Operation op, const std::string& text,
+                                   Asker& asker) override {
+    absl::StatusOr<Endpoint> e = ParseEndpoint(text);
+    if (!e.ok()) return e.status();
+    FileSites sites(blockstore::OpenMode::kReadWrite);
+    Replication rep(sites);
+    Progress progress("transferring");
+    rep.set_progress([&](const engine::RelationshipRecord& r) {
+      progress.Update(r.progress_bytes, r.progress_total_bytes);
+    });
+    engine::Confirm confirm = [&](const engine::LossPreview& p) {
+      return asker(PreviewJson(p));
+    };
+    ordered_json out = {{"operation", ToString(op)},
+                        {"endpoint", e->ToString()}};
+    absl::StatusOr<TransferStats> stats = TransferStats{};
+    switch (op) {
+      case Operation::kInitialize:
+        stats = rep.Initialize(*e);
+        break;
+      case Operation::kUpdate:
+        stats = rep.Update(*e);
+        break;
+      case Operation::kResync:
+        stats = rep.Resync(*e, confirm);
+        break;
+      case Operation::kReverseResync:
+        stats = rep.ReverseResync(*e, confirm);
+        break;
+      case Operation::kReestablish:
+        stats = rep.Reestablish(*e, confirm);
+        break;
+      case Operation::kBreak:
+        if (absl::Status s = rep.Break(*e, confirm); !s.ok()) return s;
+        break;
+      case Operation::kRelease: {
+        absl::StatusOr<engine::ReleaseReport> r = rep.Release(*e);
+        if (!r.ok()) return r.status();
+        out["release"] = ReleaseJson(*r);
+        return out;
+      }
+      default:
+        return absl::InvalidArgumentError("no such relationship operation");
+    }
+    progress.Clear();
+    if (!stats.ok()) return stats.status();
+    out["stats"] = StatsJson(*stats);
+    absl::StatusOr<engine::RelationshipReport> r = rep.Report(*e);
+    if (r.ok()) out["relationship"] = ReportJson(*r);
+    return out;
+  }
+
+  absl::StatusOr<ordered_json> Status(const std::string& endpoint,
+                                      const std::string& pool) override {
+    FileSites sites(blockstore::OpenMode::kReadOnly);
+    Replication rep(sites);
+    ordered_json j = ordered_json::array();
+    if (!endpoint.empty()) {
+      absl::StatusOr<Endpoint> e = ParseEndpoint(endpoint);
+      if (!e.ok()) return e.status();
+      absl::StatusOr<engine::RelationshipReport> r = rep.Report(*e);
+      if (!r.ok()) return r.status();
+      j.push_back(ReportJson(*r));
+      return j;
+    }
+    char resolved[PATH_MAX];
+    if (realpath(pool.c_str(), resolved) == nullptr) {
+      return blockstore::ErrnoError(errno, pool);
+    }
+    absl::StatusOr<std::vector<engine::RelationshipReport>> r =
+        rep.ReportPool(Endpoint{resolved, ""});
+    if (!r.ok()) return r.status();
+    for (const auto& one : *r) j.push_back(ReportJson(one));
+    return j;
+  }
+};
 
 }  // namespace
 
-void AddRelationshipCommands(CLI::App& app, RelationshipArgs& args,
-                             std::function<void(absl::Status)> act) {
+std::unique_ptr<RelationshipBackend> LocalRelationships() {
+  return std::make_unique<Local>();
+}
+
+void AddRelationshipCommands(
+    CLI::App& app, RelationshipArgs& args,
+    std::function<absl::StatusOr<std::unique_ptr<RelationshipBackend>>()>
+        backend,
+    std::function<void(absl::Status)> act) {
   CLI::App* rel = app.add_subcommand(
       "relationship", "mirror a volume to another pool and run its DR steps");
   rel->require_subcommand(1);
 
   CLI::App* create = rel->add_subcommand(
       "create", "join a source volume and a new destination volume");
-  create->add_option("--source", args.source, "POOL:VOLUME (must exist)")
+  create->add_option("--source", args.source, "[SITE/]POOL:VOLUME (must exist)")
       ->required();
   create
       ->add_option("--destination", args.destination,
-                   "POOL:VOLUME (created by initialize)")
+                   "[SITE/]POOL:VOLUME (created by initialize)")
       ->required();
   create->add_option("--schedule", args.schedule,
-                     "10m, hourly, daily or a duration (for health)");
-  create->callback([a = &args, act] {
-    absl::StatusOr<Endpoint> s = ParseEndpoint(a->source);
-    if (!s.ok()) return act(s.status());
-    absl::StatusOr<Endpoint> d = ParseEndpoint(a->destination);
-    if (!d.ok()) return act(d.status());
+                     "10m, hourly, daily or a duration: the destination's "
+                     "daemon updates this often");
+  create->add_option("--max-rate", args.max_rate,
+                     "bytes a second on the wire, e.g. 8M (default none)");
+  create->callback([a = &args, act, backend] {
     int64_t every = 0;
     if (a->schedule != "none") {
       absl::StatusOr<int64_t> p = ParseSchedule(a->schedule);
       if (!p.ok()) return act(p.status());
       every = *p;
     }
-    FilePools pools(blockstore::OpenMode::kReadWrite);
-    Replication rep(pools);
-    absl::StatusOr<RelationshipRecord> r = rep.Create(*s, *d, every);
+    absl::StatusOr<uint64_t> rate = ParseRate(a->max_rate);
+    if (!rate.ok()) return act(rate.status());
+    absl::StatusOr<std::unique_ptr<RelationshipBackend>> b = backend();
+    if (!b.ok()) return act(b.status());
+    absl::StatusOr<ordered_json> r =
+        (*b)->Create(a->source, a->destination, every, *rate);
     if (!r.ok()) return act(r.status());
     std::printf("created %s -> %s (schedule %s); %s\n",
-                r->source.ToString().c_str(), r->destination.ToString().c_str(),
+                (*r)["source"].get<std::string>().c_str(),
+                (*r)["destination"].get<std::string>().c_str(),
                 FormatSchedule(every).c_str(), StateLine(*r).c_str());
   });
 
   struct OpSpec {
-    const char* name;
+    Operation op;
     const char* help;
     bool asks;
   };
   for (const OpSpec& spec :
-       {OpSpec{"initialize", "baseline transfer (creates the destination)",
+       {OpSpec{Operation::kInitialize,
+               "baseline transfer (creates the destination)", false},
+        OpSpec{Operation::kUpdate, "snapshot the source and ship what changed",
                false},
-        OpSpec{"update", "snapshot the source and ship what changed", false},
-        OpSpec{"break", "stop mirroring; the destination becomes writable",
-               false},
-        OpSpec{"resync", "after a break: the destination returns to the source",
-               true},
-        OpSpec{"reverse-resync",
+        OpSpec{Operation::kBreak,
+               "stop mirroring; the destination becomes writable", true},
+        OpSpec{Operation::kResync,
+               "after a break: the destination returns to the source", true},
+        OpSpec{Operation::kReverseResync,
                "after a break: the source takes the destination's data and "
                "the direction flips",
                true},
-        OpSpec{"reestablish",
+        OpSpec{Operation::kReestablish,
                "after a reverse resync: back to the original direction", true},
-        OpSpec{"release",
+        OpSpec{Operation::kRelease,
                "remove the relationship and its replication snapshots",
                false}}) {
-    CLI::App* cmd = rel->add_subcommand(spec.name, spec.help);
-    cmd->add_option("POOL:VOLUME", args.endpoint, "either side")->required();
+    const std::string name = ToString(spec.op);
+    CLI::App* cmd = rel->add_subcommand(name, spec.help);
+    cmd->add_option("ENDPOINT", args.endpoint,
+                    "[SITE/]POOL:VOLUME, either side")
+        ->required();
     if (spec.asks) {
-      cmd->add_flag("--yes", args.yes, "do not ask before overwriting data");
+      cmd->add_flag("--yes", args.yes, "do not ask before going ahead");
     }
-    std::string op = spec.name;
-    cmd->callback([a = &args, act, op] {
-      absl::StatusOr<Endpoint> e = ParseEndpoint(a->endpoint);
-      if (!e.ok()) return act(e.status());
-      FilePools pools(blockstore::OpenMode::kReadWrite);
-      Replication rep(pools);
-      Progress progress("transferring");
-      rep.set_progress([&](const RelationshipRecord& r) {
-        progress.Update(r.progress_bytes, r.progress_total_bytes);
-      });
+    const Operation op = spec.op;
+    cmd->callback([a = &args, act, backend, op, name] {
+      absl::StatusOr<std::unique_ptr<RelationshipBackend>> b = backend();
+      if (!b.ok()) return act(b.status());
       Asker asker{a->yes};
-      engine::Confirm confirm = [&](const engine::LossPreview& p) {
-        return asker(p);
-      };
-      absl::StatusOr<TransferStats> stats;
-      if (op == "initialize") {
-        stats = rep.Initialize(*e);
-      } else if (op == "update") {
-        stats = rep.Update(*e);
-      } else if (op == "resync") {
-        stats = rep.Resync(*e, confirm);
-      } else if (op == "reverse-resync") {
-        stats = rep.ReverseResync(*e, confirm);
-      } else if (op == "reestablish") {
-        stats = rep.Reestablish(*e, confirm);
-      } else if (op == "break" || op == "release") {
-        absl::Status s = op == "break" ? rep.Break(*e) : rep.Release(*e);
-        if (!s.ok()) return act(s);
-        if (op == "release") {
-          std::printf("released %s: volumes keep their data\n",
-                      e->ToString().c_str());
-        } else {
-          absl::StatusOr<RelationshipReport> r = rep.Report(*e);
-          std::printf("break %s: %s; %s is read-write\n", e->ToString().c_str(),
-                      r.ok() ? StateLine(r->record).c_str() : "?",
-                      r.ok() ? r->record.destination.ToString().c_str() : "");
-        }
-        return;
-      }
-      progress.Clear();
-      if (!stats.ok()) return act(Explain(stats.status(), op, asker));
-      PrintDone(op, rep, *e, *stats);
+      absl::StatusOr<ordered_json> r = (*b)->Run(op, a->endpoint, asker);
+      if (!r.ok()) return act(asker.Explain(r.status(), name));
+      PrintResult(*r);
     });
   }
 
   CLI::App* status = app.add_subcommand(
       "status", "relationships: states, health, lag, transfers");
-  status->add_option("POOL:VOLUME", args.endpoint, "one relationship");
-  status->add_option("--pool", args.status_pool, "every relationship in a pool")
+  status->add_option("ENDPOINT", args.endpoint,
+                     "one relationship ([SITE/]POOL:VOLUME)");
+  status
+      ->add_option("--pool", args.status_pool,
+                   "every relationship in a pool (a path, or a daemon's "
+                   "pool name)")
       ->envname("TANDEM_POOL");
   status->add_flag("--json", args.as_json, "one JSON object per relationship");
-  status->callback([a = &args, act] {
-    FilePools pools(blockstore::OpenMode::kReadOnly);
-    Replication rep(pools);
-    std::vector<RelationshipReport> reports;
-    if (!a->endpoint.empty()) {
-      absl::StatusOr<Endpoint> e = ParseEndpoint(a->endpoint);
-      if (!e.ok()) return act(e.status());
-      absl::StatusOr<RelationshipReport> r = rep.Report(*e);
-      if (!r.ok()) return act(r.status());
-      reports.push_back(std::move(*r));
-    } else if (!a->status_pool.empty()) {
-      char resolved[PATH_MAX];
-      if (realpath(a->status_pool.c_str(), resolved) == nullptr) {
-        return act(blockstore::ErrnoError(errno, a->status_pool));
-      }
-      absl::StatusOr<std::vector<RelationshipReport>> r =
-          rep.ReportPool(resolved);
-      if (!r.ok()) return act(r.status());
-      reports = std::move(*r);
-    } else {
+  status->callback([a = &args, act, backend] {
+    if (a->endpoint.empty() && a->status_pool.empty()) {
       return act(absl::InvalidArgumentError(
-          "name a relationship (POOL:VOLUME) or a pool (--pool PATH or "
+          "name a relationship ([SITE/]POOL:VOLUME) or a pool (--pool or "
           "TANDEM_POOL)"));
     }
+    absl::StatusOr<std::unique_ptr<RelationshipBackend>> b = backend();
+    if (!b.ok()) return act(b.status());
+    absl::StatusOr<ordered_json> reports =
+        (*b)->Status(a->endpoint, a->status_pool);
+    if (!reports.ok()) return act(reports.status());
     if (a->as_json) {
-      json j = json::array();
-      for (const auto& r : reports) j.push_back(ReportJson(r));
-      std::cout << j.dump(2) << "\n";
+      std::cout << reports->dump(2) << "\n";
       return;
     }
-    if (reports.empty()) std::printf("no relationships\n");
-    for (const auto& r : reports) PrintReport(r);
+    if (reports->empty()) std::printf("no relationships\n");
+    for (const auto& r : *reports) PrintReport(r);
   });
 }
 

@@ -1,38 +1,44 @@
-// The relationship commands of `tandem` (relationship ..., status) and what
-// the demo shares with them: pools opened by path, POOL:VOLUME endpoints,
-// schedules, confirmation prompts and status output.
+// The relationship commands of `tandem` (relationship ..., status): pools
+// opened by path in this process, or a daemon reached over its control
+// socket (--daemon); endpoints, confirmation prompts and output.
 #ifndef TANDEM_TOOLS_RELATIONSHIP_CLI_H_
 #define TANDEM_TOOLS_RELATIONSHIP_CLI_H_
 
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 
 #include "CLI/CLI.hpp"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "blockstore/io.h"
+#include "blockstore/mutex.h"
 #include "blockstore/pool.h"
+#include "engine/local_site.h"
 #include "engine/relationship.h"
-#include "nlohmann/json.hpp"
+#include "tools/relationship_json.h"
 
 namespace tools {
 
 // Pools by path, opened on first use and kept open (and locked) until the
 // provider goes away. A pool that fails to open keeps failing with the same
 // error for this provider's life.
-class FilePools : public engine::PoolProvider {
+class FileSites : public engine::SiteProvider {
  public:
-  explicit FilePools(blockstore::OpenMode mode) : mode_(mode) {}
-  absl::StatusOr<blockstore::Pool*> Get(const std::string& path) override;
+  explicit FileSites(blockstore::OpenMode mode) : mode_(mode) {}
+  absl::StatusOr<engine::Site*> Get(const engine::Endpoint& e) override;
+  // The pool itself, for the demo's checks.
+  absl::StatusOr<blockstore::Pool*> Pool(const std::string& path);
 
  private:
+  struct Entry {
+    std::unique_ptr<blockstore::Pool> pool;
+    std::unique_ptr<engine::LocalSite> site;
+  };
   const blockstore::OpenMode mode_;
-  std::mutex mu_;
-  std::map<std::string, absl::StatusOr<std::unique_ptr<blockstore::Pool>>>
-      pools_;
+  blockstore::Mutex mu_;
+  std::map<std::string, absl::StatusOr<Entry>> pools_ ABSL_GUARDED_BY(mu_);
 };
 
 // "POOL:VOLUME": POOL is the shortest prefix before a ':' that names an
@@ -40,25 +46,52 @@ class FilePools : public engine::PoolProvider {
 // either side finds the relationship by the same name.
 absl::StatusOr<engine::Endpoint> ParseEndpoint(const std::string& text);
 
-// "10m", "hourly", "daily", or a duration such as 90s, 15m, 2h, 1d.
-absl::StatusOr<int64_t> ParseSchedule(const std::string& text);
-std::string FormatSchedule(int64_t seconds);
+// Asks on the terminal before an overwrite or a break; with no terminal
+// (and no --yes) refuses.
+struct Asker {
+  bool yes = false;
+  bool refused_without_terminal = false;
+  // Shows `preview` (PreviewJson) and returns the answer.
+  bool operator()(const ordered_json& preview);
+  // The error to report for a refused `op`, from the engine's `s`.
+  absl::Status Explain(absl::Status s, const std::string& op) const;
+};
 
-nlohmann::ordered_json ReportJson(const engine::RelationshipReport& r);
-void PrintReport(const engine::RelationshipReport& r);
-// "Mirrored, Idle, healthy" and the like, for one line.
-std::string StateLine(const engine::RelationshipRecord& r);
+// What the relationship commands run against.
+class RelationshipBackend {
+ public:
+  virtual ~RelationshipBackend() = default;
+  virtual absl::StatusOr<ordered_json> Create(const std::string& source,
+                                              const std::string& destination,
+                                              int64_t schedule_seconds,
+                                              uint64_t max_rate_bytes) = 0;
+  // {"operation", "endpoint", "relationship", "stats" | "release"}.
+  virtual absl::StatusOr<ordered_json> Run(engine::Operation op,
+                                           const std::string& endpoint,
+                                           Asker& asker) = 0;
+  // ReportJson objects: of one relationship, or of every one in `pool`.
+  virtual absl::StatusOr<ordered_json> Status(const std::string& endpoint,
+                                              const std::string& pool) = 0;
+};
+
+// The engine in this process, on pool files and devices.
+std::unique_ptr<RelationshipBackend> LocalRelationships();
 
 // Where the parsed command line lands; must outlive the parse.
 struct RelationshipArgs {
-  std::string source, destination, schedule = "none", endpoint, status_pool;
+  std::string source, destination, schedule = "none", max_rate = "none",
+                                   endpoint, status_pool;
   bool yes = false;
   bool as_json = false;
 };
 
-// Registers `relationship ...` and `status` on `app`; failures go to `act`.
-void AddRelationshipCommands(CLI::App& app, RelationshipArgs& args,
-                             std::function<void(absl::Status)> act);
+// Registers `relationship ...` and `status` on `app`; each runs against
+// what `backend()` returns when it runs; failures go to `act`.
+void AddRelationshipCommands(
+    CLI::App& app, RelationshipArgs& args,
+    std::function<absl::StatusOr<std::unique_ptr<RelationshipBackend>>()>
+        backend,
+    std::function<void(absl::Status)> act);
 
 }  // namespace tools
 

@@ -577,7 +577,9 @@ int Run(int argc, char** argv) {
     absl::StatusOr<std::unique_ptr<Pool>> p =
         OpenPool(pool_path, OpenMode::kReadWrite);
     if (!p.ok()) return act(p.status());
-    if (engine::Replication::IsReplicationSnapshot(ref.snapshot)) {
+    absl::StatusOr<blockstore::SnapshotInfo> info =
+        (*p)->GetSnapshot(ref.volume, ref.snapshot);
+    if (info.ok() && engine::Replication::IsReplicationSnapshot(*info)) {
       if (absl::Status s = InRelationship(**p, ref.volume,
                                           "deleting its replication snapshots");
           !s.ok()) {
@@ -615,7 +617,12 @@ int Run(int argc, char** argv) {
   });
 
   RelationshipArgs rel_args;
-  AddRelationshipCommands(app, rel_args, act);
+  AddRelationshipCommands(
+      app, rel_args,
+      []() -> absl::StatusOr<std::unique_ptr<RelationshipBackend>> {
+        return LocalRelationships();
+      },
+      act);
 
   std::string demo_dir, demo_size = "256M";
   CLI::App* demo = app.add_subcommand(

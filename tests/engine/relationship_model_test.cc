@@ -155,7 +155,7 @@ class ModelRun {
         break;
       }
       case 8: {
-        absl::Status s = rep_.Break(rng_() % 2 ? kA : kB);
+        absl::Status s = rep_.Break(rng_() % 2 ? kA : kB, [](const LossPreview&) { return true; });
         EXPECT_EQ(s.ok(), state_ != MirrorState::kUninitialized) << s;
         if (s.ok()) {
           state_ = MirrorState::kBroken;
@@ -224,7 +224,7 @@ class ModelRun {
       return;
     }
     ASSERT_TRUE(s.ok()) << s.status();
-    ++methods_seen[shown.method];
+    ++methods_seen[ToString(shown.method)];
     if (reverse) source_ = Dest();
     state_ = MirrorState::kMirrored;
     ExpectMirror();
@@ -238,7 +238,7 @@ class ModelRun {
     } else {
       EXPECT_EQ(Content(P(victim), shown.safety_snapshot), before);
     }
-    if (shown.method == "hash-diff") {
+    if (shown.method == Method::kHashDiff) {
       uint64_t differ = 0;
       for (uint64_t c = 0; c < kChunks; ++c) {
         differ += !std::equal(after.begin() + c * kChunk,

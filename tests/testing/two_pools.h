@@ -1,4 +1,4 @@
-// Two in-memory pools ("a" and "b") behind one PoolProvider, for
+// Two in-memory pools ("a" and "b") behind one SiteProvider, for
 // relationship tests: a power loss takes both down at the same durable-write
 // count (one process holding both pools), and either can be "unreachable".
 #ifndef TANDEM_TESTS_TESTING_TWO_POOLS_H_
@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "blockstore/mem_io.h"
 #include "blockstore/pool.h"
+#include "engine/local_site.h"
 #include "engine/relationship.h"
 #include "gtest/gtest.h"
 
@@ -65,7 +66,7 @@ class PlannedCrashIo : public blockstore::IoWrapper {
   CrashPlan& plan_;
 };
 
-class TwoPools : public engine::PoolProvider {
+class TwoPools : public engine::SiteProvider {
  public:
   static constexpr uint64_t kDevice = 32 << 20;
 
@@ -85,18 +86,19 @@ class TwoPools : public engine::PoolProvider {
     OpenAll();
   }
 
-  absl::StatusOr<blockstore::Pool*> Get(const std::string& path) override {
+  absl::StatusOr<engine::Site*> Get(const engine::Endpoint& e) override {
     std::lock_guard<std::mutex> lock(mu_);
-    if (down_.contains(path)) {
+    if (down_.contains(e.pool)) {
       return absl::UnavailableError(
-          absl::StrCat("pool ", path, " cannot be opened (site down)"));
+          absl::StrCat("pool ", e.pool, " cannot be opened (site down)"));
     }
-    auto it = pools_.find(path);
-    if (it == pools_.end()) {
-      return absl::NotFoundError(absl::StrCat(path, ": no such pool"));
+    auto it = sites_.find(e.pool);
+    if (it == sites_.end()) {
+      return absl::NotFoundError(absl::StrCat(e.pool, ": no such pool"));
     }
     return it->second.get();
   }
+  engine::LocalSite& site(const std::string& name) { return *sites_.at(name); }
 
   blockstore::Pool& pool(const std::string& name) { return *pools_.at(name); }
   void SetDown(const std::string& name, bool down) {
@@ -110,6 +112,7 @@ class TwoPools : public engine::PoolProvider {
 
   // From now on every durable write counts toward `plan`.
   void Arm(CrashPlan& plan) {
+    sites_.clear();
     pools_.clear();
     wrappers_.clear();
     for (auto& [name, io] : raw_) {
@@ -120,6 +123,7 @@ class TwoPools : public engine::PoolProvider {
 
   // Power loss on both devices, then both pools opened again.
   void CrashAndReopen() {
+    sites_.clear();
     pools_.clear();
     wrappers_.clear();
     for (auto& [name, io] : raw_) io->Crash();
@@ -134,7 +138,9 @@ class TwoPools : public engine::PoolProvider {
                                 : *io;
       auto p = blockstore::Pool::Open(dev, blockstore::OpenMode::kReadWrite);
       EXPECT_TRUE(p.ok()) << p.status();
-      if (p.ok()) pools_[name] = std::move(*p);
+      if (!p.ok()) continue;
+      pools_[name] = std::move(*p);
+      sites_[name] = std::make_unique<engine::LocalSite>(name, *pools_[name]);
     }
   }
 
@@ -143,6 +149,7 @@ class TwoPools : public engine::PoolProvider {
   std::map<std::string, std::unique_ptr<blockstore::MemIo>> raw_;
   std::map<std::string, std::unique_ptr<PlannedCrashIo>> wrappers_;
   std::map<std::string, std::unique_ptr<blockstore::Pool>> pools_;
+  std::map<std::string, std::unique_ptr<engine::LocalSite>> sites_;
 };
 
 }  // namespace testing_util

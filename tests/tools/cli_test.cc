@@ -457,7 +457,16 @@ TEST_P(CliTest, RelationshipProcedureAndStatus) {
 
   // Disaster: break, write on the destination, then resync back: refused
   // without a terminal or --yes, and what it would overwrite is shown.
-  EXPECT_THAT(Ok({"relationship", "break", dst}), HasSubstr("Broken, Idle"));
+  // Break asks first, as the seed's "Type Yes": refused without a terminal.
+  Result refused = Tandem({"relationship", "break", dst});
+  EXPECT_EQ(refused.code, 1);
+  EXPECT_THAT(refused.out, HasSubstr("becomes read-write"));
+  EXPECT_THAT(refused.err,
+              HasSubstr("no terminal to confirm on: rerun with --yes"));
+  EXPECT_EQ(json::parse(Ok({"status", dst, "--json"}))[0]["mirror_state"],
+            "Mirrored");
+  EXPECT_THAT(Ok({"relationship", "break", dst, "--yes"}),
+              HasSubstr("Broken, Idle"));
   Ok({"write", "--pool", b, "v", "--offset", "2M"}, RandomBytes(131072, 23));
   Result r = Tandem({"relationship", "resync", dst});
   EXPECT_EQ(r.code, 1);
