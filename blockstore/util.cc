@@ -121,6 +121,26 @@ std::string Hex(std::span<const std::byte> data) {
   return out;
 }
 
+absl::StatusOr<std::vector<std::byte>> Unhex(absl::string_view hex) {
+  if (hex.size() % 2 != 0) {
+    return absl::InvalidArgumentError("hex of an odd length");
+  }
+  std::vector<std::byte> out(hex.size() / 2);
+  for (size_t i = 0; i < out.size(); ++i) {
+    int v = 0;
+    for (char ch : hex.substr(2 * i, 2)) {
+      int d = ch >= '0' && ch <= '9'   ? ch - '0'
+              : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
+              : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10
+                                       : -1;
+      if (d < 0) return absl::InvalidArgumentError("not hex");
+      v = v * 16 + d;
+    }
+    out[i] = static_cast<std::byte>(v);
+  }
+  return out;
+}
+
 AlignedBuffer::AlignedBuffer(size_t size_bytes) : size_(size_bytes) {
   size_t alloc = RoundUp(size_bytes == 0 ? 1 : size_bytes, kIoAlign);
   void* p = std::aligned_alloc(kIoAlign, alloc);

@@ -8,6 +8,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -33,6 +34,8 @@ std::string FormatBytes(uint64_t bytes);
 
 // Lowercase hex of `data`.
 std::string Hex(std::span<const std::byte> data);
+// The bytes of `hex` (either case). InvalidArgument if it is not hex.
+absl::StatusOr<std::vector<std::byte>> Unhex(absl::string_view hex);
 
 inline constexpr uint64_t RoundUp(uint64_t v, uint64_t align) {
   return (v + align - 1) / align * align;

@@ -459,22 +459,6 @@ absl::StatusOr<ApplyStats> ApplyRecords(blockstore::Pool& pool,
   return stats;
 }
 
-absl::StatusOr<std::vector<std::byte>> Unhex(absl::string_view hex) {
-  if (hex.size() % 2 != 0) return absl::DataLossError("odd hex length");
-  std::vector<std::byte> out(hex.size() / 2);
-  for (size_t i = 0; i < out.size(); ++i) {
-    int v = 0;
-    for (char ch : hex.substr(2 * i, 2)) {
-      int d = ch >= '0' && ch <= '9'   ? ch - '0'
-              : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
-                                       : -1;
-      if (d < 0) return absl::DataLossError("not hex");
-      v = v * 16 + d;
-    }
-    out[i] = static_cast<std::byte>(v);
-  }
-  return out;
-}
 
 }  // namespace
 
@@ -488,7 +472,7 @@ absl::StatusOr<std::optional<ResumeToken>> ResumePoint(
   auto it = props.find(ResumeKey(volume));
   if (it == props.end()) return std::nullopt;
   if (!pool.GetVolume(StagingVolume(volume)).ok()) return std::nullopt;
-  absl::StatusOr<std::vector<std::byte>> raw = Unhex(it->second);
+  absl::StatusOr<std::vector<std::byte>> raw = blockstore::Unhex(it->second);
   if (!raw.ok()) {
     return absl::DataLossError(
         absl::StrCat("resume point of volume '", volume, "' is malformed"));

@@ -23,14 +23,15 @@
 #include "gtest/gtest.h"
 #include "tests/testing/model.h"
 #include "tests/testing/pools.h"
-#include "tests/testing/two_pools.h"
+#include "tests/testing/site_pair.h"
 
 namespace engine {
 namespace {
 
 using blockstore::Pool;
 using testing_util::TestData;
-using testing_util::TwoPools;
+using testing_util::Reach;
+using testing_util::SitePair;
 
 constexpr uint32_t kChunk = 4096;
 constexpr uint64_t kChunks = 128;
@@ -51,7 +52,8 @@ std::map<std::string, int> methods_seen;
 
 class ModelRun {
  public:
-  explicit ModelRun(uint64_t seed) : rng_(seed), rep_(pools_) {}
+  ModelRun(uint64_t seed, Reach reach)
+      : rng_(seed), pools_(reach), rep_(pools_) {}
 
   void Go(int steps) {
     Pool& a = pools_.pool("a");
@@ -250,7 +252,7 @@ class ModelRun {
   }
 
   std::mt19937_64 rng_;
-  TwoPools pools_;
+  SitePair pools_;
   Replication rep_;
   Endpoint source_ = kA;
   MirrorState state_ = MirrorState::kUninitialized;
@@ -258,7 +260,10 @@ class ModelRun {
   std::vector<std::string> pending_user_snaps_;
 };
 
-TEST(RelationshipModelTest, RandomInterleavingsKeepEveryInvariant) {
+class RelationshipModelTest : public ::testing::TestWithParam<Reach> {};
+
+TEST_P(RelationshipModelTest, RandomInterleavingsKeepEveryInvariant) {
+  methods_seen.clear();
   auto env = [](const char* name, uint64_t fallback) {
     const char* v = std::getenv(name);
     return v != nullptr ? std::strtoull(v, nullptr, 10) : fallback;
@@ -273,7 +278,7 @@ TEST(RelationshipModelTest, RandomInterleavingsKeepEveryInvariant) {
   const int steps = static_cast<int>(env("TANDEM_MODEL_STEPS", 80));
   for (uint64_t seed : seeds) {
     SCOPED_TRACE(absl::StrCat("TANDEM_MODEL_SEED=", seed));
-    ModelRun run(seed);
+    ModelRun run(seed, GetParam());
     run.Go(steps);
     if (::testing::Test::HasFailure()) return;
   }
@@ -282,6 +287,10 @@ TEST(RelationshipModelTest, RandomInterleavingsKeepEveryInvariant) {
     EXPECT_GT(methods_seen["hash-diff"], 3);
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Reach, RelationshipModelTest,
+                         ::testing::Values(Reach::kLocal, Reach::kLoopback),
+                         testing_util::ReachName);
 
 }  // namespace
 }  // namespace engine

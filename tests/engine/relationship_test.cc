@@ -15,6 +15,7 @@
 #include "gtest/gtest.h"
 #include "tests/testing/model.h"
 #include "tests/testing/pools.h"
+#include "tests/testing/site_pair.h"
 #include "tests/testing/two_pools.h"
 
 namespace engine {
@@ -23,7 +24,8 @@ namespace {
 using blockstore::Pool;
 using ::testing::HasSubstr;
 using testing_util::TestData;
-using testing_util::TwoPools;
+using testing_util::Reach;
+using testing_util::SitePair;
 
 constexpr uint32_t kChunk = 4096;
 constexpr uint64_t kVolume = 256 * kChunk;  // 1 MiB
@@ -72,23 +74,24 @@ const Confirm kYes = [](const LossPreview&) { return true; };
 const Confirm kNo = [](const LossPreview&) { return false; };
 
 // A source volume with data and a relationship a:v -> b:v, not initialized.
-void Prepare(TwoPools& pools, Replication& rep) {
+void Prepare(SitePair& pools, Replication& rep) {
   Pool& a = pools.pool("a");
   ASSERT_TRUE(a.CreateVolume("v", kVolume).ok());
   WriteChunks(a, "v", 0, 200, 1, 1);
   ASSERT_TRUE(rep.Create(kA, kB, 600).ok());
 }
 
-// Two empty pools and the engine over them.
-class RelationshipTest : public ::testing::Test {
+// Two empty pools and the engine over them; with Loopback, pool b is
+// behind a real peer connection.
+class RelationshipTest : public ::testing::TestWithParam<Reach> {
  protected:
-  TwoPools pools;
+  SitePair pools{GetParam()};
   Replication rep{pools};
   Pool& a = pools.pool("a");
   Pool& b = pools.pool("b");
 };
 
-TEST_F(RelationshipTest, TheOperatorProcedureWithEveryGuard) {
+TEST_P(RelationshipTest, TheOperatorProcedureWithEveryGuard) {
   Prepare(pools, rep);
   RelationshipRecord r = Record(rep, kA);
   EXPECT_EQ(r.mirror_state, MirrorState::kUninitialized);
@@ -226,7 +229,7 @@ TEST_F(RelationshipTest, TheOperatorProcedureWithEveryGuard) {
   EXPECT_EQ(rep.Report(kA).status().code(), absl::StatusCode::kNotFound);
 }
 
-TEST_F(RelationshipTest, ResyncPreviewEqualsWhatTheDestinationLoses) {
+TEST_P(RelationshipTest, ResyncPreviewEqualsWhatTheDestinationLoses) {
   Prepare(pools, rep);
   ASSERT_TRUE(rep.Initialize(kA).ok());
   ASSERT_TRUE(rep.Break(kA, kYes).ok());
@@ -258,7 +261,7 @@ TEST_F(RelationshipTest, ResyncPreviewEqualsWhatTheDestinationLoses) {
   EXPECT_TRUE(b.GetSnapshot("v", "dest-own").ok());
 }
 
-TEST_F(RelationshipTest, HashDiffShipsOnlyTheChunksThatDiffer) {
+TEST_P(RelationshipTest, HashDiffShipsOnlyTheChunksThatDiffer) {
   ASSERT_TRUE(a.CreateVolume("v", 4 * kVolume).ok());
   WriteChunks(a, "v", 0, 1024, 1, 21);
   ASSERT_TRUE(rep.Create(kA, kB, 0).ok());
@@ -292,7 +295,7 @@ TEST_F(RelationshipTest, HashDiffShipsOnlyTheChunksThatDiffer) {
   EXPECT_EQ(up->data_bytes, kChunk);
 }
 
-TEST_F(RelationshipTest, HealthFollowsStateErrorsAndLag) {
+TEST_P(RelationshipTest, HealthFollowsStateErrorsAndLag) {
   Prepare(pools, rep);  // schedule 600 s
   absl::StatusOr<RelationshipReport> r = rep.Report(kA);
   ASSERT_TRUE(r.ok());
@@ -342,7 +345,7 @@ TEST_F(RelationshipTest, HealthFollowsStateErrorsAndLag) {
   EXPECT_EQ(Content(pools.pool("b"), "v"), Content(pools.pool("a"), "v"));
 }
 
-TEST_F(RelationshipTest, RecordsRoundTripAndBadOnesAreNamed) {
+TEST_P(RelationshipTest, RecordsRoundTripAndBadOnesAreNamed) {
   RelationshipRecord r;
   r.id = "0a1b2c3d-0000-4000-8000-000000000000";
   r.epoch = 7;
@@ -396,7 +399,7 @@ TEST_F(RelationshipTest, RecordsRoundTripAndBadOnesAreNamed) {
             absl::StatusCode::kUnimplemented);
 }
 
-TEST_F(RelationshipTest, LostSourceVolumeGetsAFullBaseline) {
+TEST_P(RelationshipTest, LostSourceVolumeGetsAFullBaseline) {
   Prepare(pools, rep);
   ASSERT_TRUE(rep.Initialize(kA).ok());
   // The site goes down: break works with the source unreachable.
@@ -423,7 +426,7 @@ TEST_F(RelationshipTest, LostSourceVolumeGetsAFullBaseline) {
   EXPECT_EQ(Record(rep, kA).source, kB);
 }
 
-TEST_F(RelationshipTest, AUserSnapshotNamedLikeAReplicationOneIsKept) {
+TEST_P(RelationshipTest, AUserSnapshotNamedLikeAReplicationOneIsKept) {
   Prepare(pools, rep);
   ASSERT_TRUE(rep.Initialize(kA).ok());
   const std::string id = Record(rep, kA).id;
@@ -450,7 +453,7 @@ TEST_F(RelationshipTest, AUserSnapshotNamedLikeAReplicationOneIsKept) {
   for (const auto& snap : Snaps(a)) EXPECT_EQ(snap.owner, "") << snap.name;
 }
 
-TEST_F(RelationshipTest, CreateValidatesEverythingFirst) {
+TEST_P(RelationshipTest, CreateValidatesEverythingFirst) {
   ASSERT_TRUE(a.CreateVolume("v", kVolume).ok());
   absl::StatusOr<RelationshipRecord> r = rep.Create(kA, {"b", "a b"}, 0);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
@@ -470,7 +473,7 @@ TEST_F(RelationshipTest, CreateValidatesEverythingFirst) {
   EXPECT_TRUE(Snaps(a).empty());
 }
 
-TEST_F(RelationshipTest, NoCommonSnapshotIsUnhealthyWithWhatToRun) {
+TEST_P(RelationshipTest, NoCommonSnapshotIsUnhealthyWithWhatToRun) {
   Prepare(pools, rep);
   ASSERT_TRUE(rep.Initialize(kA).ok());
   // The destination pool "restored from an older copy": its snapshots are
@@ -488,7 +491,7 @@ TEST_F(RelationshipTest, NoCommonSnapshotIsUnhealthyWithWhatToRun) {
               HasSubstr("break, then resync or reverse-resync"));
 }
 
-TEST_F(RelationshipTest, UpdateRefusalsSayWhatToRunNotAToolFlag) {
+TEST_P(RelationshipTest, UpdateRefusalsSayWhatToRunNotAToolFlag) {
   Prepare(pools, rep);
   ASSERT_TRUE(rep.Initialize(kA).ok());
   // Someone took a snapshot on the destination behind the engine's back
@@ -502,7 +505,7 @@ TEST_F(RelationshipTest, UpdateRefusalsSayWhatToRunNotAToolFlag) {
   EXPECT_THAT(s.message(), ::testing::Not(HasSubstr("--rollback")));
 }
 
-TEST_F(RelationshipTest, ReleaseWithTheOtherSideDownFinishesWhenItIsBack) {
+TEST_P(RelationshipTest, ReleaseWithTheOtherSideDownFinishesWhenItIsBack) {
   Prepare(pools, rep);
   ASSERT_TRUE(rep.Initialize(kA).ok());
   pools.SetDown("a", true);
@@ -533,7 +536,7 @@ TEST_F(RelationshipTest, ReleaseWithTheOtherSideDownFinishesWhenItIsBack) {
   EXPECT_TRUE(rep.Create(kA, kB, 0).ok());
 }
 
-TEST_F(RelationshipTest, UpdatesFromBothEndsAtOnceRunOneAndReferTheOther) {
+TEST_P(RelationshipTest, UpdatesFromBothEndsAtOnceRunOneAndReferTheOther) {
   Prepare(pools, rep);
   ASSERT_TRUE(rep.Initialize(kA).ok());
   WriteChunks(a, "v", 3, 4, 1, 71);
@@ -559,16 +562,16 @@ TEST_F(RelationshipTest, UpdatesFromBothEndsAtOnceRunOneAndReferTheOther) {
 // --- Crash at every durable write -------------------------------------------
 
 using Op = std::function<absl::Status(Replication&)>;
-using Check = std::function<void(TwoPools&, Replication&)>;
+using Check = std::function<void(SitePair&, Replication&)>;
 
 // Runs `op` on a copy of `start` with a power loss at every durable write
 // point in turn; after each, the pools are reopened and the same op run
 // again must succeed and pass `check`.
-void CrashEverywhere(TwoPools& start, const Op& op, const Check& check) {
+void CrashEverywhere(SitePair& start, const Op& op, const Check& check) {
   testing_util::CrashPlan counting;
   uint64_t points = 0;
   {
-    TwoPools pools(start, true);
+    SitePair pools(start, true);
     pools.Arm(counting);
     Replication rep(pools);
     ASSERT_TRUE(op(rep).ok());
@@ -578,7 +581,7 @@ void CrashEverywhere(TwoPools& start, const Op& op, const Check& check) {
   for (uint64_t at = 0; at < points; ++at) {
     SCOPED_TRACE(
         absl::StrCat("power loss at durable write ", at, " of ", points));
-    TwoPools pools(start, true);
+    SitePair pools(start, true);
     testing_util::CrashPlan plan{0, at};
     pools.Arm(plan);
     {
@@ -599,7 +602,7 @@ void CrashEverywhere(TwoPools& start, const Op& op, const Check& check) {
   }
 }
 
-void ExpectMirrored(TwoPools& pools, Replication& rep, const Endpoint& src) {
+void ExpectMirrored(SitePair& pools, Replication& rep, const Endpoint& src) {
   RelationshipRecord r = Record(rep, kA);
   EXPECT_EQ(r.mirror_state, MirrorState::kMirrored);
   EXPECT_EQ(r.status, TransferStatus::kIdle);
@@ -611,8 +614,10 @@ void ExpectMirrored(TwoPools& pools, Replication& rep, const Endpoint& src) {
   EXPECT_TRUE(d.GetVolume("v")->read_only);
 }
 
-TEST(RelationshipCrashTest, EveryOperationCompletesWhenRunAgain) {
-  TwoPools start;
+class RelationshipCrashTest : public ::testing::TestWithParam<Reach> {};
+
+TEST_P(RelationshipCrashTest, EveryOperationCompletesWhenRunAgain) {
+  SitePair start(GetParam());
   {
     Replication rep(start);
     Prepare(start, rep);
@@ -621,7 +626,7 @@ TEST(RelationshipCrashTest, EveryOperationCompletesWhenRunAgain) {
     SCOPED_TRACE("initialize");
     CrashEverywhere(
         start, [](Replication& r) { return r.Initialize(kA).status(); },
-        [](TwoPools& p, Replication& r) { ExpectMirrored(p, r, kA); });
+        [](SitePair& p, Replication& r) { ExpectMirrored(p, r, kA); });
   }
   {
     Replication rep(start);
@@ -634,7 +639,7 @@ TEST(RelationshipCrashTest, EveryOperationCompletesWhenRunAgain) {
     SCOPED_TRACE("update");
     CrashEverywhere(
         start, [](Replication& r) { return r.Update(kA).status(); },
-        [](TwoPools& p, Replication& r) {
+        [](SitePair& p, Replication& r) {
           ExpectMirrored(p, r, kA);
           EXPECT_TRUE(p.pool("b").GetSnapshot("v", "mine").ok());
         });
@@ -643,7 +648,7 @@ TEST(RelationshipCrashTest, EveryOperationCompletesWhenRunAgain) {
     SCOPED_TRACE("break");
     CrashEverywhere(
         start, [](Replication& r) { return r.Break(kA, kYes); },
-        [](TwoPools& p, Replication& r) {
+        [](SitePair& p, Replication& r) {
           EXPECT_EQ(Record(r, kA).mirror_state, MirrorState::kBroken);
           EXPECT_FALSE(p.pool("b").GetVolume("v")->read_only);
         });
@@ -670,7 +675,7 @@ TEST(RelationshipCrashTest, EveryOperationCompletesWhenRunAgain) {
     SCOPED_TRACE("resync");
     CrashEverywhere(
         start, [](Replication& r) { return r.Resync(kA, kYes).status(); },
-        [&](TwoPools& p, Replication& r) {
+        [&](SitePair& p, Replication& r) {
           ExpectMirrored(p, r, kA);
           kept(p.pool("b"), b_before);
         });
@@ -680,7 +685,7 @@ TEST(RelationshipCrashTest, EveryOperationCompletesWhenRunAgain) {
     CrashEverywhere(
         start,
         [](Replication& r) { return r.ReverseResync(kA, kYes).status(); },
-        [&](TwoPools& p, Replication& r) {
+        [&](SitePair& p, Replication& r) {
           ExpectMirrored(p, r, kB);
           kept(p.pool("a"), a_before);
         });
@@ -694,7 +699,7 @@ TEST(RelationshipCrashTest, EveryOperationCompletesWhenRunAgain) {
     SCOPED_TRACE("reestablish");
     CrashEverywhere(
         start, [](Replication& r) { return r.Reestablish(kB, kYes).status(); },
-        [](TwoPools& p, Replication& r) {
+        [](SitePair& p, Replication& r) {
           ExpectMirrored(p, r, kA);
           EXPECT_EQ(Record(r, kA).pending, Operation::kNone);
         });
@@ -703,7 +708,7 @@ TEST(RelationshipCrashTest, EveryOperationCompletesWhenRunAgain) {
     SCOPED_TRACE("release");
     CrashEverywhere(
         start, [](Replication& r) { return r.Release(kB).status(); },
-        [](TwoPools& p, Replication&) {
+        [](SitePair& p, Replication&) {
           for (const char* name : {"a", "b"}) {
             EXPECT_TRUE(p.pool(name).Properties().empty()) << name;
             for (const auto& s : Snaps(p.pool(name))) {
@@ -714,6 +719,13 @@ TEST(RelationshipCrashTest, EveryOperationCompletesWhenRunAgain) {
         });
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Reach, RelationshipTest,
+                         ::testing::Values(Reach::kLocal, Reach::kLoopback),
+                         testing_util::ReachName);
+INSTANTIATE_TEST_SUITE_P(Reach, RelationshipCrashTest,
+                         ::testing::Values(Reach::kLocal, Reach::kLoopback),
+                         testing_util::ReachName);
 
 }  // namespace
 }  // namespace engine
