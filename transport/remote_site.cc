@@ -374,9 +374,15 @@ class RemoteClaim final : public engine::Claim {
   RemoteClaim(PeerClient& client, nlohmann::json request,
               std::unique_ptr<Connection> conn)
       : client_(client), request_(std::move(request)), conn_(std::move(conn)) {}
+  // Lets go at the peer and waits for it to, so that what is said about
+  // the relationship right after (status) no longer shows it running.
   ~RemoteClaim() override {
     MutexLock lock(mu_);
-    if (conn_) conn_->Close();
+    if (!conn_) return;
+    if (conn_->SendMessage(FrameType::kRequest, {{"method", "release"}}).ok()) {
+      conn_->ReceiveMessage(FrameType::kResponse).IgnoreError();
+    }
+    conn_->Close();
   }
 
   void Progress(uint64_t done, uint64_t total) override {
@@ -553,7 +559,13 @@ bool Handle(Connection& conn, engine::LocalSite& site, const Message& m,
     // Held until the driver lets go (or its connection dies).
     for (;;) {
       absl::StatusOr<Frame> f = conn.Receive();
-      if (!f.ok() || f->type != FrameType::kProgress) return false;
+      if (!f.ok()) return false;
+      if (f->type == FrameType::kRequest) {
+        claim->reset();
+        reply(absl::OkStatus());
+        return false;
+      }
+      if (f->type != FrameType::kProgress) return false;
       absl::StatusOr<Message> p = DecodeMessage(f->payload);
       if (!p.ok()) return false;
       (*claim)->Progress(p->json.value("done", uint64_t{0}),
