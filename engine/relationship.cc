@@ -378,6 +378,7 @@ absl::Status Replication::Finish(Loaded& rel, const TransferStats& stats) {
 }
 
 absl::Status Replication::Fail(Loaded& rel, const absl::Status& error) {
+  if (options_.stopping && options_.stopping->load()) return error;
   RelationshipRecord& r = rel.rec;
   r.status = TransferStatus::kIdle;
   r.operation = Operation::kNone;
@@ -478,6 +479,7 @@ TransferContext Replication::Context(Loaded& rel,
     if (progress_) progress_(rel.rec);
   };
   ctx.retry_window = options_.retry_window;
+  ctx.cancel = options_.stopping.get();
   if (rel.rec.max_rate_bytes > 0) {
     limiter.emplace(rel.rec.max_rate_bytes);
     ctx.limiter = &*limiter;
@@ -817,6 +819,7 @@ absl::StatusOr<TransferStats> Replication::Overwrite(Loaded& rel, Operation op,
   const std::string sv = reverse ? r.destination.volume : r.source.volume;
   const std::string rv = reverse ? r.source.volume : r.destination.volume;
   auto undo = [&](absl::Status s) {
+    if (options_.stopping && options_.stopping->load()) return s;  // as a crash
     absl::StatusOr<bool> there = Exists(receiver, rv);
     if (there.ok() && *there) receiver.SetReadOnly(rv, false).IgnoreError();
     return Fail(rel, s);

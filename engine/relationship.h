@@ -30,6 +30,7 @@
 #ifndef TANDEM_ENGINE_RELATIONSHIP_H_
 #define TANDEM_ENGINE_RELATIONSHIP_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -76,6 +77,10 @@ struct ReplicationOptions {
   // How long a transfer keeps retrying a lost connection that made no
   // progress (zero: fails at once).
   absl::Duration retry_window = absl::ZeroDuration();
+  // Set when the process is stopping: transfers end at once (the receiver
+  // keeps its last resume point) and records are left as a crash would
+  // leave them, so that the next start goes on where this one stopped.
+  std::shared_ptr<std::atomic<bool>> stopping;
 };
 
 class Replication {

@@ -41,8 +41,11 @@ void RateLimiter::Take(uint64_t bytes) {
 absl::Status MeteredSink::Write(std::span<const std::byte> data) {
   constexpr size_t kPiece = 64 << 10;
   while (!data.empty()) {
-    std::span<const std::byte> piece =
-        limiter_ ? data.first(std::min(kPiece, data.size())) : data;
+    if (cancel_ != nullptr && cancel_->load()) {
+      return absl::UnavailableError("stopping: the transfer goes on at the "
+                                    "next start from its last resume point");
+    }
+    std::span<const std::byte> piece = data.first(std::min(kPiece, data.size()));
     if (limiter_ != nullptr) limiter_->Take(piece.size());
     if (absl::Status s = out_.Write(piece); !s.ok()) return s;
     bytes_ += piece.size();
@@ -125,7 +128,7 @@ absl::StatusOr<StepResult> RunStep(TransferContext& ctx, const Step& step,
               : 0;
     if (failed.ok()) {
       Pipe pipe;
-      MeteredSink sink(pipe.sink(), ctx.limiter);
+      MeteredSink sink(pipe.sink(), ctx.limiter, ctx.cancel);
       SendRequest send;
       send.volume = step.from_volume;
       send.base = step.base;
@@ -186,7 +189,7 @@ absl::StatusOr<StepResult> RunStep(TransferContext& ctx, const Step& step,
         continue;
       }
     }
-    if (!Retryable(failed) ||
+    if (!Retryable(failed) || (ctx.cancel != nullptr && ctx.cancel->load()) ||
         absl::FromChrono(std::chrono::steady_clock::now() - last_progress) >=
             ctx.retry_window) {
       return failed;

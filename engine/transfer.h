@@ -7,6 +7,7 @@
 #ifndef TANDEM_ENGINE_TRANSFER_H_
 #define TANDEM_ENGINE_TRANSFER_H_
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -42,17 +43,20 @@ class RateLimiter {
 };
 
 // Writes through to `out`, each piece at most 64 KiB and let through by
-// `limiter` first; `limiter` null: no limit. Counts what passed.
+// `limiter` first; `limiter` null: no limit. Counts what passed. Once
+// `*cancel` is set (if given), writes fail (Unavailable).
 class MeteredSink final : public ByteSink {
  public:
-  MeteredSink(ByteSink& out, RateLimiter* limiter)
-      : out_(out), limiter_(limiter) {}
+  MeteredSink(ByteSink& out, RateLimiter* limiter,
+              const std::atomic<bool>* cancel = nullptr)
+      : out_(out), limiter_(limiter), cancel_(cancel) {}
   absl::Status Write(std::span<const std::byte> data) override;
   uint64_t bytes() const { return bytes_.load(); }
 
  private:
   ByteSink& out_;
   RateLimiter* const limiter_;
+  const std::atomic<bool>* const cancel_;
   std::atomic<uint64_t> bytes_{0};
 };
 
@@ -68,6 +72,8 @@ struct TransferContext {
   // no retries.
   absl::Duration retry_window = absl::ZeroDuration();
   RateLimiter* limiter = nullptr;
+  // Set: stop now (the process is stopping); no retries.
+  const std::atomic<bool>* cancel = nullptr;
   // What the receiver's refusal of a moved base tells the user to do.
   std::string rollback_advice;
 };

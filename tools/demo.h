@@ -11,9 +11,16 @@
 
 namespace tools {
 
-// Uses `dir` (created if missing, kept) or a fresh temporary directory that
-// is removed afterwards. The source volume holds `volume_bytes`.
+// In one process holding both pools (--local). Uses `dir` (created if
+// missing, kept) or a fresh temporary directory that is removed afterwards.
+// The source volume holds `volume_bytes`.
 int RunDemo(const std::string& dir, uint64_t volume_bytes);
+
+// The same drill through two tandemd daemons on loopback (site a and site
+// b, TLS with certificates the demo makes), driven as an operator would:
+// `tandem` (this binary, `self`) with --daemon.
+int RunDaemonDemo(const std::string& dir, uint64_t volume_bytes,
+                  const char* self);
 
 }  // namespace tools
 

@@ -130,42 +130,8 @@ class Local final : public RelationshipBackend {
     engine::Confirm confirm = [&](const engine::LossPreview& p) {
       return asker(PreviewJson(p));
     };
-    ordered_json out = {{"operation", ToString(op)},
-                        {"endpoint", e->ToString()}};
-    absl::StatusOr<TransferStats> stats = TransferStats{};
-    switch (op) {
-      case Operation::kInitialize:
-        stats = rep.Initialize(*e);
-        break;
-      case Operation::kUpdate:
-        stats = rep.Update(*e);
-        break;
-      case Operation::kResync:
-        stats = rep.Resync(*e, confirm);
-        break;
-      case Operation::kReverseResync:
-        stats = rep.ReverseResync(*e, confirm);
-        break;
-      case Operation::kReestablish:
-        stats = rep.Reestablish(*e, confirm);
-        break;
-      case Operation::kBreak:
-        if (absl::Status s = rep.Break(*e, confirm); !s.ok()) return s;
-        break;
-      case Operation::kRelease: {
-        absl::StatusOr<engine::ReleaseReport> r = rep.Release(*e);
-        if (!r.ok()) return r.status();
-        out["release"] = ReleaseJson(*r);
-        return out;
-      }
-      default:
-        return absl::InvalidArgumentError("no such relationship operation");
-    }
+    absl::StatusOr<ordered_json> out = RunOperation(rep, op, *e, confirm);
     progress.Clear();
-    if (!stats.ok()) return stats.status();
-    out["stats"] = StatsJson(*stats);
-    absl::StatusOr<engine::RelationshipReport> r = rep.Report(*e);
-    if (r.ok()) out["relationship"] = ReportJson(*r);
     return out;
   }
 
@@ -195,6 +161,46 @@ class Local final : public RelationshipBackend {
 };
 
 }  // namespace
+
+absl::StatusOr<ordered_json> RunOperation(Replication& rep, Operation op,
+                                          const Endpoint& e,
+                                          const engine::Confirm& confirm) {
+  ordered_json out = {{"operation", ToString(op)}, {"endpoint", e.ToString()}};
+  absl::StatusOr<TransferStats> stats = TransferStats{};
+  switch (op) {
+    case Operation::kInitialize:
+      stats = rep.Initialize(e);
+      break;
+    case Operation::kUpdate:
+      stats = rep.Update(e);
+      break;
+    case Operation::kResync:
+      stats = rep.Resync(e, confirm);
+      break;
+    case Operation::kReverseResync:
+      stats = rep.ReverseResync(e, confirm);
+      break;
+    case Operation::kReestablish:
+      stats = rep.Reestablish(e, confirm);
+      break;
+    case Operation::kBreak:
+      if (absl::Status s = rep.Break(e, confirm); !s.ok()) return s;
+      break;
+    case Operation::kRelease: {
+      absl::StatusOr<engine::ReleaseReport> r = rep.Release(e);
+      if (!r.ok()) return r.status();
+      out["release"] = ReleaseJson(*r);
+      return out;
+    }
+    default:
+      return absl::InvalidArgumentError("no such relationship operation");
+  }
+  if (!stats.ok()) return stats.status();
+  out["stats"] = StatsJson(*stats);
+  absl::StatusOr<engine::RelationshipReport> r = rep.Report(e);
+  if (r.ok()) out["relationship"] = ReportJson(*r);
+  return out;
+}
 
 std::unique_ptr<RelationshipBackend> LocalRelationships() {
   return std::make_unique<Local>();

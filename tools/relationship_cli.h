@@ -77,6 +77,13 @@ class RelationshipBackend {
 // The engine in this process, on pool files and devices.
 std::unique_ptr<RelationshipBackend> LocalRelationships();
 
+// Runs `op` on `rep` and says what happened, as RelationshipBackend::Run
+// does (the CLI without a daemon and the daemon's control API share it).
+absl::StatusOr<ordered_json> RunOperation(engine::Replication& rep,
+                                          engine::Operation op,
+                                          const engine::Endpoint& e,
+                                          const engine::Confirm& confirm);
+
 // Where the parsed command line lands; must outlive the parse.
 struct RelationshipArgs {
   std::string source, destination, schedule = "none", max_rate = "none",

@@ -38,6 +38,8 @@ class Fd {
 
   int get() const { return fd_; }
   bool valid() const { return fd_ >= 0; }
+  // Gives the descriptor up (the caller closes it).
+  int Release() { return std::exchange(fd_, -1); }
   void Reset();
 
  private:

@@ -498,11 +498,21 @@ TEST_P(CliTest, RelationshipProcedureAndStatus) {
 
 TEST_P(CliTest, DemoRunsTheDrill) {
   if (GetParam()) GTEST_SKIP() << "the file variant covers this";
-  Result r = Tandem({"demo", dir_ + "/demo", "--size", "8M"});
-  EXPECT_EQ(r.code, 0) << r.out << r.err;
-  EXPECT_THAT(r.out, HasSubstr("demo: all checks passed"));
-  EXPECT_THAT(r.out, HasSubstr("break refused while Transferring"));
-  EXPECT_EQ(r.out.find("FAIL"), std::string::npos) << r.out;
+  // Through two tandemd processes (the default), and in one process.
+  for (bool local : {false, true}) {
+    std::vector<std::string> args = {"demo", dir_ + (local ? "/local" : "/daemons"),
+                                     "--size", "8M"};
+    if (local) args.push_back("--local");
+    Result r = Tandem(args);
+    EXPECT_EQ(r.code, 0) << r.out << r.err;
+    EXPECT_THAT(r.out, HasSubstr("demo: all checks passed"));
+    EXPECT_THAT(r.out, HasSubstr("break refused while Transferring"));
+    EXPECT_EQ(r.out.find("FAIL"), std::string::npos) << r.out;
+    if (!local) {
+      EXPECT_THAT(r.out, HasSubstr("site a's daemon is gone (kill -9)"));
+      EXPECT_THAT(r.out, HasSubstr("both exit 0"));
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, CliTest, ::testing::Values(false, true),
