@@ -127,7 +127,9 @@ absl::StatusOr<StepResult> RunStep(TransferContext& ctx, const Step& step,
         token ? std::min(step.data_total, token->chunks_written * chunk_size)
               : 0;
     if (failed.ok()) {
-      Pipe pipe;
+      // Small: enough to overlap the two ends, little to resend after a
+      // cut.
+      Pipe pipe(2 << 20);
       MeteredSink sink(pipe.sink(), ctx.limiter, ctx.cancel);
       SendRequest send;
       send.volume = step.from_volume;
@@ -178,6 +180,7 @@ absl::StatusOr<StepResult> RunStep(TransferContext& ctx, const Step& step,
       }
       if (sink.bytes() > (64 << 10)) {
         last_progress = std::chrono::steady_clock::now();
+        backoff = absl::Milliseconds(100);
       }
       if (token && absl::IsFailedPrecondition(failed) && !started_over) {
         // The resume point is for a stream that cannot be sent any more

@@ -57,7 +57,7 @@ absl::StatusOr<std::pair<FrameType, uint32_t>> DecodeFrameHeader(
     std::span<const std::byte, kFrameHeaderBytes> h) {
   uint32_t length = blockstore::GetLe32(h.data());
   uint8_t type = static_cast<uint8_t>(h[4]);
-  if (type < 1 || type > 7) {
+  if (type < 1 || type > 8) {
     return absl::DataLossError(absl::StrCat("unknown frame type ", type));
   }
   if (h[5] != std::byte{0} || h[6] != std::byte{0} || h[7] != std::byte{0}) {

@@ -41,6 +41,7 @@ enum class FrameType : uint8_t {
   kEnd = 5,       // message: the stream is complete (or failed, with why)
   kPing = 6,      // keepalive (empty)
   kProgress = 7,  // message: progress of a claimed operation
+  kCredit = 8,    // message: stream bytes the receiver has consumed
 };
 
 inline constexpr size_t kFrameHeaderBytes = 8;

@@ -19,6 +19,100 @@ namespace {
 
 constexpr size_t kDataPiece = 1 << 20;
 constexpr size_t kMaxIdle = 4;
+// Credit-based flow control of a stream: the sender may be at most this
+// many bytes ahead of what the receiver has consumed, so what a cut
+// connection loses in flight is bounded whatever the TCP buffers hold.
+constexpr uint64_t kCreditWindow = 2 << 20;
+constexpr auto kCreditTimeout = std::chrono::seconds(120);
+
+// The sender's side of the credits.
+class CreditGate {
+ public:
+  // Takes `n` bytes of credit, waiting for the receiver to grant it.
+  absl::Status Take(uint64_t n) {
+    MutexLock lock(mu_);
+    for (;;) {
+      if (failed_) return absl::UnavailableError("the receiver went away");
+      if (sent_ + n <= granted_ + kCreditWindow) break;
+      const uint64_t before = granted_;
+      cv_.wait_for(mu_, kCreditTimeout);
+      if (granted_ == before && !failed_ &&
+          sent_ + n > granted_ + kCreditWindow) {
+        return absl::UnavailableError(
+            "the receiver consumed nothing for 120 s");
+      }
+    }
+    sent_ += n;
+    return absl::OkStatus();
+  }
+  void Grant(uint64_t total) {
+    MutexLock lock(mu_);
+    granted_ = std::max(granted_, total);
+    cv_.notify_all();
+  }
+  void Fail() {
+    MutexLock lock(mu_);
+    failed_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  blockstore::Mutex mu_;
+  blockstore::CondVar cv_;
+  uint64_t sent_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t granted_ ABSL_GUARDED_BY(mu_) = 0;
+  bool failed_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+// The receiver's side: grants credit as it consumes.
+class CreditGrant {
+ public:
+  explicit CreditGrant(Connection& conn) : conn_(conn) {}
+  void Consumed(uint64_t n) {
+    consumed_ += n;
+    if (consumed_ - granted_ >= kCreditWindow / 2) Send(false);
+  }
+  void Final() { Send(true); }
+
+ private:
+  void Send(bool final) {
+    granted_ = consumed_;
+    conn_.SendMessage(FrameType::kCredit,
+                      {{"bytes", consumed_}, {"final", final}})
+        .IgnoreError();
+  }
+  Connection& conn_;
+  uint64_t consumed_ = 0, granted_ = 0;
+};
+
+// Reads credit grants (and, for a push, the final answer) from `conn`.
+void ReadCredits(Connection& conn, CreditGate& gate,
+                 absl::StatusOr<Message>* answer) {
+  for (;;) {
+    absl::StatusOr<Frame> f = conn.Receive();
+    if (!f.ok()) {
+      if (answer != nullptr) *answer = f.status();
+      gate.Fail();
+      return;
+    }
+    if (f->type == FrameType::kCredit) {
+      absl::StatusOr<Message> m = DecodeMessage(f->payload);
+      if (!m.ok()) break;
+      gate.Grant(m->json.value("bytes", uint64_t{0}));
+      if (m->json.value("final", false) && answer == nullptr) return;
+      continue;
+    }
+    if (answer != nullptr && f->type == FrameType::kResponse) {
+      *answer = DecodeMessage(f->payload);
+      gate.Fail();  // no more sending either way
+      return;
+    }
+    break;
+  }
+  if (answer != nullptr) *answer = absl::DataLossError("unexpected frame");
+  gate.Fail();
+  conn.Close();
+}
 
 // Chunk indices travel as little-endian u64s in a message's attachment.
 std::vector<std::byte> EncodeChunks(const std::vector<uint64_t>& chunks) {
@@ -288,6 +382,7 @@ absl::StatusOr<engine::SendStats> RemoteSite::Send(
       !s.ok()) {
     return s;
   }
+  CreditGrant credit(**conn);
   for (;;) {
     absl::StatusOr<Frame> f = (*conn)->Receive();
     if (!f.ok()) return f.status();
@@ -296,8 +391,10 @@ absl::StatusOr<engine::SendStats> RemoteSite::Send(
         (*conn)->Close();  // the receiver gave up: stop the sender
         return s;
       }
+      credit.Consumed(f->payload.size());
       continue;
     }
+    if (f->type == FrameType::kEnd) credit.Final();
     if (f->type != FrameType::kEnd && f->type != FrameType::kResponse) {
       (*conn)->Close();
       return absl::DataLossError("unexpected frame in a delta stream");
@@ -334,8 +431,9 @@ absl::StatusOr<engine::ApplyStats> RemoteSite::Receive(
   // The receiver may refuse the stream part way (its base moved, say): its
   // answer is read while we send, and cuts the sending short.
   absl::StatusOr<Message> answer = absl::UnavailableError("no answer");
+  CreditGate gate;
   std::thread reader([&] {
-    answer = conn.ReceiveMessage(FrameType::kResponse);
+    ReadCredits(conn, gate, &answer);
     if (!answer.ok() || !StatusFrom(answer->json).ok()) conn.Close();
   });
   std::vector<std::byte> buf(kDataPiece);
@@ -352,7 +450,10 @@ absl::StatusOr<engine::ApplyStats> RemoteSite::Receive(
       sending = conn.SendMessage(FrameType::kEnd, StatusJson(absl::OkStatus()));
       break;
     }
-    sending = conn.Send(FrameType::kData, std::span(buf).first(*n));
+    sending = gate.Take(*n);
+    if (sending.ok()) {
+      sending = conn.Send(FrameType::kData, std::span(buf).first(*n));
+    }
     if (!sending.ok()) break;
   }
   reader.join();
@@ -447,13 +548,14 @@ absl::StatusOr<std::unique_ptr<engine::Claim>> RemoteSite::TakeClaim(
 
 namespace {
 
-// Stream bytes out as DATA frames.
+// Stream bytes out as DATA frames, as the receiver's credit allows.
 class FrameSink final : public engine::ByteSink {
  public:
-  explicit FrameSink(Connection& conn) : conn_(conn) {}
+  FrameSink(Connection& conn, CreditGate& gate) : conn_(conn), gate_(gate) {}
   absl::Status Write(std::span<const std::byte> data) override {
     while (!data.empty()) {
       size_t n = std::min(data.size(), kDataPiece);
+      if (absl::Status s = gate_.Take(n); !s.ok()) return s;
       if (absl::Status s = conn_.Send(FrameType::kData, data.first(n));
           !s.ok()) {
         return s;
@@ -465,12 +567,14 @@ class FrameSink final : public engine::ByteSink {
 
  private:
   Connection& conn_;
+  CreditGate& gate_;
 };
 
-// Stream bytes in from DATA frames, to an END.
+// Stream bytes in from DATA frames, to an END, granting credit as they
+// are consumed.
 class FrameSource final : public engine::ByteSource {
  public:
-  explicit FrameSource(Connection& conn) : conn_(conn) {}
+  explicit FrameSource(Connection& conn) : conn_(conn), credit_(conn) {}
   absl::StatusOr<size_t> Read(std::span<std::byte> out) override {
     while (at_ == frame_.payload.size()) {
       if (ended_) return size_t{0};
@@ -496,12 +600,14 @@ class FrameSource final : public engine::ByteSource {
     size_t n = std::min(out.size(), frame_.payload.size() - at_);
     std::memcpy(out.data(), frame_.payload.data() + at_, n);
     at_ += n;
+    credit_.Consumed(n);
     return n;
   }
   bool ended() const { return ended_; }
 
  private:
   Connection& conn_;
+  CreditGrant credit_;
   Frame frame_;
   size_t at_ = 0;
   bool ended_ = false;
@@ -699,19 +805,23 @@ bool Handle(Connection& conn, engine::LocalSite& site, const Message& m,
     }
     r.chunks = std::move(*chunks);
     auto start = Clock::now();
-    FrameSink sink(conn);
+    CreditGate gate;
+    std::thread credits([&] { ReadCredits(conn, gate, nullptr); });
+    FrameSink sink(conn, gate);
     absl::StatusOr<engine::SendStats> stats = site.Send(r, sink);
+    auto finish = [&](const nlohmann::json& end) {
+      bool sent = conn.SendMessage(FrameType::kEnd, end).ok();
+      if (!sent) conn.Close();
+      credits.join();  // to the receiver's final credit (or its going away)
+      return sent && !conn.broken();
+    };
     log(absl::StrCat("served send ", site.name(), ":", r.volume, "@", r.target,
                      " to site ", conn.peer_site, ": ",
                      stats.ok() ? "ok" : std::string(stats.status().message()),
                      ", ", stats.ok() ? stats->stream_bytes : 0, " bytes, ",
                      absl::StrFormat("%.2f", SecondsSince(start)), " s"));
-    if (!stats.ok()) {
-      return conn.SendMessage(FrameType::kEnd, StatusJson(stats.status())).ok();
-    }
-    return conn
-        .SendMessage(FrameType::kEnd, {{"ok", true}, {"stats", ToJson(*stats)}})
-        .ok();
+    if (!stats.ok()) return finish(StatusJson(stats.status()));
+    return finish({{"ok", true}, {"stats", ToJson(*stats)}});
   }
   if (method == "receive") {
     engine::ReceiveRequest r;
