@@ -162,7 +162,10 @@ absl::Status Connection::ReadFull(std::span<std::byte> out,
       }
       return Fail(n.status());
     }
-    if (*n == 0) return Fail(absl::UnavailableError("closed by the peer"));
+    if (*n == 0) {
+      peer_closed_ = true;
+      return Fail(absl::UnavailableError("closed by the peer"));
+    }
     bytes_in_ += *n;
     out = out.subspan(*n);
   }

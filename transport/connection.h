@@ -102,6 +102,8 @@ class Connection {
   // Closes the channel (wakes a blocked Receive or Send).
   void Close();
   bool broken() const { return broken_.load(); }
+  // The peer closed the connection in order (not an error of either side).
+  bool peer_closed() const { return peer_closed_.load(); }
 
   const std::string& peer() const { return peer_; }
   // Who the peer authenticated as, once known.
@@ -124,6 +126,7 @@ class Connection {
   blockstore::Mutex write_mu_;
   std::atomic<int64_t> last_write_ns_{0};
   std::atomic<bool> broken_{false};
+  std::atomic<bool> peer_closed_{false};
   std::atomic<uint64_t> bytes_in_{0}, bytes_out_{0};
   blockstore::Mutex stop_mu_;
   blockstore::CondVar stop_cv_;

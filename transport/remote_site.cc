@@ -865,7 +865,14 @@ bool Handle(Connection& conn, engine::LocalSite& site, const Message& m,
 void ServeSites(Connection& conn, const PoolLookup& pools, const Logger& log) {
   for (;;) {
     absl::StatusOr<Message> m = conn.ReceiveMessage(FrameType::kRequest);
-    if (!m.ok()) return;
+    if (!m.ok()) {
+      // A peer that broke the protocol (or went silent) is worth a line.
+      if (!conn.peer_closed()) {
+        log(absl::StrCat("peer site ", conn.peer_site, " (", conn.peer(),
+                         "): dropped: ", m.status().message()));
+      }
+      return;
+    }
     absl::StatusOr<std::string> method = GetString(m->json, "method");
     absl::StatusOr<std::string> pool = GetString(m->json, "pool");
     absl::StatusOr<engine::LocalSite*> site =
