@@ -178,7 +178,13 @@ absl::StatusOr<StepResult> RunStep(TransferContext& ctx, const Step& step,
             applied->chunks_written * uint64_t{chunk_size};
         return result;
       }
-      if (sink.bytes() > (64 << 10)) {
+      // Progress is what the receiver made durable: a resume point further
+      // on than the one this attempt started from.
+      absl::StatusOr<std::optional<ResumeToken>> now =
+          step.to->ResumePoint(step.to_volume);
+      if (now.ok() && now->has_value() &&
+          (*now)->target_guid == step.target.guid &&
+          (!token || (*now)->stored_bytes > token->stored_bytes)) {
         last_progress = std::chrono::steady_clock::now();
         backoff = absl::Milliseconds(100);
       }

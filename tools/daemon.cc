@@ -250,7 +250,7 @@ absl::StatusOr<ordered_json> Daemon::Run(Operation op, const Endpoint& e,
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
           .count();
   std::string relationship = e.ToString();
-  uint64_t bytes = 0;
+  uint64_t bytes = 0, resumed = 0, retries = 0;
   if (r.ok()) {
     if (r->contains("relationship")) {
       relationship = absl::StrCat((*r)["relationship"]["source"].get<std::string>(),
@@ -259,15 +259,17 @@ absl::StatusOr<ordered_json> Daemon::Run(Operation op, const Endpoint& e,
     }
     if (r->contains("stats")) {
       bytes = (*r)["stats"].value("stream_bytes", uint64_t{0});
+      resumed = (*r)["stats"].value("resumed", uint64_t{0});
+      retries = (*r)["stats"].value("retries", uint64_t{0});
     }
   }
   Log(absl::StrFormat(
       "relationship=%s operation=%s trigger=%s outcome=%s bytes=%d "
-      "seconds=%.3f",
+      "seconds=%.3f resumed=%d retries=%d",
       relationship, engine::ToString(op), trigger,
       r.ok() ? "ok"
              : absl::StrCat("error: \"", r.status().message(), "\""),
-      bytes, seconds));
+      bytes, seconds, resumed, retries));
   return r;
 }
 

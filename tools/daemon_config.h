@@ -16,8 +16,8 @@
 //   b = "127.0.0.1:7602"              # peer site name = address
 //
 // Optional: insecure_plaintext = true (only where both daemons say so),
-// timeout = "15s" (a silent peer is dropped), handshake_timeout = "10s",
-// retry = "20s" (how long a transfer retries a lost peer without progress).
+// timeout = "10s" (a silent peer is dropped), handshake_timeout = "5s",
+// retry = "10s" (how long a transfer retries a lost peer without progress).
 // Relative paths are relative to the config file's folder.
 #ifndef TANDEM_TOOLS_DAEMON_CONFIG_H_
 #define TANDEM_TOOLS_DAEMON_CONFIG_H_
@@ -43,9 +43,11 @@ struct DaemonConfig {
   transport::SecurityConfig security;
   std::map<std::string, std::string> pools;  // name -> path
   std::map<std::string, transport::HostPort> peers;
-  std::chrono::milliseconds timeout{15000};
-  std::chrono::milliseconds handshake_timeout{10000};
-  std::chrono::milliseconds retry{20000};
+  // Together: a peer that vanishes mid-transfer ends it as failed within
+  // timeout + retry + handshake_timeout, under 30 s by default.
+  std::chrono::milliseconds timeout{10000};
+  std::chrono::milliseconds handshake_timeout{5000};
+  std::chrono::milliseconds retry{10000};
 };
 
 // Reads and checks the file. A config error is one line naming the file

@@ -156,7 +156,34 @@ absl::StatusOr<std::unique_ptr<Connection>> ConnectionPool::Get(bool* reused) {
     }
   }
   *reused = false;
-  return client_.Connect();
+  return Fresh();
+}
+
+absl::StatusOr<std::unique_ptr<Connection>> ConnectionPool::Fresh() {
+  {
+    MutexLock lock(mu_);
+    if (Clock::now() < down_until_) return down_why_;
+  }
+  const auto start = Clock::now();
+  absl::StatusOr<std::unique_ptr<Connection>> c = client_.Connect();
+  // Only a slow failure (a time-out: the host is there but silent) trips
+  // the breaker; a refused connection costs nothing to try again, and the
+  // peer may be back any moment.
+  if (!c.ok() && absl::IsUnavailable(c.status()) &&
+      Clock::now() - start >= std::chrono::milliseconds(500)) {
+    std::vector<std::unique_ptr<Connection>> idle;
+    MutexLock lock(mu_);
+    idle.swap(idle_);
+    down_until_ = Clock::now() + std::chrono::seconds(1);
+    down_why_ = c.status();
+  }
+  return c;
+}
+
+void ConnectionPool::Failed(const absl::Status&) {
+  std::vector<std::unique_ptr<Connection>> idle;
+  MutexLock lock(mu_);
+  idle.swap(idle_);
 }
 
 void ConnectionPool::Put(std::unique_ptr<Connection> conn) {
@@ -178,6 +205,7 @@ absl::StatusOr<Message> RemoteSite::Call(nlohmann::json request,
   request["pool"] = pool_;
   for (int attempt = 0;; ++attempt) {
     bool reused = false;
+    const auto start = Clock::now();
     absl::StatusOr<std::unique_ptr<Connection>> conn =
         connections_.Get(&reused);
     if (!conn.ok()) return conn.status();
@@ -191,7 +219,12 @@ absl::StatusOr<Message> RemoteSite::Call(nlohmann::json request,
     }
     // A pooled connection the peer dropped (it restarted, say): once more
     // on a fresh one, where asking twice does no harm.
-    if (reused && idempotent && attempt == 0) continue;
+    // (Not after a time-out: the peer may be gone, not just restarted.)
+    if (reused && idempotent && attempt == 0 &&
+        Clock::now() - start < std::chrono::seconds(1)) {
+      continue;
+    }
+    connections_.Failed(reply.status());
     return absl::UnavailableError(
         absl::StrCat("site ", name_, ": ", reply.status().message()));
   }
@@ -369,8 +402,7 @@ absl::StatusOr<std::optional<engine::Activity>> RemoteSite::Running(
 
 absl::StatusOr<engine::SendStats> RemoteSite::Send(
     const engine::SendRequest& request, engine::ByteSink& out) {
-  absl::StatusOr<std::unique_ptr<Connection>> conn =
-      connections_.client().Connect();
+  absl::StatusOr<std::unique_ptr<Connection>> conn = connections_.Fresh();
   if (!conn.ok()) return conn.status();
   nlohmann::json req = {{"method", "send"},      {"pool", pool_},
                         {"volume", request.volume}, {"base", request.base},
@@ -385,7 +417,10 @@ absl::StatusOr<engine::SendStats> RemoteSite::Send(
   CreditGrant credit(**conn);
   for (;;) {
     absl::StatusOr<Frame> f = (*conn)->Receive();
-    if (!f.ok()) return f.status();
+    if (!f.ok()) {
+      connections_.Failed(f.status());
+      return f.status();
+    }
     if (f->type == FrameType::kData) {
       if (absl::Status s = out.Write(f->payload); !s.ok()) {
         (*conn)->Close();  // the receiver gave up: stop the sender
@@ -411,8 +446,7 @@ absl::StatusOr<engine::SendStats> RemoteSite::Send(
 
 absl::StatusOr<engine::ApplyStats> RemoteSite::Receive(
     const engine::ReceiveRequest& request, engine::ByteSource& in) {
-  absl::StatusOr<std::unique_ptr<Connection>> made =
-      connections_.client().Connect();
+  absl::StatusOr<std::unique_ptr<Connection>> made = connections_.Fresh();
   if (!made.ok()) return made.status();
   Connection& conn = **made;
   nlohmann::json req = {{"method", "receive"},
@@ -457,6 +491,7 @@ absl::StatusOr<engine::ApplyStats> RemoteSite::Receive(
     if (!sending.ok()) break;
   }
   reader.join();
+  if (conn.broken() && !answer.ok()) connections_.Failed(answer.status());
   if (answer.ok()) {
     if (absl::Status s = StatusFrom(answer->json); !s.ok()) return s;
     absl::StatusOr<engine::ApplyStats> stats =
@@ -472,16 +507,21 @@ namespace {
 // A claim held at a peer: alive as long as its connection is.
 class RemoteClaim final : public engine::Claim {
  public:
-  RemoteClaim(PeerClient& client, nlohmann::json request,
+  RemoteClaim(ConnectionPool& pool, nlohmann::json request,
               std::unique_ptr<Connection> conn)
-      : client_(client), request_(std::move(request)), conn_(std::move(conn)) {}
+      : pool_(pool), request_(std::move(request)), conn_(std::move(conn)) {}
   // Lets go at the peer and waits for it to, so that what is said about
   // the relationship right after (status) no longer shows it running.
   ~RemoteClaim() override {
     MutexLock lock(mu_);
     if (!conn_) return;
-    if (conn_->SendMessage(FrameType::kRequest, {{"method", "release"}}).ok()) {
-      conn_->ReceiveMessage(FrameType::kResponse).IgnoreError();
+    // Briefly: a peer that does not answer lets go when the connection
+    // closes anyway.
+    if (!conn_->broken() &&
+        conn_->SendMessage(FrameType::kRequest, {{"method", "release"}}).ok()) {
+      conn_->ReceiveMessageBefore(FrameType::kResponse,
+                                  After(std::chrono::seconds(2)))
+          .IgnoreError();
     }
     conn_->Close();
   }
@@ -501,15 +541,15 @@ class RemoteClaim final : public engine::Claim {
   absl::Status Renew() override {
     MutexLock lock(mu_);
     if (conn_ && !conn_->broken()) return absl::OkStatus();
-    absl::StatusOr<std::unique_ptr<Connection>> c = Take(client_, request_);
+    absl::StatusOr<std::unique_ptr<Connection>> c = Take(pool_, request_);
     if (!c.ok()) return c.status();
     conn_ = std::move(*c);
     return absl::OkStatus();
   }
 
   static absl::StatusOr<std::unique_ptr<Connection>> Take(
-      PeerClient& client, const nlohmann::json& request) {
-    absl::StatusOr<std::unique_ptr<Connection>> conn = client.Connect();
+      ConnectionPool& pool, const nlohmann::json& request) {
+    absl::StatusOr<std::unique_ptr<Connection>> conn = pool.Fresh();
     if (!conn.ok()) return conn.status();
     if (absl::Status s = (*conn)->SendMessage(FrameType::kRequest, request);
         !s.ok()) {
@@ -522,7 +562,7 @@ class RemoteClaim final : public engine::Claim {
   }
 
  private:
-  PeerClient& client_;
+  ConnectionPool& pool_;
   const nlohmann::json request_;
   blockstore::Mutex mu_;
   std::unique_ptr<Connection> conn_ ABSL_GUARDED_BY(mu_);
@@ -538,9 +578,9 @@ absl::StatusOr<std::unique_ptr<engine::Claim>> RemoteSite::TakeClaim(
                         {"id", id},
                         {"activity", ToJson(what)}};
   absl::StatusOr<std::unique_ptr<Connection>> conn =
-      RemoteClaim::Take(connections_.client(), req);
+      RemoteClaim::Take(connections_, req);
   if (!conn.ok()) return conn.status();
-  return std::make_unique<RemoteClaim>(connections_.client(), std::move(req),
+  return std::make_unique<RemoteClaim>(connections_, std::move(req),
                                        std::move(*conn));
 }
 

@@ -24,19 +24,30 @@
 
 namespace transport {
 
-// Idle authenticated connections to one peer, reused for calls.
+// The connections to one peer: idle authenticated ones, reused for calls,
+// and a short memory of the peer failing. After a connection to it was
+// lost, the idle ones go (they are likely dead too: a vanished host says
+// nothing); after a connection attempt timed out, new attempts fail at
+// once for a second, so that what follows (recording the failure,
+// letting go of claims) does not wait out a time-out per call.
 class ConnectionPool {
  public:
   explicit ConnectionPool(PeerClient& client) : client_(client) {}
   // A connection and whether it was reused (it may have gone stale).
   absl::StatusOr<std::unique_ptr<Connection>> Get(bool* reused);
+  // A new connection of its own (streams and claims).
+  absl::StatusOr<std::unique_ptr<Connection>> Fresh();
   void Put(std::unique_ptr<Connection> conn);
+  // A connection to the peer broke (`why`): drops the idle ones.
+  void Failed(const absl::Status& why);
   PeerClient& client() { return client_; }
 
  private:
   PeerClient& client_;
   blockstore::Mutex mu_;
   std::vector<std::unique_ptr<Connection>> idle_ ABSL_GUARDED_BY(mu_);
+  Clock::time_point down_until_ ABSL_GUARDED_BY(mu_);
+  absl::Status down_why_ ABSL_GUARDED_BY(mu_);
 };
 
 // Thread-safe; `pool` must outlive it.
