@@ -4,18 +4,23 @@
 #   scripts/test.sh --sanitize address,undefined   # in build-address,undefined/
 #   scripts/test.sh --sanitize thread
 #   scripts/test.sh --soak               # only the long randomized runs
-# The default run starts with a 30-second libFuzzer run of the delta reader
-# under ASan and UBSan (scripts/fuzz.sh; clang is installed for it).
+#   scripts/test.sh --fault              # only the long fault runs (kill -9 x30)
+# The default run starts with 30-second libFuzzer runs of the delta reader
+# and of the peer protocol under ASan and UBSan (scripts/fuzz.sh; clang is
+# installed for it). The daemon tests check metrics with promtool (Debian's
+# prometheus package) and read them with curl: both are installed here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-sanitize="" labels=(-LE soak)
+sanitize="" labels=(-LE "soak|fault")
 while (($#)); do
   case "$1" in
     --sanitize) sanitize=$2; shift 2 ;;
     --soak) labels=(-L soak); shift ;;
+    --fault) labels=(-L fault); shift ;;
     *) echo "test.sh: unknown argument '$1' (see the comment at the top)" >&2; exit 2 ;;
   esac
 done
+export EXTRA_PACKAGES="prometheus curl"
 if [[ -n $sanitize ]]; then
   export BUILD_DIR="build-${sanitize//,/-}"
   scripts/setup.sh -DTANDEM_SANITIZE="$sanitize" -DTANDEM_BUILD_BENCH=OFF
@@ -24,7 +29,7 @@ else
   scripts/setup.sh
 fi
 if [[ -z $sanitize && ${labels[0]} == -LE ]]; then
-  echo "fuzz: delta reader, 30 s under ASan/UBSan"
+  echo "fuzz: the delta reader and the peer protocol, 30 s each under ASan/UBSan"
   scripts/fuzz.sh 30
 fi
 cd "$BUILD_DIR"

@@ -3,6 +3,7 @@
 #include <sys/socket.h>
 
 #include "absl/strings/str_cat.h"
+#include "transport/site_codec.h"
 
 namespace transport {
 
@@ -21,6 +22,36 @@ std::string Field(const json& j, const char* key) {
 }
 
 }  // namespace
+
+absl::Status CheckHello(const json& hello, const std::string& identity,
+                        bool plaintext, const std::set<std::string>& peers,
+                        std::string* site) {
+  *site = Field(hello, "site");
+  auto number = [&](const char* key) {
+    auto it = hello.find(key);
+    return it != hello.end() && it->is_number_integer() ? it->get<int64_t>()
+                                                        : int64_t{0};
+  };
+  const int64_t lo = number("min_version"), hi = number("max_version");
+  if (Field(hello, "protocol") != "tandem-peer") {
+    return absl::PermissionDeniedError("not a tandem peer");
+  }
+  if (lo > kProtocolVersion || hi < kProtocolVersion) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("speaks protocol versions ", lo, "-", hi,
+                     ", this daemon ", kProtocolVersion));
+  }
+  if (!plaintext && *site != identity) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("says it is site '", *site, "' but authenticated as '",
+                     identity, "'"));
+  }
+  if (!peers.contains(*site)) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("site '", *site, "' is not one of this daemon's peers"));
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::unique_ptr<PeerServer>> PeerServer::Start(
     const HostPort& at, Security& security, PeerOptions options,
@@ -111,22 +142,12 @@ void PeerServer::Serve(Fd fd, std::string address) {
   std::string site;
   if (!hello.ok()) {
     why = absl::StrCat("no HELLO: ", hello.status().message());
-  } else {
-    site = Field(hello->json, "site");
-    const int lo = hello->json.value("min_version", 0);
-    const int hi = hello->json.value("max_version", 0);
-    if (Field(hello->json, "protocol") != "tandem-peer") {
-      why = "not a tandem peer";
-    } else if (lo > kProtocolVersion || hi < kProtocolVersion) {
-      why = absl::StrCat("speaks protocol versions ", lo, "-", hi,
-                         ", this daemon ", kProtocolVersion);
-    } else if (security_.mode() != SecurityConfig::Mode::kPlaintext &&
-               site != identity) {
-      why = absl::StrCat("says it is site '", site,
-                         "' but authenticated as '", identity, "'");
-    } else if (!peers_.contains(site)) {
-      why = absl::StrCat("site '", site, "' is not one of this daemon's peers");
-    }
+  } else if (absl::Status s = CheckHello(
+                 hello->json, identity,
+                 security_.mode() == SecurityConfig::Mode::kPlaintext, peers_,
+                 &site);
+             !s.ok()) {
+    why = std::string(s.message());
   }
   if (!why.empty()) {
     --handshaking_;
@@ -218,7 +239,7 @@ absl::StatusOr<std::unique_ptr<Connection>> PeerClient::Connect() {
     return absl::PermissionDeniedError(absl::StrCat(
         "site ", peer_site_, " refused this daemon: ", error));
   }
-  if (hello->json.value("version", 0) != kProtocolVersion ||
+  if (U64Or(hello->json, "version", 0) != kProtocolVersion ||
       Field(hello->json, "site") != peer_site_) {
     return absl::PermissionDeniedError(absl::StrCat(
         address_.ToString(), " is not the daemon of site ", peer_site_,

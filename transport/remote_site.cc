@@ -98,8 +98,8 @@ void ReadCredits(Connection& conn, CreditGate& gate,
     if (f->type == FrameType::kCredit) {
       absl::StatusOr<Message> m = DecodeMessage(f->payload);
       if (!m.ok()) break;
-      gate.Grant(m->json.value("bytes", uint64_t{0}));
-      if (m->json.value("final", false) && answer == nullptr) return;
+      gate.Grant(U64Or(m->json, "bytes", 0));
+      if (BoolOr(m->json, "final", false) && answer == nullptr) return;
       continue;
     }
     if (answer != nullptr && f->type == FrameType::kResponse) {
@@ -714,8 +714,7 @@ bool Handle(Connection& conn, engine::LocalSite& site, const Message& m,
       if (f->type != FrameType::kProgress) return false;
       absl::StatusOr<Message> p = DecodeMessage(f->payload);
       if (!p.ok()) return false;
-      (*claim)->Progress(p->json.value("done", uint64_t{0}),
-                         p->json.value("total", uint64_t{0}));
+      (*claim)->Progress(U64Or(p->json, "done", 0), U64Or(p->json, "total", 0));
     }
   }
   if (absl::Status s = need_volume(); !s.ok()) return reply(s);

@@ -27,6 +27,16 @@ absl::Status GetBytes(const json& j, const char* key,
 
 }  // namespace
 
+uint64_t U64Or(const json& j, const char* key, uint64_t fallback) {
+  absl::StatusOr<uint64_t> v = GetU64(j, key);
+  return v.ok() ? *v : fallback;
+}
+
+bool BoolOr(const json& j, const char* key, bool fallback) {
+  absl::StatusOr<bool> v = GetBool(j, key);
+  return v.ok() ? *v : fallback;
+}
+
 absl::StatusOr<std::string> GetString(const json& j, const char* key) {
   auto it = j.find(key);
   if (it == j.end() || !it->is_string()) return Missing(key);

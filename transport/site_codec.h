@@ -31,6 +31,10 @@ absl::StatusOr<engine::Activity> ActivityFrom(const json& j);
 // The status a response carries (OK for {"ok": true}).
 absl::Status StatusFrom(const json& j);
 
+// Field accessors that never throw (nlohmann's value() does, on a field of
+// the wrong type: a peer's message must not be able to end the process).
+uint64_t U64Or(const json& j, const char* key, uint64_t fallback);
+bool BoolOr(const json& j, const char* key, bool fallback);
 // Field accessors that fail instead of throwing.
 absl::StatusOr<std::string> GetString(const json& j, const char* key);
 absl::StatusOr<uint64_t> GetU64(const json& j, const char* key);
