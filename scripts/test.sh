@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds and runs the default test suite (everything but the "soak" label).
+# Builds and runs the default test suite (all but the "soak" and "fault" labels).
 #   scripts/test.sh                      # the suite CI runs
 #   scripts/test.sh --sanitize address,undefined   # in build-address,undefined/
 #   scripts/test.sh --sanitize thread
