@@ -250,6 +250,64 @@ TEST(DaemonTest, MetricsAreValidPrometheusAndStatusIsTheSameJson) {
   }
 }
 
+TEST(DaemonTest, PoolCommandsWorkThroughTheDaemonWithTheSameGuards) {
+  TwoDaemons d;
+  ASSERT_TRUE(d.Start("a")) << d.Log("a");
+  ASSERT_TRUE(d.Start("b")) << d.Log("b");
+  // The daemon holds its pool: the CLI without it is told who has it.
+  Result locked = d.Tandem({"pool", "info", d.Pool("a")});
+  EXPECT_EQ(locked.code, 1);
+  EXPECT_THAT(locked.err, HasSubstr("in use by process"));
+  json info = json::parse(d.Ok("a", {"pool", "info", "p", "--json"}));
+  EXPECT_EQ(info["chunk_size_bytes"], 65536);
+  d.Ok("a", {"volume", "create", "--pool", "p", "vol", "--size", "4M"});
+  const std::string data = RandomBytes(1 << 20, 40);
+  d.Ok("a", {"write", "--pool", "p", "vol", "--offset", "64K"}, data);
+  EXPECT_EQ(d.Ok("a", {"read", "--pool", "p", "vol", "--offset", "64K",
+                       "--length", "1M"}),
+            data);
+  d.Ok("a", {"snapshot", "create", "--pool", "p", "vol@one"});
+  d.Ok("a", {"trim", "--pool", "p", "vol", "--offset", "64K", "--length", "1M"});
+  EXPECT_EQ(d.Ok("a", {"read", "--pool", "p", "vol", "--offset", "64K",
+                       "--length", "1M"}),
+            std::string(1 << 20, '\0'));
+  d.Ok("a", {"rollback", "--pool", "p", "vol@one"});
+  EXPECT_EQ(d.Ok("a", {"read", "--pool", "p", "vol@one", "--offset", "64K",
+                       "--length", "1M"}),
+            data);
+  d.Ok("a", {"volume", "resize", "--pool", "p", "vol", "--size", "8M"});
+  json vols = json::parse(d.Ok("a", {"volume", "list", "--pool", "p", "--json"}));
+  ASSERT_EQ(vols.size(), 1u);
+  EXPECT_EQ(vols[0]["size_bytes"], 8 << 20);
+  // Errors are the same one line as without a daemon.
+  Result r = d.Via("a", {"read", "--pool", "p", "vol", "--offset", "9M"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("is past the end of 'vol'"));
+  r = d.Via("a", {"volume", "list", "--pool", "q"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("site a has no pool 'q'"));
+  r = d.Via("a", {"pool", "create", "x.pool"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("add it under [pools]"));
+  // A related volume keeps its guards.
+  d.Ok("a", {"relationship", "create", "--source", kA, "--destination", kB});
+  d.Ok("a", {"relationship", "initialize", kA});
+  r = d.Via("a", {"volume", "delete", "--pool", "p", "vol", "-r"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("is in a replication relationship"));
+  std::string common = d.Status("a", kA)["last_common_snapshot"];
+  r = d.Via("b", {"snapshot", "delete", "--pool", "p", "vol@" + common});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("replication snapshots would break it"));
+  d.Ok("a", {"snapshot", "delete", "--pool", "p", "vol@one"});
+  EXPECT_THAT(d.Ok("b", {"pool", "check", "p", "--data"}), HasSubstr("consistent"));
+  // Without a daemon there, the CLI says so.
+  r = testing_util::Exec(d.dir(), {TANDEM_BIN, "--daemon", d.dir() + "/none.sock",
+                                   "status", kA});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("is tandemd running with this control socket?"));
+}
+
 TEST(DaemonTest, ConfigErrorsAreOneLineNamingTheKey) {
   TwoDaemons d;
   struct Case {
