@@ -1368,9 +1368,9 @@ absl::StatusOr<SnapshotInfo> Pool::CreateSnapshot(absl::string_view volume,
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   if (absl::Status s = ValidName(name, "snapshot"); !s.ok()) return s;
   if (owner.size() > kMaxSnapshotOwnerBytes) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "snapshot owner is ", owner.size(), " bytes; at most ",
-        kMaxSnapshotOwnerBytes));
+    return absl::InvalidArgumentError(
+        absl::StrCat("snapshot owner is ", owner.size(), " bytes; at most ",
+                     kMaxSnapshotOwnerBytes));
   }
   absl::StatusOr<VolumeRec*> v = FindWritableVolume(volume);
   if (!v.ok()) return v.status();
@@ -1399,10 +1399,14 @@ absl::StatusOr<SnapshotInfo> Pool::CreateSnapshot(absl::string_view volume,
 }
 
 SnapshotInfo Pool::InfoOf(const VolumeRec& v, const SnapshotRec& s) const {
-  return SnapshotInfo{v.name,       s.name,
-                      s.guid,       s.create_time_ns,
-                      s.size_bytes, s.generation,
-                      VolumeDigest(s.root, s.size_bytes), s.owner};
+  return SnapshotInfo{v.name,
+                      s.name,
+                      s.guid,
+                      s.create_time_ns,
+                      s.size_bytes,
+                      s.generation,
+                      VolumeDigest(s.root, s.size_bytes),
+                      s.owner};
 }
 
 absl::StatusOr<std::vector<SnapshotInfo>> Pool::ListSnapshots(

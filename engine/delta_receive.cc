@@ -459,7 +459,6 @@ absl::StatusOr<ApplyStats> ApplyRecords(blockstore::Pool& pool,
   return stats;
 }
 
-
 }  // namespace
 
 std::string StagingVolume(absl::string_view volume) {
@@ -553,11 +552,11 @@ absl::StatusOr<ApplyStats> ApplyDelta(blockstore::Pool& pool,
     pool.BeginGroup();
     absl::Status cleared = pool.SetProperty(ResumeKey(volume), "");
     absl::StatusOr<blockstore::SnapshotInfo> snap =
-        cleared.ok() ? pool.FinishReceive(staging, volume, h.volume_guid,
-                                          {h.target_name, h.target_guid,
-                                           h.target_create_time_ns,
-                                           options.target_owner},
-                                          h.target_digest)
+        cleared.ok() ? pool.FinishReceive(
+                           staging, volume, h.volume_guid,
+                           {h.target_name, h.target_guid,
+                            h.target_create_time_ns, options.target_owner},
+                           h.target_digest)
                      : cleared;
     absl::Status ended = pool.EndGroup();
     if (snap.ok() && ended.ok()) {

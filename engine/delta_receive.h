@@ -83,7 +83,7 @@ struct ApplyStats {
   uint64_t records = 0;
   uint64_t chunks_written = 0;
   uint64_t chunks_cleared = 0;
-  uint64_t stream_bytes = 0;  // read by this call
+  uint64_t stream_bytes = 0;          // read by this call
   blockstore::SnapshotInfo snapshot;  // the received target (pool apply)
 };
 
@@ -123,8 +123,8 @@ absl::StatusOr<ApplyStats> ApplyDelta(blockstore::Pool& pool,
                                       const ApplyOptions& options = {});
 
 // The resume point an interrupted apply into `volume` left, if any.
-absl::StatusOr<std::optional<ResumeToken>> ResumePoint(blockstore::Pool& pool,
-                                                       absl::string_view volume);
+absl::StatusOr<std::optional<ResumeToken>> ResumePoint(
+    blockstore::Pool& pool, absl::string_view volume);
 // Drops what an interrupted apply into `volume` left (staging volume and
 // resume point), committed on return; OK if there is none.
 absl::Status DropReceive(blockstore::Pool& pool, absl::string_view volume);

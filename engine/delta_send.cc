@@ -496,13 +496,13 @@ class ChunkListFeed final : public RunFeed {
       std::fill(slot.begin(), slot.end(), std::byte{0});
       const uint64_t off = c * chunk_;
       const uint64_t len = std::min<uint64_t>(chunk_, target_.size_bytes - off);
-      if (absl::Status s = pool_.Read(volume_, target_.name, off,
-                                      slot.first(len));
+      if (absl::Status s =
+              pool_.Read(volume_, target_.name, off, slot.first(len));
           !s.ok()) {
         return s;
       }
-      runs.push_back({ChangedRun::Kind::kData, c, 1, 0,
-                      blockstore::Hash128(slot)});
+      runs.push_back(
+          {ChangedRun::Kind::kData, c, 1, 0, blockstore::Hash128(slot)});
     }
     data = buf_.span();
     return false;
@@ -591,9 +591,9 @@ absl::StatusOr<SendStats> SendStream(const DeltaHeader& h, RunFeed& feed,
   std::array<std::byte, kEndBytes> end;
   EncodeEnd(e, end);
   if (absl::Status s = out.Write(end); !s.ok()) return s;
-  stats.stream_bytes = header.size() +
-                       (stats.segments - segments_before) * kSegmentHeaderBytes +
-                       stored + kEndBytes;
+  stats.stream_bytes =
+      header.size() + (stats.segments - segments_before) * kSegmentHeaderBytes +
+      stored + kEndBytes;
   return stats;
 }
 
@@ -658,18 +658,16 @@ absl::StatusOr<SendStats> SendDelta(blockstore::Pool& pool,
   return SendStream(h, feed, out, options, stats);
 }
 
-absl::StatusOr<SendStats> SendChunks(blockstore::Pool& pool,
-                                     absl::string_view volume,
-                                     absl::string_view target,
-                                     const blockstore::SnapshotInfo& base,
-                                     std::span<const uint64_t> chunks,
-                                     ByteSink& out,
-                                     const SendOptions& options) {
+absl::StatusOr<SendStats> SendChunks(
+    blockstore::Pool& pool, absl::string_view volume, absl::string_view target,
+    const blockstore::SnapshotInfo& base, std::span<const uint64_t> chunks,
+    ByteSink& out, const SendOptions& options) {
   absl::StatusOr<blockstore::VolumeInfo> vol = pool.GetVolume(volume);
   if (!vol.ok()) return vol.status();
   absl::StatusOr<blockstore::SnapshotInfo> t = pool.GetSnapshot(volume, target);
   if (!t.ok()) return t.status();
-  const uint64_t count = blockstore::DivRoundUp(t->size_bytes, pool.chunk_size());
+  const uint64_t count =
+      blockstore::DivRoundUp(t->size_bytes, pool.chunk_size());
   for (size_t i = 0; i < chunks.size(); ++i) {
     if (chunks[i] >= count || (i > 0 && chunks[i] <= chunks[i - 1])) {
       return absl::InvalidArgumentError(absl::StrCat(

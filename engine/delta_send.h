@@ -53,13 +53,10 @@ absl::StatusOr<SendStats> SendDelta(blockstore::Pool& pool,
 // target), read from the target: hash-diff, once the chunks that differ are
 // known. The receiver's apply then checks the result's digest as for any
 // delta. InvalidArgument for a bad chunk list.
-absl::StatusOr<SendStats> SendChunks(blockstore::Pool& pool,
-                                     absl::string_view volume,
-                                     absl::string_view target,
-                                     const blockstore::SnapshotInfo& base,
-                                     std::span<const uint64_t> chunks,
-                                     ByteSink& out,
-                                     const SendOptions& options = {});
+absl::StatusOr<SendStats> SendChunks(
+    blockstore::Pool& pool, absl::string_view volume, absl::string_view target,
+    const blockstore::SnapshotInfo& base, std::span<const uint64_t> chunks,
+    ByteSink& out, const SendOptions& options = {});
 
 }  // namespace engine
 

@@ -126,8 +126,8 @@ absl::StatusOr<std::vector<Sha256>> LocalSite::ChunkDigests(
   const uint64_t cs = pool_.chunk_size();
   const uint64_t per_read = std::max<uint64_t>(1, (8 << 20) / cs);
   std::vector<Sha256> out(count);
-  blockstore::AlignedBuffer buf(std::min(per_read, std::max<uint64_t>(1, count)) *
-                                cs);
+  blockstore::AlignedBuffer buf(
+      std::min(per_read, std::max<uint64_t>(1, count)) * cs);
   for (uint64_t done = 0; done < count; done += per_read) {
     const uint64_t n = std::min(per_read, count - done);
     const uint64_t at = (first_chunk + done) * cs;
@@ -224,9 +224,9 @@ absl::StatusOr<std::unique_ptr<Claim>> LocalSite::TakeClaim(
   if (!fresh) {
     return absl::FailedPreconditionError(absl::StrCat(
         "Transferring (", ToString(it->second.operation), " in progress",
-        it->second.driver.empty() ? ""
-                                  : absl::StrCat(", run by site ",
-                                                 it->second.driver),
+        it->second.driver.empty()
+            ? ""
+            : absl::StrCat(", run by site ", it->second.driver),
         ")"));
   }
   return std::make_unique<LocalClaim>(*this, id);

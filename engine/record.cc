@@ -166,8 +166,8 @@ absl::StatusOr<RelationshipRecord> RelationshipRecord::FromJson(
     r.operation = *parsed;
     const std::string pending = j.at("pending").get<std::string>();
     parsed = ParseOperation(pending);
-    if (!parsed || (*parsed != Operation::kNone &&
-                    *parsed != Operation::kReestablish)) {
+    if (!parsed ||
+        (*parsed != Operation::kNone && *parsed != Operation::kReestablish)) {
       return bad("pending", pending);
     }
     r.pending = *parsed;

@@ -96,7 +96,7 @@ struct RelationshipRecord {
 // it asks.
 struct LossPreview {
   Operation operation = Operation::kNone;
-  Endpoint overwritten;  // break: the destination that becomes writable
+  Endpoint overwritten;         // break: the destination that becomes writable
   std::string common_snapshot;  // empty: none shared
   Method method = Method::kNone;
   uint64_t bytes = 0;  // written on `overwritten` since the common snapshot

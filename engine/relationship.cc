@@ -53,8 +53,7 @@ absl::StatusOr<bool> Exists(Site& site, const std::string& volume) {
   return v.status();
 }
 
-std::string SafetyName(const std::vector<SnapshotInfo>& snaps,
-                       int64_t now_ns) {
+std::string SafetyName(const std::vector<SnapshotInfo>& snaps, int64_t now_ns) {
   std::string base = absl::StrCat(
       "safety-", absl::FormatTime("%Y%m%dT%H%M%SZ", absl::FromUnixNanos(now_ns),
                                   absl::UTCTimeZone()));
@@ -141,8 +140,7 @@ absl::StatusOr<Replication::Loaded> Replication::Load(const Endpoint& either) {
         "; was the pool moved? Name it by the path the relationship was "
         "created with"));
   }
-  const Endpoint other =
-      rec->source == either ? rec->destination : rec->source;
+  const Endpoint other = rec->source == either ? rec->destination : rec->source;
   absl::StatusOr<Site*> there = sites_.Get(other);
   if (there.ok()) {
     absl::StatusOr<std::map<std::string, std::string>> theirs =
@@ -202,11 +200,11 @@ absl::Status Replication::TakeClaims(Loaded& rel, Operation op,
         site->TakeClaim(rel.rec.id, Activity{op, options_.driver, 0, 0});
     if (!c.ok()) {
       if (absl::IsFailedPrecondition(c.status())) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "cannot ", ToString(op), " ", rel.rec.Direction(),
-            ": relationship status is ", c.status().message(),
-            "; wait until it is Idle",
-            op == Operation::kBreak ? ", then break" : ""));
+        return absl::FailedPreconditionError(
+            absl::StrCat("cannot ", ToString(op), " ", rel.rec.Direction(),
+                         ": relationship status is ", c.status().message(),
+                         "; wait until it is Idle",
+                         op == Operation::kBreak ? ", then break" : ""));
       }
       return c.status();
     }
@@ -223,10 +221,10 @@ absl::StatusOr<Replication::Loaded> Replication::Start(const Endpoint& either,
   absl::StatusOr<Loaded> rel = Load(either);
   if (!rel.ok()) return rel.status();
   if (rel->rec.released && op != Operation::kRelease) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "relationship ", rel->rec.Direction(),
-        " was released; it finishes releasing when both sides are "
-        "reachable (run `tandem relationship release` again)"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("relationship ", rel->rec.Direction(),
+                     " was released; it finishes releasing when both sides are "
+                     "reachable (run `tandem relationship release` again)"));
   }
   if (absl::Status s = TakeClaims(*rel, op, claims); !s.ok()) return s;
   if (rel->both()) {
@@ -292,14 +290,14 @@ absl::StatusOr<Operation> Replication::Recover(Loaded& rel, Operation op) {
   bool done = false;
   if (!sent->empty() && !got->empty() &&
       got->back().guid == sent->back().guid) {
-    absl::StatusOr<bool> changed =
-        receiver.ChangedSince(rv, got->back().name);
+    absl::StatusOr<bool> changed = receiver.ChangedSince(rv, got->back().name);
     if (!changed.ok()) return changed.status();
     done = !*changed;
   }
   // Goes on: the same overwrite, or re-establish in its reverse resync.
-  if (!done && (interrupted == Operation::kResync ||
-                interrupted == Operation::kReverseResync) &&
+  if (!done &&
+      (interrupted == Operation::kResync ||
+       interrupted == Operation::kReverseResync) &&
       (interrupted == op || (op == Operation::kReestablish &&
                              interrupted == Operation::kReverseResync))) {
     return op;
@@ -319,10 +317,10 @@ absl::StatusOr<Operation> Replication::Recover(Loaded& rel, Operation op) {
     r.safety_snapshot.clear();
     if (absl::Status s = receiver.SetReadOnly(rv, true); !s.ok()) return s;
   } else {
-    r.mirror_state = interrupted == Operation::kInitialize
-                         ? MirrorState::kUninitialized
-                     : interrupted == Operation::kUpdate ? MirrorState::kMirrored
-                                                         : MirrorState::kBroken;
+    r.mirror_state =
+        interrupted == Operation::kInitialize ? MirrorState::kUninitialized
+        : interrupted == Operation::kUpdate   ? MirrorState::kMirrored
+                                              : MirrorState::kBroken;
     r.method = Method::kNone;
     r.safety_snapshot.clear();
     r.last_transfer_error = absl::StrCat(
@@ -498,7 +496,8 @@ absl::StatusOr<TransferStats> Replication::Move(
                        rollback_first);
 }
 
-// --- Operations ---------------------------------------------------------------
+// --- Operations
+// ---------------------------------------------------------------
 
 absl::StatusOr<RelationshipRecord> Replication::Create(
     const Endpoint& source, const Endpoint& destination,
@@ -593,9 +592,8 @@ absl::StatusOr<TransferStats> Replication::Initialize(const Endpoint& either) {
   if (absl::Status s = Begin(*rel, Operation::kInitialize, true); !s.ok()) {
     return s;
   }
-  absl::StatusOr<std::optional<SnapshotInfo>> again =
-      ResumableTarget(r.id, *rel->src, r.source.volume, *rel->dst,
-                      r.destination.volume);
+  absl::StatusOr<std::optional<SnapshotInfo>> again = ResumableTarget(
+      r.id, *rel->src, r.source.volume, *rel->dst, r.destination.volume);
   if (!again.ok()) return Fail(*rel, again.status());
   absl::StatusOr<SnapshotInfo> snap =
       *again ? **again
@@ -666,8 +664,8 @@ absl::Status Replication::Break(const Endpoint& either,
   absl::StatusOr<Loaded> rel = Load(either);
   if (!rel.ok()) return rel.status();
   if (rel->rec.released) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "relationship ", rel->rec.Direction(), " was released"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("relationship ", rel->rec.Direction(), " was released"));
   }
   if (absl::Status s = TakeClaims(*rel, Operation::kBreak, claims); !s.ok()) {
     return s;
@@ -749,8 +747,7 @@ absl::StatusOr<LossPreview> Replication::Preview(Loaded& rel, Operation op,
   if (common) {
     p.method = Method::kRollback;
     p.common_snapshot = common->name;
-    absl::StatusOr<ChangeCount> c =
-        receiver.CountChanges(rv, common->name, "");
+    absl::StatusOr<ChangeCount> c = receiver.CountChanges(rv, common->name, "");
     if (!c.ok()) return c.status();
     p.chunks = c->all_chunks;
     p.bytes = c->all_chunks * cs;
@@ -791,10 +788,10 @@ absl::StatusOr<TransferStats> Replication::Overwrite(Loaded& rel, Operation op,
     // nothing to resync; either way nothing to do.
     if (r.mirror_state == MirrorState::kMirrored) return TransferStats{};
     if (r.mirror_state != MirrorState::kBroken) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "cannot ", op_name, " ", r.Direction(), ": mirror state is ",
-          ToString(r.mirror_state),
-          "; run `tandem relationship initialize` first"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("cannot ", op_name, " ", r.Direction(),
+                       ": mirror state is ", ToString(r.mirror_state),
+                       "; run `tandem relationship initialize` first"));
     }
     if (rel.src == nullptr) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -829,10 +826,9 @@ absl::StatusOr<TransferStats> Replication::Overwrite(Loaded& rel, Operation op,
   if (!safety.empty()) {
     absl::StatusOr<std::vector<SnapshotInfo>> snaps = Snaps(receiver, rv);
     if (!snaps.ok()) return undo(snaps.status());
-    bool taken = std::any_of(snaps->begin(), snaps->end(),
-                             [&](const SnapshotInfo& s) {
-                               return s.name == safety;
-                             });
+    bool taken =
+        std::any_of(snaps->begin(), snaps->end(),
+                    [&](const SnapshotInfo& s) { return s.name == safety; });
     if (!taken) {
       if (absl::StatusOr<SnapshotInfo> s =
               receiver.CreateSnapshot(rv, safety, "");
@@ -856,13 +852,14 @@ absl::StatusOr<TransferStats> Replication::Overwrite(Loaded& rel, Operation op,
     if (!snap.ok()) return undo(snap.status());
     stats = Move(rel, sender, sv, receiver, rv, {SnapshotInfo{}, *snap}, false);
   } else {
-    absl::StatusOr<SnapshotInfo> snap = TakeReplicationSnapshot(rel, sender, sv);
+    absl::StatusOr<SnapshotInfo> snap =
+        TakeReplicationSnapshot(rel, sender, sv);
     if (!snap.ok()) return undo(snap.status());
     if (method == Method::kHashDiff) {
       std::optional<RateLimiter> limiter;
       TransferContext ctx = Context(rel, limiter);
-      stats = HashDiffTransfer(ctx, sender, sv, snap->name, receiver, rv,
-                               safety);
+      stats =
+          HashDiffTransfer(ctx, sender, sv, snap->name, receiver, rv, safety);
     } else {
       absl::StatusOr<std::vector<SnapshotInfo>> chain =
           ChainSinceCommon(sender, sv, receiver, rv);
@@ -1062,7 +1059,8 @@ absl::StatusOr<TransferStats> Replication::Continue(const Endpoint& either) {
   return TransferStats{};
 }
 
-// --- Health ---------------------------------------------------------------------
+// --- Health
+// ---------------------------------------------------------------------
 
 absl::StatusOr<RelationshipReport> Replication::Report(const Endpoint& either) {
   absl::StatusOr<Loaded> rel = Load(either);
@@ -1170,7 +1168,8 @@ absl::StatusOr<RelationshipReport> Replication::Report(const Endpoint& either) {
              out.lag_seconds > 2 * r.schedule_seconds) {
     unhealthy(absl::StrCat("lag ", out.lag_seconds,
                            " s is more than twice the schedule (",
-                           r.schedule_seconds, " s): updates are not keeping "
+                           r.schedule_seconds,
+                           " s): updates are not keeping "
                            "up"));
   }
   return out;

@@ -171,11 +171,10 @@ class Replication {
                                           bool continuing);
   absl::StatusOr<LossPreview> Preview(Loaded& rel, Operation op, bool reverse);
   TransferContext Context(Loaded& rel, std::optional<RateLimiter>& limiter);
-  absl::StatusOr<TransferStats> Move(Loaded& rel, Site& from,
-                                     const std::string& from_volume, Site& to,
-                                     const std::string& to_volume,
-                                     const std::vector<blockstore::SnapshotInfo>& chain,
-                                     bool rollback_first);
+  absl::StatusOr<TransferStats> Move(
+      Loaded& rel, Site& from, const std::string& from_volume, Site& to,
+      const std::string& to_volume,
+      const std::vector<blockstore::SnapshotInfo>& chain, bool rollback_first);
   absl::StatusOr<blockstore::SnapshotInfo> TakeReplicationSnapshot(
       Loaded& rel, Site& site, const std::string& volume);
   absl::StatusOr<ReleaseReport> FinishRelease(Loaded& rel);

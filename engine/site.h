@@ -81,10 +81,10 @@ struct SendRequest {
 
 struct ReceiveRequest {
   std::string volume;
-  bool rollback = false;           // ApplyOptions::rollback
-  std::string target_owner;        // SnapshotInfo::owner of the result
+  bool rollback = false;     // ApplyOptions::rollback
+  std::string target_owner;  // SnapshotInfo::owner of the result
   std::optional<ResumeToken> resume;
-  std::string rollback_advice;     // ApplyOptions::rollback_advice
+  std::string rollback_advice;  // ApplyOptions::rollback_advice
   // Record bytes done (a local receiver only).
   std::function<void(uint64_t, uint64_t)> progress;
 };
@@ -111,8 +111,8 @@ class Site {
       const std::string& volume, const std::string& name,
       const std::string& owner) = 0;
   // All of them in one commit (NotFound for one missing changes nothing).
-  virtual absl::Status DeleteSnapshots(const std::string& volume,
-                                       const std::vector<std::string>& names) = 0;
+  virtual absl::Status DeleteSnapshots(
+      const std::string& volume, const std::vector<std::string>& names) = 0;
   virtual absl::Status SetReadOnly(const std::string& volume,
                                    bool read_only) = 0;
   // Written, trimmed or resized since `snapshot`.

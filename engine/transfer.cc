@@ -42,10 +42,12 @@ absl::Status MeteredSink::Write(std::span<const std::byte> data) {
   constexpr size_t kPiece = 64 << 10;
   while (!data.empty()) {
     if (cancel_ != nullptr && cancel_->load()) {
-      return absl::UnavailableError("stopping: the transfer goes on at the "
-                                    "next start from its last resume point");
+      return absl::UnavailableError(
+          "stopping: the transfer goes on at the "
+          "next start from its last resume point");
     }
-    std::span<const std::byte> piece = data.first(std::min(kPiece, data.size()));
+    std::span<const std::byte> piece =
+        data.first(std::min(kPiece, data.size()));
     if (limiter_ != nullptr) limiter_->Take(piece.size());
     if (absl::Status s = out_.Write(piece); !s.ok()) return s;
     bytes_ += piece.size();
@@ -107,9 +109,9 @@ struct StepResult {
 // Runs one delta, again from the receiver's resume point after a lost
 // connection, for as long as attempts keep making progress within the
 // retry window. `progress(data bytes done)` as it goes.
-absl::StatusOr<StepResult> RunStep(TransferContext& ctx, const Step& step,
-                                   const std::function<void(uint64_t)>& progress,
-                                   uint32_t chunk_size) {
+absl::StatusOr<StepResult> RunStep(
+    TransferContext& ctx, const Step& step,
+    const std::function<void(uint64_t)>& progress, uint32_t chunk_size) {
   StepResult result;
   auto last_progress = std::chrono::steady_clock::now();
   absl::Duration backoff = absl::Milliseconds(100);
@@ -144,9 +146,8 @@ absl::StatusOr<StepResult> RunStep(TransferContext& ctx, const Step& step,
                                 (16.0 + static_cast<double>(chunk_size));
       send.progress = [&](uint64_t done, uint64_t total) {
         if (total == 0) return;
-        progress(done_before +
-                 (step.data_total - done_before) * std::min(done, total) /
-                     total);
+        progress(done_before + (step.data_total - done_before) *
+                                   std::min(done, total) / total);
       };
       ReceiveRequest receive;
       receive.volume = step.to_volume;
@@ -173,9 +174,8 @@ absl::StatusOr<StepResult> RunStep(TransferContext& ctx, const Step& step,
       // receiver's error is the one that says what went wrong first.
       failed = !applied.ok() ? applied.status() : sent.status();
       if (failed.ok()) {
-        result.data_bytes =
-            (token ? token->chunks_written : 0) * chunk_size +
-            applied->chunks_written * uint64_t{chunk_size};
+        result.data_bytes = (token ? token->chunks_written : 0) * chunk_size +
+                            applied->chunks_written * uint64_t{chunk_size};
         return result;
       }
       // Progress is what the receiver made durable: a resume point further
@@ -215,9 +215,9 @@ absl::StatusOr<StepResult> RunStep(TransferContext& ctx, const Step& step,
 }  // namespace
 
 absl::StatusOr<TransferStats> TransferChain(
-    TransferContext& ctx, Site& from, const std::string& from_volume,
-    Site& to, const std::string& to_volume,
-    const std::vector<SnapshotInfo>& chain, bool rollback_first) {
+    TransferContext& ctx, Site& from, const std::string& from_volume, Site& to,
+    const std::string& to_volume, const std::vector<SnapshotInfo>& chain,
+    bool rollback_first) {
   auto start = std::chrono::steady_clock::now();
   absl::StatusOr<SiteInfo> info = from.Info();
   if (!info.ok()) return info.status();
@@ -272,10 +272,9 @@ absl::StatusOr<std::vector<uint64_t>> DifferingChunks(
   for (uint64_t first = 0; first < chunks; first += Site::kMaxDigestBatch) {
     const uint64_t n = std::min(Site::kMaxDigestBatch, chunks - first);
     // Both sides hash at once (one of them is usually across the network).
-    std::future<absl::StatusOr<std::vector<Sha256>>> theirs =
-        std::async(std::launch::async, [&] {
-          return b.ChunkDigests(b_volume, b_snapshot, first, n);
-        });
+    std::future<absl::StatusOr<std::vector<Sha256>>> theirs = std::async(
+        std::launch::async,
+        [&] { return b.ChunkDigests(b_volume, b_snapshot, first, n); });
     absl::StatusOr<std::vector<Sha256>> mine =
         a.ChunkDigests(a_volume, a_snapshot, first, n);
     absl::StatusOr<std::vector<Sha256>> other = theirs.get();
@@ -298,7 +297,8 @@ absl::StatusOr<TransferStats> HashDiffTransfer(TransferContext& ctx, Site& from,
                                                const std::string& to_volume,
                                                const std::string& to_base) {
   auto start = std::chrono::steady_clock::now();
-  absl::StatusOr<SnapshotInfo> target = FindSnapshot(from, from_volume, snapshot);
+  absl::StatusOr<SnapshotInfo> target =
+      FindSnapshot(from, from_volume, snapshot);
   if (!target.ok()) return target.status();
   absl::StatusOr<SnapshotInfo> base = FindSnapshot(to, to_volume, to_base);
   if (!base.ok()) return base.status();

@@ -83,8 +83,8 @@ struct TransferContext {
 // every snapshot (with its owner where it is the relationship's). With
 // `rollback_first` the first delta rolls the receiver back to its base.
 absl::StatusOr<TransferStats> TransferChain(
-    TransferContext& ctx, Site& from, const std::string& from_volume,
-    Site& to, const std::string& to_volume,
+    TransferContext& ctx, Site& from, const std::string& from_volume, Site& to,
+    const std::string& to_volume,
     const std::vector<blockstore::SnapshotInfo>& chain, bool rollback_first);
 
 // No common snapshot, but the receiver has data: compares SHA-256 of every

@@ -94,13 +94,13 @@ absl::Status ControlClient::Upload(const std::string& path,
     return sink.write(reinterpret_cast<const char*>(buf.data()), *n);
   };
   httplib::Result r =
-      size > 0
-          ? http_->Put(path.c_str(), size,
-                       [&](size_t off, size_t, httplib::DataSink& sink) {
-                         return provide(off, sink);
-                       },
-                       "application/octet-stream")
-          : http_->Put(path.c_str(), provide, "application/octet-stream");
+      size > 0 ? http_->Put(
+                     path.c_str(), size,
+                     [&](size_t off, size_t, httplib::DataSink& sink) {
+                       return provide(off, sink);
+                     },
+                     "application/octet-stream")
+               : http_->Put(path.c_str(), provide, "application/octet-stream");
   if (!failed.ok()) return failed;
   if (!r) return Unreachable();
   return StatusFromResponse(r->status, r->body);
@@ -181,8 +181,8 @@ class DaemonBackend final : public RelationshipBackend {
       if (r.ok() || http != 428 || !c_.last_reply().contains("preview")) break;
       const ordered_json preview = c_.last_reply()["preview"];
       if (!asker(preview)) {
-        r = absl::CancelledError(absl::StrCat(engine::ToString(op),
-                                              " cancelled; nothing was changed"));
+        r = absl::CancelledError(absl::StrCat(
+            engine::ToString(op), " cancelled; nothing was changed"));
         break;
       }
       body["confirm"] = preview;
@@ -194,10 +194,10 @@ class DaemonBackend final : public RelationshipBackend {
 
   absl::StatusOr<ordered_json> Status(const std::string& endpoint,
                                       const std::string& pool) override {
-    return c_.Call("GET", endpoint.empty()
-                              ? absl::StrCat("/v1/status?pool=", UrlEncode(pool))
-                              : absl::StrCat("/v1/status?endpoint=",
-                                             UrlEncode(endpoint)));
+    return c_.Call(
+        "GET", endpoint.empty()
+                   ? absl::StrCat("/v1/status?pool=", UrlEncode(pool))
+                   : absl::StrCat("/v1/status?endpoint=", UrlEncode(endpoint)));
   }
 
  private:
@@ -213,7 +213,8 @@ class DaemonPool final : public PoolOps {
     return c_.Call("GET", absl::StrCat("/v1/pools/", UrlEncode(pool_)));
   }
   absl::StatusOr<ordered_json> Check(bool data) override {
-    return c_.Call("POST", absl::StrCat("/v1/pools/", UrlEncode(pool_), "/check"),
+    return c_.Call("POST",
+                   absl::StrCat("/v1/pools/", UrlEncode(pool_), "/check"),
                    {{"data", data}});
   }
   absl::StatusOr<ordered_json> ListVolumes() override {
@@ -233,12 +234,11 @@ class DaemonPool final : public PoolOps {
   }
   absl::Status DeleteVolume(const std::string& name, bool recursive) override {
     return c_
-        .Call("DELETE",
-              Volume(pool_, name) + (recursive ? "?recursive=1" : ""))
+        .Call("DELETE", Volume(pool_, name) + (recursive ? "?recursive=1" : ""))
         .status();
   }
-  absl::StatusOr<ordered_json> CreateSnapshot(const std::string& volume,
-                                              const std::string& name) override {
+  absl::StatusOr<ordered_json> CreateSnapshot(
+      const std::string& volume, const std::string& name) override {
     return c_.Call("POST", Volume(pool_, volume) + "/snapshots",
                    {{"name", name}});
   }
@@ -277,16 +277,17 @@ class DaemonPool final : public PoolOps {
   }
   absl::Status Write(const std::string& volume, uint64_t offset,
                      uint64_t size_hint, engine::ByteSource& in) override {
-    return c_.Upload(absl::StrCat(Volume(pool_, volume), "/data?offset=",
-                                  offset, "&size=", size_hint),
+    return c_.Upload(absl::StrCat(Volume(pool_, volume),
+                                  "/data?offset=", offset, "&size=", size_hint),
                      in, size_hint);
   }
   absl::StatusOr<uint64_t> ReadLength(const std::string& volume,
                                       const std::string& snapshot,
                                       uint64_t offset,
                                       std::optional<uint64_t> length) override {
-    absl::StatusOr<ordered_json> r = c_.Call(
-        "GET", absl::StrCat(Volume(pool_, volume), "/length?", Query(snapshot, offset, length)));
+    absl::StatusOr<ordered_json> r =
+        c_.Call("GET", absl::StrCat(Volume(pool_, volume), "/length?",
+                                    Query(snapshot, offset, length)));
     if (!r.ok()) return r.status();
     return r->value("length", uint64_t{0});
   }

@@ -25,8 +25,8 @@ using engine::Operation;
 absl::StatusOr<Endpoint> ParseSiteEndpoint(const std::string& text) {
   size_t slash = text.find('/');
   size_t colon = slash == std::string::npos ? slash : text.find(':', slash);
-  if (slash == std::string::npos || colon == std::string::npos ||
-      slash == 0 || colon == slash + 1 || colon + 1 == text.size()) {
+  if (slash == std::string::npos || colon == std::string::npos || slash == 0 ||
+      colon == slash + 1 || colon + 1 == text.size()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "'", text,
         "' is not SITE/POOL:VOLUME (site and pool names from the daemons' "
@@ -44,18 +44,18 @@ class Daemon::Sites final : public engine::SiteProvider {
 
   absl::StatusOr<engine::Site*> Get(const Endpoint& e) override {
     if (e.site.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "'", e.ToString(),
-          "': through a daemon name endpoints SITE/POOL:VOLUME"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("'", e.ToString(),
+                       "': through a daemon name endpoints SITE/POOL:VOLUME"));
     }
     if (e.site == d_.config_.site) {
       auto it = d_.pools_.find(e.pool);
       if (it == d_.pools_.end()) {
         std::vector<std::string> names;
         for (const auto& [name, p] : d_.pools_) names.push_back(name);
-        return absl::NotFoundError(absl::StrCat(
-            "site ", e.site, " has no pool '", e.pool, "' (its pools: ",
-            absl::StrJoin(names, ", "), ")"));
+        return absl::NotFoundError(
+            absl::StrCat("site ", e.site, " has no pool '", e.pool,
+                         "' (its pools: ", absl::StrJoin(names, ", "), ")"));
       }
       return it->second.site.get();
     }
@@ -85,7 +85,9 @@ Daemon::Daemon(const DaemonConfig& config, transport::Logger log)
 
 Daemon::~Daemon() { Stop(); }
 
-int Daemon::peer_port() const { return peer_server_ ? peer_server_->port() : 0; }
+int Daemon::peer_port() const {
+  return peer_server_ ? peer_server_->port() : 0;
+}
 
 absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(
     const DaemonConfig& config, transport::Logger log) {
@@ -113,8 +115,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(
   peer.site = config.site;
   peer.handshake_timeout = config.handshake_timeout;
   peer.connection.timeout = config.timeout;
-  peer.connection.keepalive = std::min(std::chrono::milliseconds(3000),
-                                       config.timeout / 4);
+  peer.connection.keepalive =
+      std::min(std::chrono::milliseconds(3000), config.timeout / 4);
   for (const auto& [name, address] : config.peers) {
     d->clients_[name] = std::make_unique<transport::PeerClient>(
         name, address, *d->security_, peer);
@@ -155,25 +157,24 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(
   }
   d->peer_server_ = std::move(*server);
   if (absl::Status s = d->StartServing(); !s.ok()) return s;
-  d->Log(absl::StrCat("site ", config.site, " serving: peers on port ",
-                      d->peer_port(), ", control ", config.control,
-                      config.metrics ? absl::StrCat(", metrics on port ",
-                                                    d->metrics_port_)
-                                     : "",
-                      ", ", config.pools.size(), " pool(s), security ",
-                      config.security.mode ==
-                              transport::SecurityConfig::Mode::kPlaintext
-                          ? "NONE (insecure_plaintext)"
-                          : config.security.mode ==
-                                    transport::SecurityConfig::Mode::kPsk
-                                ? "TLS 1.3 pre-shared key"
-                                : "TLS 1.3 certificates"));
+  d->Log(absl::StrCat(
+      "site ", config.site, " serving: peers on port ", d->peer_port(),
+      ", control ", config.control,
+      config.metrics ? absl::StrCat(", metrics on port ", d->metrics_port_)
+                     : "",
+      ", ", config.pools.size(), " pool(s), security ",
+      config.security.mode == transport::SecurityConfig::Mode::kPlaintext
+          ? "NONE (insecure_plaintext)"
+      : config.security.mode == transport::SecurityConfig::Mode::kPsk
+          ? "TLS 1.3 pre-shared key"
+          : "TLS 1.3 certificates"));
   d->scheduler_ = std::thread([daemon = d.get()] { daemon->Schedule(); });
   return d;
 }
 
 absl::Status Daemon::StartServing() {
-  absl::StatusOr<transport::Fd> control = transport::ListenUnix(config_.control);
+  absl::StatusOr<transport::Fd> control =
+      transport::ListenUnix(config_.control);
   if (!control.ok()) {
     return absl::Status(control.status().code(),
                         absl::StrCat("control = ", config_.control, ": ",
@@ -181,10 +182,9 @@ absl::Status Daemon::StartServing() {
   }
   control_ = std::make_unique<UnixHttpServer>();
   RegisterControl(*control_);
-  control_thread_ = std::thread(
-      [this, fd = std::move(*control)]() mutable {
-        control_->ServeSocket(std::move(fd));
-      });
+  control_thread_ = std::thread([this, fd = std::move(*control)]() mutable {
+    control_->ServeSocket(std::move(fd));
+  });
   if (config_.metrics) {
     metrics_ = std::make_unique<httplib::Server>();
     RegisterMetrics(*metrics_);
@@ -233,13 +233,14 @@ void Daemon::Stop() {
   for (auto& [name, own] : pools_) {
     if (own.pool) own.pool->Flush().IgnoreError();
   }
-  Log(absl::StrFormat("site %s stopped in %.2f s", config_.site,
-                      std::chrono::duration<double>(
-                          std::chrono::steady_clock::now() - start)
-                          .count()));
+  Log(absl::StrFormat(
+      "site %s stopped in %.2f s", config_.site,
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+          .count()));
 }
 
-// --- Operations ---------------------------------------------------------------
+// --- Operations
+// ---------------------------------------------------------------
 
 absl::StatusOr<ordered_json> Daemon::Run(Operation op, const Endpoint& e,
                                          const engine::Confirm& confirm,
@@ -253,9 +254,9 @@ absl::StatusOr<ordered_json> Daemon::Run(Operation op, const Endpoint& e,
   uint64_t bytes = 0, resumed = 0, retries = 0;
   if (r.ok()) {
     if (r->contains("relationship")) {
-      relationship = absl::StrCat((*r)["relationship"]["source"].get<std::string>(),
-                                  "->",
-                                  (*r)["relationship"]["destination"].get<std::string>());
+      relationship =
+          absl::StrCat((*r)["relationship"]["source"].get<std::string>(), "->",
+                       (*r)["relationship"]["destination"].get<std::string>());
     }
     if (r->contains("stats")) {
       bytes = (*r)["stats"].value("stream_bytes", uint64_t{0});
@@ -267,8 +268,7 @@ absl::StatusOr<ordered_json> Daemon::Run(Operation op, const Endpoint& e,
       "relationship=%s operation=%s trigger=%s outcome=%s bytes=%d "
       "seconds=%.3f resumed=%d retries=%d",
       relationship, engine::ToString(op), trigger,
-      r.ok() ? "ok"
-             : absl::StrCat("error: \"", r.status().message(), "\""),
+      r.ok() ? "ok" : absl::StrCat("error: \"", r.status().message(), "\""),
       bytes, seconds, resumed, retries));
   return r;
 }
@@ -294,8 +294,8 @@ void Daemon::Dispatch(const std::string& id, const Endpoint& e,
             e.ToString(), trigger, t->stream_bytes, t->seconds, t->resumed));
       }
     } else {
-      absl::StatusOr<ordered_json> r =
-          Run(op, e, [](const engine::LossPreview&) { return false; }, trigger);
+      absl::StatusOr<ordered_json> r = Run(
+          op, e, [](const engine::LossPreview&) { return false; }, trigger);
       if (!r.ok()) {
         MutexLock done(mu_);
         ++transfers_failed_;
@@ -314,7 +314,8 @@ void Daemon::Schedule() {
       MutexLock lock(mu_);
       if (!first) {
         wake_.wait_for(mu_, std::chrono::seconds(1),
-                       [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return stop_; });
+                       [this]()
+                           ABSL_NO_THREAD_SAFETY_ANALYSIS { return stop_; });
       }
       if (stop_) return;
       // Join the workers that are done.
@@ -374,7 +375,8 @@ void Daemon::Schedule() {
   }
 }
 
-// --- Status and metrics ---------------------------------------------------------
+// --- Status and metrics
+// ---------------------------------------------------------
 
 std::vector<engine::RelationshipReport> Daemon::AllReports() {
   std::vector<engine::RelationshipReport> out;
@@ -418,8 +420,7 @@ std::string Daemon::Metrics() {
       {"tandem_relationship_healthy", "gauge",
        "1 if the last transfer succeeded and the lag is within the schedule",
        [](const auto& r) { return r.healthy ? 1.0 : 0.0; }},
-      {"tandem_relationship_transferring", "gauge",
-       "1 while a transfer runs",
+      {"tandem_relationship_transferring", "gauge", "1 while a transfer runs",
        [](const auto& r) {
          return r.record.status == engine::TransferStatus::kTransferring ? 1.0
                                                                          : 0.0;
@@ -503,7 +504,8 @@ void Daemon::RegisterMetrics(httplib::Server& http) {
   });
 }
 
-// --- The control API ---------------------------------------------------------------
+// --- The control API
+// ---------------------------------------------------------------
 
 namespace {
 
@@ -571,27 +573,27 @@ class HttpSink final : public engine::ByteSink {
 }  // namespace
 
 void Daemon::RegisterControl(httplib::Server& http) {
-  http.Get("/v1/status", [this](const httplib::Request& req,
-                                httplib::Response& res) {
-    ordered_json j = ordered_json::array();
-    if (req.has_param("endpoint")) {
-      absl::StatusOr<Endpoint> e =
-          ParseSiteEndpoint(req.get_param_value("endpoint"));
-      if (!e.ok()) return Reply(res, e.status());
-      absl::StatusOr<engine::RelationshipReport> r = rep_->Report(*e);
-      if (!r.ok()) return Reply(res, r.status());
-      j.push_back(ReportJson(*r));
-    } else if (req.has_param("pool")) {
-      absl::StatusOr<std::vector<engine::RelationshipReport>> r =
-          rep_->ReportPool(
-              Endpoint{req.get_param_value("pool"), "", config_.site});
-      if (!r.ok()) return Reply(res, r.status());
-      for (const auto& one : *r) j.push_back(ReportJson(one));
-    } else {
-      for (const auto& r : AllReports()) j.push_back(ReportJson(r));
-    }
-    Reply(res, j);
-  });
+  http.Get("/v1/status",
+           [this](const httplib::Request& req, httplib::Response& res) {
+             ordered_json j = ordered_json::array();
+             if (req.has_param("endpoint")) {
+               absl::StatusOr<Endpoint> e =
+                   ParseSiteEndpoint(req.get_param_value("endpoint"));
+               if (!e.ok()) return Reply(res, e.status());
+               absl::StatusOr<engine::RelationshipReport> r = rep_->Report(*e);
+               if (!r.ok()) return Reply(res, r.status());
+               j.push_back(ReportJson(*r));
+             } else if (req.has_param("pool")) {
+               absl::StatusOr<std::vector<engine::RelationshipReport>> r =
+                   rep_->ReportPool(
+                       Endpoint{req.get_param_value("pool"), "", config_.site});
+               if (!r.ok()) return Reply(res, r.status());
+               for (const auto& one : *r) j.push_back(ReportJson(one));
+             } else {
+               for (const auto& r : AllReports()) j.push_back(ReportJson(r));
+             }
+             Reply(res, j);
+           });
 
   http.Post("/v1/relationships", [this](const httplib::Request& req,
                                         httplib::Response& res) {
@@ -605,17 +607,17 @@ void Daemon::RegisterControl(httplib::Server& http) {
     absl::StatusOr<engine::RelationshipRecord> r =
         rep_->Create(*s, *d, body->value("schedule_seconds", int64_t{0}),
                      body->value("max_rate_bytes", uint64_t{0}));
-    Log(absl::StrCat("relationship=", s->ToString(), "->", d->ToString(),
-                     " operation=create trigger=control outcome=",
-                     r.ok() ? "ok"
-                            : absl::StrCat("error: \"", r.status().message(),
-                                           "\"")));
+    Log(absl::StrCat(
+        "relationship=", s->ToString(), "->", d->ToString(),
+        " operation=create trigger=control outcome=",
+        r.ok() ? "ok" : absl::StrCat("error: \"", r.status().message(), "\"")));
     if (!r.ok()) return Reply(res, r.status());
     Reply(res, RecordJson(*r));
   });
 
-  http.Post(R"(/v1/relationships/([a-z-]+))", [this](const httplib::Request& req,
-                                                      httplib::Response& res) {
+  http.Post(R"(/v1/relationships/([a-z-]+))", [this](
+                                                  const httplib::Request& req,
+                                                  httplib::Response& res) {
     std::optional<Operation> op = engine::ParseOperation(req.matches[1].str());
     if (!op || *op == Operation::kNone) {
       return Reply(res, absl::NotFoundError(absl::StrCat(
@@ -647,12 +649,13 @@ void Daemon::RegisterControl(httplib::Server& http) {
   });
 
   // Pools, volumes and snapshots of this daemon's pools.
-  auto ops = [this](const std::string& pool)
-      -> absl::StatusOr<std::shared_ptr<PoolOps>> {
+  auto ops =
+      [this](
+          const std::string& pool) -> absl::StatusOr<std::shared_ptr<PoolOps>> {
     auto it = pools_.find(pool);
     if (it == pools_.end()) {
-      return absl::NotFoundError(absl::StrCat(
-          "site ", config_.site, " has no pool '", pool, "'"));
+      return absl::NotFoundError(
+          absl::StrCat("site ", config_.site, " has no pool '", pool, "'"));
     }
     return std::shared_ptr<PoolOps>(PoolOpsOver(*it->second.pool));
   };
@@ -677,25 +680,26 @@ void Daemon::RegisterControl(httplib::Server& http) {
              if (!o.ok()) return Reply(res, o.status());
              Reply(res, (*o)->ListVolumes());
            });
-  http.Post(pool_re + "/volumes",
-            [ops](const httplib::Request& req, httplib::Response& res) {
-              absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
-              if (!o.ok()) return Reply(res, o.status());
-              absl::StatusOr<ordered_json> body = Body(req);
-              if (!body.ok()) return Reply(res, body.status());
-              Reply(res, (*o)->CreateVolume(body->value("name", ""),
-                                            body->value("size_bytes", uint64_t{0})));
-            });
-  http.Post(vol_re + "/resize",
-            [ops](const httplib::Request& req, httplib::Response& res) {
-              absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
-              if (!o.ok()) return Reply(res, o.status());
-              absl::StatusOr<ordered_json> body = Body(req);
-              if (!body.ok()) return Reply(res, body.status());
-              Reply(res, (*o)->ResizeVolume(req.matches[2],
-                                            body->value("size_bytes", uint64_t{0})));
-            });
-  http.Delete(vol_re, [ops](const httplib::Request& req, httplib::Response& res) {
+  http.Post(pool_re + "/volumes", [ops](const httplib::Request& req,
+                                        httplib::Response& res) {
+    absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
+    if (!o.ok()) return Reply(res, o.status());
+    absl::StatusOr<ordered_json> body = Body(req);
+    if (!body.ok()) return Reply(res, body.status());
+    Reply(res, (*o)->CreateVolume(body->value("name", ""),
+                                  body->value("size_bytes", uint64_t{0})));
+  });
+  http.Post(vol_re + "/resize", [ops](const httplib::Request& req,
+                                      httplib::Response& res) {
+    absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
+    if (!o.ok()) return Reply(res, o.status());
+    absl::StatusOr<ordered_json> body = Body(req);
+    if (!body.ok()) return Reply(res, body.status());
+    Reply(res, (*o)->ResizeVolume(req.matches[2],
+                                  body->value("size_bytes", uint64_t{0})));
+  });
+  http.Delete(vol_re, [ops](const httplib::Request& req,
+                            httplib::Response& res) {
     absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
     if (!o.ok()) return Reply(res, o.status());
     Reply(res, (*o)->DeleteVolume(req.matches[2], req.has_param("recursive")));
@@ -706,50 +710,47 @@ void Daemon::RegisterControl(httplib::Server& http) {
              if (!o.ok()) return Reply(res, o.status());
              Reply(res, (*o)->ListSnapshots(req.matches[2]));
            });
-  http.Post(vol_re + "/snapshots",
-            [ops](const httplib::Request& req, httplib::Response& res) {
-              absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
-              if (!o.ok()) return Reply(res, o.status());
-              absl::StatusOr<ordered_json> body = Body(req);
-              if (!body.ok()) return Reply(res, body.status());
-              Reply(res, (*o)->CreateSnapshot(req.matches[2],
-                                              body->value("name", "")));
-            });
-  http.Delete(vol_re + R"(/snapshots/([A-Za-z0-9._:-]+))",
-              [ops](const httplib::Request& req, httplib::Response& res) {
-                absl::StatusOr<std::shared_ptr<PoolOps>> o =
-                    ops(req.matches[1]);
-                if (!o.ok()) return Reply(res, o.status());
-                Reply(res, (*o)->DeleteSnapshot(req.matches[2], req.matches[3]));
-              });
-  http.Post(vol_re + "/rollback",
-            [ops](const httplib::Request& req, httplib::Response& res) {
-              absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
-              if (!o.ok()) return Reply(res, o.status());
-              absl::StatusOr<ordered_json> body = Body(req);
-              if (!body.ok()) return Reply(res, body.status());
-              Reply(res, (*o)->Rollback(req.matches[2],
-                                        body->value("snapshot", "")));
-            });
+  http.Post(vol_re + "/snapshots", [ops](const httplib::Request& req,
+                                         httplib::Response& res) {
+    absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
+    if (!o.ok()) return Reply(res, o.status());
+    absl::StatusOr<ordered_json> body = Body(req);
+    if (!body.ok()) return Reply(res, body.status());
+    Reply(res, (*o)->CreateSnapshot(req.matches[2], body->value("name", "")));
+  });
+  http.Delete(
+      vol_re + R"(/snapshots/([A-Za-z0-9._:-]+))",
+      [ops](const httplib::Request& req, httplib::Response& res) {
+        absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
+        if (!o.ok()) return Reply(res, o.status());
+        Reply(res, (*o)->DeleteSnapshot(req.matches[2], req.matches[3]));
+      });
+  http.Post(vol_re + "/rollback", [ops](const httplib::Request& req,
+                                        httplib::Response& res) {
+    absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
+    if (!o.ok()) return Reply(res, o.status());
+    absl::StatusOr<ordered_json> body = Body(req);
+    if (!body.ok()) return Reply(res, body.status());
+    Reply(res, (*o)->Rollback(req.matches[2], body->value("snapshot", "")));
+  });
   http.Get(vol_re + "/digest",
            [ops](const httplib::Request& req, httplib::Response& res) {
              absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
              if (!o.ok()) return Reply(res, o.status());
-             absl::StatusOr<std::string> d = (*o)->Digest(
-                 req.matches[2], req.get_param_value("snapshot"));
+             absl::StatusOr<std::string> d =
+                 (*o)->Digest(req.matches[2], req.get_param_value("snapshot"));
              if (!d.ok()) return Reply(res, d.status());
              Reply(res, ordered_json{{"digest", *d}});
            });
-  http.Post(vol_re + "/trim",
-            [ops](const httplib::Request& req, httplib::Response& res) {
-              absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
-              if (!o.ok()) return Reply(res, o.status());
-              absl::StatusOr<ordered_json> body = Body(req);
-              if (!body.ok()) return Reply(res, body.status());
-              Reply(res, (*o)->Trim(req.matches[2],
-                                    body->value("offset", uint64_t{0}),
-                                    body->value("length", uint64_t{0})));
-            });
+  http.Post(vol_re + "/trim", [ops](const httplib::Request& req,
+                                    httplib::Response& res) {
+    absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
+    if (!o.ok()) return Reply(res, o.status());
+    absl::StatusOr<ordered_json> body = Body(req);
+    if (!body.ok()) return Reply(res, body.status());
+    Reply(res, (*o)->Trim(req.matches[2], body->value("offset", uint64_t{0}),
+                          body->value("length", uint64_t{0})));
+  });
   http.Get(vol_re + "/length",
            [ops](const httplib::Request& req, httplib::Response& res) {
              absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);

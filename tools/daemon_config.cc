@@ -47,26 +47,35 @@ absl::StatusOr<DaemonConfig> LoadDaemonConfig(const std::string& path) {
   toml::parse_result parsed = toml::parse_file(path);
   if (!parsed) {
     const toml::parse_error& e = parsed.error();
-    return absl::InvalidArgumentError(absl::StrCat(
-        "config ", path, ": line ", e.source().begin.line, ": ",
-        std::string(e.description())));
+    return absl::InvalidArgumentError(
+        absl::StrCat("config ", path, ": line ", e.source().begin.line, ": ",
+                     std::string(e.description())));
   }
   const toml::table& t = parsed.table();
   DaemonConfig c;
   c.file = path;
   const std::string dir = Dir(path);
-  static const std::set<std::string> kKeys = {
-      "site",    "listen",  "control",           "metrics",
-      "checkpoint", "tls",  "pools",             "peers",
-      "insecure_plaintext", "timeout", "handshake_timeout", "retry"};
+  static const std::set<std::string> kKeys = {"site",
+                                              "listen",
+                                              "control",
+                                              "metrics",
+                                              "checkpoint",
+                                              "tls",
+                                              "pools",
+                                              "peers",
+                                              "insecure_plaintext",
+                                              "timeout",
+                                              "handshake_timeout",
+                                              "retry"};
   for (auto&& [key, value] : t) {
     if (!kKeys.contains(std::string(key.str()))) {
       return fail(std::string(key.str()),
                   "unknown key (see docs/tandemd.md for the keys)");
     }
   }
-  auto string = [&](const char* key, bool required)
-      -> absl::StatusOr<std::optional<std::string>> {
+  auto string =
+      [&](const char* key,
+          bool required) -> absl::StatusOr<std::optional<std::string>> {
     const toml::node* n = t.get(key);
     if (n == nullptr) {
       if (required) return fail(key, "missing");
@@ -103,23 +112,26 @@ absl::StatusOr<DaemonConfig> LoadDaemonConfig(const std::string& path) {
       string("checkpoint", false);
   if (!checkpoint.ok()) return checkpoint.status();
   if (*checkpoint) {
-    absl::StatusOr<uint64_t> b = blockstore::ParseSize(**checkpoint, "checkpoint");
+    absl::StatusOr<uint64_t> b =
+        blockstore::ParseSize(**checkpoint, "checkpoint");
     if (!b.ok() || *b < (1 << 20)) {
       return fail("checkpoint", "must be a size of at least 1M, e.g. 64M");
     }
     c.checkpoint_bytes = *b;
   }
-  for (auto [key, field] : {std::pair{"timeout", &c.timeout},
-                            std::pair{"handshake_timeout", &c.handshake_timeout},
-                            std::pair{"retry", &c.retry}}) {
+  for (auto [key, field] :
+       {std::pair{"timeout", &c.timeout},
+        std::pair{"handshake_timeout", &c.handshake_timeout},
+        std::pair{"retry", &c.retry}}) {
     absl::StatusOr<std::optional<std::string>> v = string(key, false);
     if (!v.ok()) return v.status();
     if (!*v) continue;
     absl::Duration d;
     if (!absl::ParseDuration(**v, &d) || d < absl::Milliseconds(100) ||
         d > absl::Hours(24)) {
-      return fail(key, absl::StrCat("'", **v,
-                                    "' is not a duration such as 15s or 500ms"));
+      return fail(
+          key,
+          absl::StrCat("'", **v, "' is not a duration such as 15s or 500ms"));
     }
     *field = std::chrono::milliseconds(absl::ToInt64Milliseconds(d));
   }
@@ -176,13 +188,15 @@ absl::StatusOr<DaemonConfig> LoadDaemonConfig(const std::string& path) {
   }
   const toml::table* pools = t["pools"].as_table();
   if (pools == nullptr || pools->empty()) {
-    return fail("pools", "missing: name at least one pool, e.g. [pools] p = "
-                         "\"/srv/a.pool\"");
+    return fail("pools",
+                "missing: name at least one pool, e.g. [pools] p = "
+                "\"/srv/a.pool\"");
   }
   for (auto&& [key, value] : *pools) {
     std::string name(key.str());
     if (!IsValidSiteName(name)) {
-      return fail("pools." + name, "is not a pool name (1-64 of A-Z a-z 0-9 . _ -)");
+      return fail("pools." + name,
+                  "is not a pool name (1-64 of A-Z a-z 0-9 . _ -)");
     }
     std::optional<std::string> v = value.value<std::string>();
     if (!v || v->empty()) {
@@ -196,16 +210,17 @@ absl::StatusOr<DaemonConfig> LoadDaemonConfig(const std::string& path) {
     for (auto&& [key, value] : *peers) {
       std::string name(key.str());
       if (!IsValidSiteName(name) || name == c.site) {
-        return fail("peers." + name,
-                    name == c.site ? "is this daemon's own site"
-                                   : "is not a site name");
+        return fail("peers." + name, name == c.site
+                                         ? "is this daemon's own site"
+                                         : "is not a site name");
       }
       std::optional<std::string> v = value.value<std::string>();
       absl::StatusOr<transport::HostPort> a =
           v ? transport::ParseHostPort(*v)
             : absl::StatusOr<transport::HostPort>(
                   absl::InvalidArgumentError("must be \"HOST:PORT\""));
-      if (!a.ok()) return fail("peers." + name, std::string(a.status().message()));
+      if (!a.ok())
+        return fail("peers." + name, std::string(a.status().message()));
       c.peers[name] = *a;
     }
   }

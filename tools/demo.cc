@@ -257,10 +257,12 @@ int Drill::Run() {
   Mirrored("update");
 
   Step("disaster at site A: break; site B serves (read-write)");
-  if (!Ok(rep_.Break(b_, [](const engine::LossPreview& p) {
-            std::printf("  %s\n  demo: answering yes\n", p.Describe().c_str());
-            return true;
-          }),
+  if (!Ok(rep_.Break(b_,
+                     [](const engine::LossPreview& p) {
+                       std::printf("  %s\n  demo: answering yes\n",
+                                   p.Describe().c_str());
+                       return true;
+                     }),
           "break")) {
     return 1;
   }

@@ -62,7 +62,8 @@ std::string MixedData(uint64_t bytes, uint64_t seed) {
         std::memcpy(p + i, &v, 8);
       }
     } else {
-      for (uint64_t i = 0; i < kChunk; ++i) p[i] = "tandem block store "[(i + c) % 19];
+      for (uint64_t i = 0; i < kChunk; ++i)
+        p[i] = "tandem block store "[(i + c) % 19];
     }
   }
   return out;
@@ -190,7 +191,8 @@ class Drill {
       uint64_t c = rng() % (bytes_ / kChunk);
       std::string data = MixedData(2 * kChunk, seed * 1000003 + i);
       StringSource in(std::string_view(data).substr((c % 2) * kChunk, kChunk));
-      if (!Ok(pool->Write("vol", c * kChunk, kChunk, in), "write")) return false;
+      if (!Ok(pool->Write("vol", c * kChunk, kChunk, in), "write"))
+        return false;
     }
     return true;
   }
@@ -219,11 +221,12 @@ class Drill {
   void Transferred(const absl::StatusOr<ordered_json>& r) {
     if (r.ok()) {
       const ordered_json& s = (*r)["stats"];
-      std::printf("  sent %s (%s of data, %llu snapshot(s)) in %.2f s\n",
-                  blockstore::FormatBytes(s.value("stream_bytes", uint64_t{0})).c_str(),
-                  blockstore::FormatBytes(s.value("data_bytes", uint64_t{0})).c_str(),
-                  static_cast<unsigned long long>(s.value("snapshots", uint64_t{0})),
-                  s.value("seconds", 0.0));
+      std::printf(
+          "  sent %s (%s of data, %llu snapshot(s)) in %.2f s\n",
+          blockstore::FormatBytes(s.value("stream_bytes", uint64_t{0})).c_str(),
+          blockstore::FormatBytes(s.value("data_bytes", uint64_t{0})).c_str(),
+          static_cast<unsigned long long>(s.value("snapshots", uint64_t{0})),
+          s.value("seconds", 0.0));
     }
   }
   absl::StatusOr<ordered_json> Op(char via, engine::Operation op,
@@ -242,18 +245,23 @@ class Drill {
 };
 
 int Drill::Run() {
-  Step("site a and site b: a CA, a certificate each, a 4 GiB sparse pool "
-       "file each, in " + dir_);
+  Step(
+      "site a and site b: a CA, a certificate each, a 4 GiB sparse pool "
+      "file each, in " +
+      dir_);
   if (!Ok(transport::MakeCertificates(dir_, "demo-ca", {"a", "b"}),
           "certificates")) {
     return 1;
   }
   const int port_a = FreePort(), port_b = FreePort();
   for (char site : {'a', 'b'}) {
-    std::string path = absl::StrCat(dir_, "/site-", std::string(1, site), ".pool");
+    std::string path =
+        absl::StrCat(dir_, "/site-", std::string(1, site), ".pool");
     if (access(path.c_str(), F_OK) == 0) {
-      std::printf("  [FAIL] %s exists (from an earlier demo?): delete it or "
-                  "pick another directory\n", path.c_str());
+      std::printf(
+          "  [FAIL] %s exists (from an earlier demo?): delete it or "
+          "pick another directory\n",
+          path.c_str());
       return 1;
     }
     blockstore::FileIoOptions options;
@@ -261,7 +269,8 @@ int Drill::Run() {
     absl::StatusOr<std::unique_ptr<blockstore::Io>> io =
         blockstore::OpenFileIo(path, options);
     if (!Ok(io.status(), "create pool file")) return 1;
-    if (!Ok(blockstore::Pool::Create(std::move(*io), {.chunk_size_bytes = kChunk})
+    if (!Ok(blockstore::Pool::Create(std::move(*io),
+                                     {.chunk_size_bytes = kChunk})
                 .status(),
             "create pool")) {
       return 1;
@@ -275,8 +284,9 @@ int Drill::Run() {
         << "[tls]\ncert = \"" << site << ".crt\"\nkey = \"" << site
         << ".key\"\nca = \"demo-ca.crt\"\n"
         << "[pools]\np = \"site-" << site << ".pool\"\n"
-        << "[peers]\n" << other << " = \"127.0.0.1:"
-        << (other == 'a' ? port_a : port_b) << "\"\n";
+        << "[peers]\n"
+        << other << " = \"127.0.0.1:" << (other == 'a' ? port_a : port_b)
+        << "\"\n";
   }
   auto daemon = [&](char site) {
     const std::string s(1, site);
@@ -307,8 +317,9 @@ int Drill::Run() {
     if (!Ok(Pool('a')->Write("vol", 0, data.size(), in), "write")) return 1;
   }
 
-  Step("relationship create --source a/p:vol --destination b/p:vol "
-       "--schedule 10m --max-rate 200M");
+  Step(
+      "relationship create --source a/p:vol --destination b/p:vol "
+      "--schedule 10m --max-rate 200M");
   if (!Ok(DaemonRelationships(*ca_)
               ->Create("a/p:vol", "b/p:vol", 600, 200 << 20)
               .status(),
@@ -330,13 +341,15 @@ int Drill::Run() {
   Show('b');
   Mirrored("initialize");
   {
-    StringSource one(MixedData(kChunk, 2));
+    const std::string chunk = MixedData(kChunk, 2);
+    StringSource one(chunk);
     Check(!Pool('b')->Write("vol", 0, kChunk, one).ok(),
           "the destination refuses writes while Mirrored");
   }
 
-  Step("write 1% more, snapshot a/p:vol@before-upgrade, write 1% more; "
-       "update through site a's daemon");
+  Step(
+      "write 1% more, snapshot a/p:vol@before-upgrade, write 1% more; "
+      "update through site a's daemon");
   const uint64_t one_percent = std::max<uint64_t>(1, bytes_ / kChunk / 100);
   if (!Write('a', one_percent, 3)) return 1;
   if (!Ok(Pool('a')->CreateSnapshot("vol", "before-upgrade").status(),
@@ -353,8 +366,9 @@ int Drill::Run() {
         "the user snapshot arrived: b/p:vol@before-upgrade equals "
         "a/p:vol@before-upgrade");
 
-  Step("write 10% more and update; try to break through site b while it "
-       "transfers");
+  Step(
+      "write 10% more and update; try to break through site b while it "
+      "transfers");
   if (!Write('a', 10 * one_percent, 5)) return 1;
   absl::StatusOr<ordered_json> during = absl::UnknownError("not tried");
   std::string seen;
@@ -362,7 +376,8 @@ int Drill::Run() {
   for (int i = 0; i < 2000 && seen != "Transferring"; ++i) {
     seen = Status('b').value("relationship_status", "");
     if (seen == "Transferring") during = Op('b', engine::Operation::kBreak);
-    if (seen != "Transferring") std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    if (seen != "Transferring")
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
   updater.join();
   if (!Ok(r.status(), "update")) return 1;
@@ -373,8 +388,9 @@ int Drill::Run() {
   Transferred(r);
   Mirrored("update");
 
-  Step("disaster at site A: its daemon goes down; break through site b's "
-       "daemon; site B serves (read-write)");
+  Step(
+      "disaster at site A: its daemon goes down; break through site b's "
+      "daemon; site B serves (read-write)");
   Check(a_->Stop(SIGKILL) == -1, "site a's daemon is gone (kill -9)");
   r = Op('b', engine::Operation::kBreak);
   if (!Ok(r.status(), "break")) return 1;
@@ -387,8 +403,9 @@ int Drill::Run() {
   std::printf("  clients write 2%% on b/p:vol\n");
   if (!Write('b', 2 * one_percent, 6)) return 1;
 
-  Step("site A is back (its daemon restarts); it took 1% of late writes "
-       "before it went down");
+  Step(
+      "site A is back (its daemon restarts); it took 1% of late writes "
+      "before it went down");
   if (!a_->Start()) {
     std::printf("  [FAIL] site a's daemon did not restart; see %s\n",
                 a_->log().c_str());
@@ -457,8 +474,10 @@ int RunDaemonDemo(const std::string& dir_arg, uint64_t volume_bytes,
   std::string bin = n > 0 ? std::string(exe, n) : std::string(self);
   std::string tandemd = bin.substr(0, bin.rfind('/') + 1) + "tandemd";
   if (access(tandemd.c_str(), X_OK) != 0) {
-    std::printf("demo: no tandemd next to %s; build it, or run `tandem demo "
-                "--local`\n", bin.c_str());
+    std::printf(
+        "demo: no tandemd next to %s; build it, or run `tandem demo "
+        "--local`\n",
+        bin.c_str());
     return 1;
   }
   std::string dir = dir_arg;
@@ -493,10 +512,9 @@ int RunDaemonDemo(const std::string& dir_arg, uint64_t volume_bytes,
     }
   }
   if (temporary) {
-    for (const char* f :
-         {"site-a.pool", "site-b.pool", "a.toml", "b.toml", "a.log", "b.log",
-          "a.crt", "a.key", "b.crt", "b.key", "demo-ca.crt", "a.sock",
-          "b.sock"}) {
+    for (const char* f : {"site-a.pool", "site-b.pool", "a.toml", "b.toml",
+                          "a.log", "b.log", "a.crt", "a.key", "b.crt", "b.key",
+                          "demo-ca.crt", "a.sock", "b.sock"}) {
       unlink(absl::StrCat(dir, "/", f).c_str());
     }
     rmdir(dir.c_str());

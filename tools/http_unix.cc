@@ -48,8 +48,8 @@ absl::Status StatusFromResponse(int http, const std::string& body) {
     return absl::Status(static_cast<absl::StatusCode>(code),
                         j["error"].get<std::string>());
   }
-  return absl::UnknownError(
-      absl::StrCat("the daemon answered HTTP ", http, ": ", body.substr(0, 200)));
+  return absl::UnknownError(absl::StrCat("the daemon answered HTTP ", http,
+                                         ": ", body.substr(0, 200)));
 }
 
 }  // namespace tools

@@ -30,7 +30,8 @@ class UnixHttpClient : public httplib::ClientImpl {
       : httplib::ClientImpl("localhost"), path_(std::move(path)) {}
 
  protected:
-  bool create_and_connect_socket(Socket& socket, httplib::Error& error) override {
+  bool create_and_connect_socket(Socket& socket,
+                                 httplib::Error& error) override {
     absl::StatusOr<transport::Fd> fd = transport::ConnectUnix(path_);
     if (!fd.ok()) {
       error = httplib::Error::Connection;

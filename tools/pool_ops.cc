@@ -72,8 +72,8 @@ class Local final : public PoolOps {
     return pool_.DeleteVolume(name, recursive);
   }
 
-  absl::StatusOr<ordered_json> CreateSnapshot(const std::string& volume,
-                                              const std::string& name) override {
+  absl::StatusOr<ordered_json> CreateSnapshot(
+      const std::string& volume, const std::string& name) override {
     absl::StatusOr<blockstore::SnapshotInfo> s =
         pool_.CreateSnapshot(volume, name);
     if (!s.ok()) return s.status();
@@ -176,15 +176,15 @@ class Local final : public PoolOps {
       size = s->size_bytes;
     }
     if (offset > size) {
-      return absl::OutOfRangeError(absl::StrCat(
-          "offset ", offset, " is past the end of '", ref, "' (", size,
-          " bytes)"));
+      return absl::OutOfRangeError(absl::StrCat("offset ", offset,
+                                                " is past the end of '", ref,
+                                                "' (", size, " bytes)"));
     }
     const uint64_t n = length.value_or(size - offset);
     if (n > size - offset) {
-      return absl::OutOfRangeError(absl::StrCat(
-          "read of ", n, " bytes at offset ", offset, " is past the end of '",
-          ref, "' (", size, " bytes)"));
+      return absl::OutOfRangeError(
+          absl::StrCat("read of ", n, " bytes at offset ", offset,
+                       " is past the end of '", ref, "' (", size, " bytes)"));
     }
     return n;
   }
@@ -256,8 +256,8 @@ std::unique_ptr<PoolOps> PoolOpsOver(Pool& pool) {
   return std::make_unique<Local>(pool);
 }
 
-absl::StatusOr<std::unique_ptr<PoolOps>> OpenPoolOps(const std::string& path,
-                                                     blockstore::OpenMode mode) {
+absl::StatusOr<std::unique_ptr<PoolOps>> OpenPoolOps(
+    const std::string& path, blockstore::OpenMode mode) {
   absl::StatusOr<std::unique_ptr<Pool>> pool = OpenPool(path, mode);
   if (!pool.ok()) return pool.status();
   return std::unique_ptr<PoolOps>(new Local(std::move(*pool)));

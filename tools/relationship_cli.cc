@@ -89,8 +89,7 @@ absl::Status Asker::Explain(absl::Status s, const std::string& op) const {
   if (absl::IsCancelled(s) && refused_without_terminal) {
     return absl::CancelledError(absl::StrCat(
         op,
-        op == "break" ? " makes the destination writable"
-                      : " overwrites data",
+        op == "break" ? " makes the destination writable" : " overwrites data",
         " and there is no terminal to confirm on: rerun with --yes (nothing "
         "was changed)"));
   }

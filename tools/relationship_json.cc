@@ -19,12 +19,22 @@ using engine::RelationshipReport;
 namespace {
 
 std::string Text(const ordered_json& j, const char* key) {
-  return j.contains(key) && j[key].is_string() ? j[key].get<std::string>()
-                                               : std::string();
+  return j.is_object() && j.contains(key) && j[key].is_string()
+             ? j[key].get<std::string>()
+             : std::string();
 }
 
 uint64_t Number(const ordered_json& j, const char* key) {
-  return j.contains(key) && j[key].is_number() ? j[key].get<uint64_t>() : 0;
+  return j.is_object() && j.contains(key) && j[key].is_number_unsigned()
+             ? j[key].get<uint64_t>()
+             : 0;
+}
+
+// The object at `key`, or null (operator[] of a const json must not be
+// asked for a key it lacks).
+const ordered_json& Child(const ordered_json& j, const char* key) {
+  static const ordered_json kNone;
+  return j.is_object() && j.contains(key) ? j[key] : kNone;
 }
 
 }  // namespace
@@ -56,8 +66,8 @@ ordered_json ReportJson(const RelationshipReport& rep) {
   ordered_json j = RecordJson(rep.record);
   j["healthy"] = rep.healthy;
   j["unhealthy_reason"] = rep.unhealthy_reason;
-  j["lag_seconds"] =
-      rep.lag_seconds < 0 ? ordered_json(nullptr) : ordered_json(rep.lag_seconds);
+  j["lag_seconds"] = rep.lag_seconds < 0 ? ordered_json(nullptr)
+                                         : ordered_json(rep.lag_seconds);
   j["last_common_snapshot"] = rep.last_common_snapshot;
   j["notes"] = rep.notes;
   return j;
@@ -103,34 +113,40 @@ void PrintReport(const ordered_json& rep) {
   const std::string driver = Text(rep, "driver");
   row("relationship status",
       status == "Transferring"
-          ? absl::StrCat("Transferring (", Text(rep, "operation"),
-                         driver.empty() ? "" : absl::StrCat(", by site ", driver),
-                         ")")
+          ? absl::StrCat(
+                "Transferring (", Text(rep, "operation"),
+                driver.empty() ? "" : absl::StrCat(", by site ", driver), ")")
           : status);
-  row("healthy", rep.value("healthy", false)
+  const ordered_json& healthy = Child(rep, "healthy");
+  row("healthy", healthy.is_boolean() && healthy.get<bool>()
                      ? "yes"
                      : "no: " + Text(rep, "unhealthy_reason"));
-  const int64_t schedule = rep.value("schedule_seconds", int64_t{0});
-  row("lag", rep["lag_seconds"].is_null()
+  const int64_t schedule =
+      static_cast<int64_t>(Number(rep, "schedule_seconds"));
+  const ordered_json& lag = Child(rep, "lag_seconds");
+  row("lag", !lag.is_number_integer()
                  ? "unknown"
-                 : absl::StrCat(rep["lag_seconds"].get<int64_t>(),
-                                " s (schedule ", FormatSchedule(schedule),
-                                ")"));
+                 : absl::StrCat(lag.get<int64_t>(), " s (schedule ",
+                                FormatSchedule(schedule), ")"));
   const uint64_t rate = Number(rep, "max_rate_bytes");
   if (rate > 0) row("max rate", FormatBytes(rate) + "/s");
   const std::string common = Text(rep, "last_common_snapshot");
-  const bool noted = rep.contains("notes") && !rep["notes"].empty();
+  const ordered_json& notes = Child(rep, "notes");
+  const bool noted = notes.is_array() && !notes.empty();
   row("last common snapshot", !common.empty() ? common
-                              : noted         ? "unknown (a pool cannot be reached)"
-                                              : "none");
-  const int64_t end_ns = rep.value("last_transfer_end_ns", int64_t{0});
+                              : noted ? "unknown (a pool cannot be reached)"
+                                      : "none");
+  const int64_t end_ns =
+      static_cast<int64_t>(Number(rep, "last_transfer_end_ns"));
   if (end_ns != 0) {
     row("last transfer",
         absl::StrFormat(
             "%s on the wire, %s of data, %.2f s, ended %s",
             FormatBytes(Number(rep, "last_transfer_bytes")),
             FormatBytes(Number(rep, "last_transfer_data_bytes")),
-            rep.value("last_transfer_seconds", 0.0),
+            Child(rep, "last_transfer_seconds").is_number()
+                ? Child(rep, "last_transfer_seconds").get<double>()
+                : 0.0,
             absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", absl::FromUnixNanos(end_ns),
                              absl::UTCTimeZone())));
   } else {
@@ -138,25 +154,29 @@ void PrintReport(const ordered_json& rep) {
   }
   const std::string error = Text(rep, "last_transfer_error");
   row("last transfer error", error.empty() ? "none" : error);
-  row("progress", absl::StrCat(FormatBytes(Number(rep, "progress_bytes")), " / ",
-                               FormatBytes(Number(rep, "progress_total_bytes"))));
+  row("progress",
+      absl::StrCat(FormatBytes(Number(rep, "progress_bytes")), " / ",
+                   FormatBytes(Number(rep, "progress_total_bytes"))));
   row("total transferred", FormatBytes(Number(rep, "total_transfer_bytes")));
-  if (rep.contains("notes")) {
-    for (const auto& n : rep["notes"]) row("note", n.get<std::string>());
+  if (noted) {
+    for (const auto& n : notes) {
+      if (n.is_string()) row("note", n.get<std::string>());
+    }
   }
 }
 
 void PrintResult(const ordered_json& result) {
   const std::string op = Text(result, "operation");
-  const ordered_json& rel = result["relationship"];
-  const std::string dir = rel.is_object()
-                              ? absl::StrCat(Text(rel, "source"), " -> ",
-                                             Text(rel, "destination"))
-                              : Text(result, "endpoint");
+  const ordered_json& rel = Child(result, "relationship");
+  const std::string dir =
+      rel.is_object()
+          ? absl::StrCat(Text(rel, "source"), " -> ", Text(rel, "destination"))
+          : Text(result, "endpoint");
   const std::string state = rel.is_object() ? StateLine(rel) : "?";
   if (op == "release") {
-    const ordered_json& r = result["release"];
-    if (r.value("complete", true)) {
+    const ordered_json& r = Child(result, "release");
+    const ordered_json& complete = Child(r, "complete");
+    if (!complete.is_boolean() || complete.get<bool>()) {
       std::printf("released %s: volumes keep their data\n",
                   Text(result, "endpoint").c_str());
     } else {
@@ -176,7 +196,7 @@ void PrintResult(const ordered_json& result) {
                 rel.is_object() ? Text(rel, "destination").c_str() : "");
     return;
   }
-  const ordered_json& s = result["stats"];
+  const ordered_json& s = Child(result, "stats");
   if (Number(s, "snapshots") == 0 && Number(s, "stream_bytes") == 0) {
     std::printf("%s %s: nothing to do; %s\n", op.c_str(), dir.c_str(),
                 state.c_str());
@@ -187,12 +207,13 @@ void PrintResult(const ordered_json& result) {
     extra = absl::StrCat(", ", Number(s, "resumed"),
                          " delta(s) resumed from a checkpoint");
   }
-  std::printf("%s %s: %s sent (%s of data, %llu snapshot(s)%s) in %.2f s; %s\n",
-              op.c_str(), dir.c_str(),
-              FormatBytes(Number(s, "stream_bytes")).c_str(),
-              FormatBytes(Number(s, "data_bytes")).c_str(),
-              static_cast<unsigned long long>(Number(s, "snapshots")),
-              extra.c_str(), s.value("seconds", 0.0), state.c_str());
+  std::printf(
+      "%s %s: %s sent (%s of data, %llu snapshot(s)%s) in %.2f s; %s\n",
+      op.c_str(), dir.c_str(), FormatBytes(Number(s, "stream_bytes")).c_str(),
+      FormatBytes(Number(s, "data_bytes")).c_str(),
+      static_cast<unsigned long long>(Number(s, "snapshots")), extra.c_str(),
+      Child(s, "seconds").is_number() ? Child(s, "seconds").get<double>() : 0.0,
+      state.c_str());
 }
 
 absl::StatusOr<int64_t> ParseSchedule(const std::string& text) {

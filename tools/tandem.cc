@@ -31,10 +31,10 @@
 #include "engine/relationship.h"
 #include "nlohmann/json.hpp"
 #include "tools/command_line.h"
-#include "tools/demo.h"
-#include "tools/open_pool.h"
 #include "tools/control_client.h"
+#include "tools/demo.h"
 #include "tools/fd_stream.h"
+#include "tools/open_pool.h"
 #include "tools/pool_ops.h"
 #include "tools/relationship_cli.h"
 
@@ -174,13 +174,15 @@ void PrintPoolInfo(const ordered_json& i) {
   std::printf("io          %s\n", i.value("io", "").c_str());
   std::printf("chunk size  %s\n", FormatBytes(n("chunk_size_bytes")).c_str());
   std::printf("capacity    %s\n", FormatBytes(n("capacity_bytes")).c_str());
-  std::printf("used        %s (%llu bytes)\n", FormatBytes(n("used_bytes")).c_str(),
+  std::printf("used        %s (%llu bytes)\n",
+              FormatBytes(n("used_bytes")).c_str(),
               static_cast<unsigned long long>(n("used_bytes")));
   std::printf("free        %s\n", FormatBytes(n("free_bytes")).c_str());
   std::printf("metadata    %s used of %s\n",
               FormatBytes(n("metadata_used_bytes")).c_str(),
               FormatBytes(n("metadata_capacity_bytes")).c_str());
-  std::printf("volumes     %llu\n", static_cast<unsigned long long>(n("volumes")));
+  std::printf("volumes     %llu\n",
+              static_cast<unsigned long long>(n("volumes")));
   std::printf("snapshots   %llu\n",
               static_cast<unsigned long long>(n("snapshots")));
   std::printf("generation  %llu\n",
@@ -217,10 +219,11 @@ std::optional<Failure> PrintCheck(const std::string& pool,
 void PrintVolumes(const ordered_json& vols) {
   std::printf("%-24s %14s %9s  %s\n", "NAME", "SIZE", "SNAPSHOTS", "CREATED");
   for (const auto& v : vols) {
-    std::printf("%-24s %14s %9llu  %s\n", v.value("name", "").c_str(),
-                blockstore::FormatBytes(v.value("size_bytes", uint64_t{0})).c_str(),
-                static_cast<unsigned long long>(v.value("snapshots", uint64_t{0})),
-                v.value("created", "").c_str());
+    std::printf(
+        "%-24s %14s %9llu  %s\n", v.value("name", "").c_str(),
+        blockstore::FormatBytes(v.value("size_bytes", uint64_t{0})).c_str(),
+        static_cast<unsigned long long>(v.value("snapshots", uint64_t{0})),
+        v.value("created", "").c_str());
   }
 }
 
@@ -228,10 +231,11 @@ void PrintSnapshots(const ordered_json& snaps) {
   std::printf("%-24s %-36s %-20s %12s  %s\n", "NAME", "GUID", "CREATED", "SIZE",
               "ROOT DIGEST");
   for (const auto& s : snaps) {
-    std::printf("%-24s %-36s %-20s %12s  %s\n", s.value("name", "").c_str(),
-                s.value("guid", "").c_str(), s.value("created", "").c_str(),
-                blockstore::FormatBytes(s.value("size_bytes", uint64_t{0})).c_str(),
-                s.value("root_digest", "").c_str());
+    std::printf(
+        "%-24s %-36s %-20s %12s  %s\n", s.value("name", "").c_str(),
+        s.value("guid", "").c_str(), s.value("created", "").c_str(),
+        blockstore::FormatBytes(s.value("size_bytes", uint64_t{0})).c_str(),
+        s.value("root_digest", "").c_str());
   }
 }
 
@@ -421,7 +425,8 @@ int Run(int argc, char** argv) {
     if (!off.ok()) return act(off.status());
     absl::StatusOr<uint64_t> len = Size(length_text, "length");
     if (!len.ok()) return act(len.status());
-    with(OpenMode::kReadWrite, [&](PoolOps& o) { act(o.Trim(name, *off, *len)); });
+    with(OpenMode::kReadWrite,
+         [&](PoolOps& o) { act(o.Trim(name, *off, *len)); });
   });
 
   // snapshots
@@ -435,7 +440,8 @@ int Run(int argc, char** argv) {
     Ref ref = ParseRef(name);
     if (absl::Status s = RequireSnapshot(ref, name); !s.ok()) return act(s);
     with(OpenMode::kReadWrite, [&](PoolOps& o) {
-      absl::StatusOr<ordered_json> info = o.CreateSnapshot(ref.volume, ref.snapshot);
+      absl::StatusOr<ordered_json> info =
+          o.CreateSnapshot(ref.volume, ref.snapshot);
       if (!info.ok()) return act(info.status());
       if (as_json) {
         std::cout << info->dump(2) << "\n";
@@ -452,7 +458,8 @@ int Run(int argc, char** argv) {
   snap_list->add_flag("--json", as_json);
   snap_list->callback([&] {
     with(OpenMode::kReadOnly, [&](PoolOps& o) {
-      absl::StatusOr<ordered_json> snaps = o.ListSnapshots(ParseRef(name).volume);
+      absl::StatusOr<ordered_json> snaps =
+          o.ListSnapshots(ParseRef(name).volume);
       if (!snaps.ok()) return act(snaps.status());
       if (as_json) {
         std::cout << snaps->dump(2) << "\n";
@@ -467,9 +474,8 @@ int Run(int argc, char** argv) {
   snap_delete->callback([&] {
     Ref ref = ParseRef(name);
     if (absl::Status s = RequireSnapshot(ref, name); !s.ok()) return act(s);
-    with(OpenMode::kReadWrite, [&](PoolOps& o) {
-      act(o.DeleteSnapshot(ref.volume, ref.snapshot));
-    });
+    with(OpenMode::kReadWrite,
+         [&](PoolOps& o) { act(o.DeleteSnapshot(ref.volume, ref.snapshot)); });
   });
 
   CLI::App* rollback =

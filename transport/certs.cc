@@ -28,7 +28,8 @@ using Cert = std::unique_ptr<X509, CertFree>;
 
 absl::Status Failed(const std::string& what) {
   char buf[256] = "no detail";
-  if (unsigned long e = ERR_get_error()) ERR_error_string_n(e, buf, sizeof(buf));
+  if (unsigned long e = ERR_get_error())
+    ERR_error_string_n(e, buf, sizeof(buf));
   return absl::InternalError(absl::StrCat(what, ": ", buf));
 }
 
@@ -55,8 +56,8 @@ Cert NewCert(const std::string& cn, EVP_PKEY* key, X509* issuer,
   X509V3_set_ctx(&ctx, issuer ? issuer : c.get(), c.get(), nullptr, nullptr, 0);
   const std::string san = absl::StrCat("DNS:", cn);
   for (auto [nid, value] :
-       {std::pair{NID_basic_constraints, issuer ? "critical,CA:FALSE"
-                                                : "critical,CA:TRUE"},
+       {std::pair{NID_basic_constraints,
+                  issuer ? "critical,CA:FALSE" : "critical,CA:TRUE"},
         std::pair{NID_key_usage, issuer ? "critical,digitalSignature"
                                         : "critical,keyCertSign,cRLSign"},
         std::pair{NID_subject_alt_name, san.c_str()}}) {
@@ -79,7 +80,8 @@ Cert NewCert(const std::string& cn, EVP_PKEY* key, X509* issuer,
 
 absl::Status WritePem(const std::string& path, X509* cert, EVP_PKEY* key) {
   FILE* f = std::fopen(path.c_str(), "w");
-  if (f == nullptr) return absl::InternalError(absl::StrCat("cannot write ", path));
+  if (f == nullptr)
+    return absl::InternalError(absl::StrCat("cannot write ", path));
   bool ok = cert ? PEM_write_X509(f, cert) == 1
                  : PEM_write_PrivateKey(f, key, nullptr, nullptr, 0, nullptr,
                                         nullptr) == 1;
@@ -96,8 +98,8 @@ absl::Status MakeCertificates(const std::string& dir, const std::string& ca,
   if (!ca_key) return Failed("CA key");
   Cert ca_cert = NewCert(ca, ca_key.get(), nullptr, ca_key.get(), 1);
   if (!ca_cert) return Failed("CA certificate");
-  if (absl::Status s = WritePem(absl::StrCat(dir, "/", ca, ".crt"),
-                                ca_cert.get(), nullptr);
+  if (absl::Status s =
+          WritePem(absl::StrCat(dir, "/", ca, ".crt"), ca_cert.get(), nullptr);
       !s.ok()) {
     return s;
   }

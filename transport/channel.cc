@@ -102,15 +102,14 @@ class Tls final : public Channel {
         err = SSL_get_error(ssl_, 0);
         if (err == SSL_ERROR_ZERO_RETURN) return size_t{0};
         if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE) {
-          return absl::UnavailableError(
-              absl::StrCat("TLS read: ", err == SSL_ERROR_SYSCALL
-                                             ? std::strerror(errno)
-                                             : OpensslErrors()));
+          return absl::UnavailableError(absl::StrCat(
+              "TLS read: ", err == SSL_ERROR_SYSCALL ? std::strerror(errno)
+                                                     : OpensslErrors()));
         }
       }
-      if (absl::Status s = WaitFor(
-              fd_.get(), err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT,
-              deadline);
+      if (absl::Status s =
+              WaitFor(fd_.get(), err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT,
+                      deadline);
           !s.ok()) {
         return s;
       }
@@ -130,15 +129,14 @@ class Tls final : public Channel {
         }
         err = SSL_get_error(ssl_, 0);
         if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE) {
-          return absl::UnavailableError(
-              absl::StrCat("TLS write: ", err == SSL_ERROR_SYSCALL
-                                              ? std::strerror(errno)
-                                              : OpensslErrors()));
+          return absl::UnavailableError(absl::StrCat(
+              "TLS write: ", err == SSL_ERROR_SYSCALL ? std::strerror(errno)
+                                                      : OpensslErrors()));
         }
       }
-      if (absl::Status s = WaitFor(
-              fd_.get(), err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT,
-              deadline);
+      if (absl::Status s =
+              WaitFor(fd_.get(), err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT,
+                      deadline);
           !s.ok()) {
         return s;
       }
@@ -249,9 +247,9 @@ absl::Status Handshake(SSL* ssl, int fd, bool server, Deadline deadline) {
     int err = SSL_get_error(ssl, rc);
     if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE) {
       return absl::PermissionDeniedError(absl::StrCat(
-          "TLS handshake failed: ",
-          err == SSL_ERROR_SYSCALL ? std::string("connection closed")
-                                   : OpensslErrors()));
+          "TLS handshake failed: ", err == SSL_ERROR_SYSCALL
+                                        ? std::string("connection closed")
+                                        : OpensslErrors()));
     }
     absl::Status s =
         WaitFor(fd, err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT, deadline);
@@ -286,7 +284,8 @@ absl::StatusOr<std::unique_ptr<Security>> Security::Create(
     psk_index = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
   });
   for (bool server : {true, false}) {
-    SSL_CTX* ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
+    SSL_CTX* ctx =
+        SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
     if (ctx == nullptr) {
       return absl::InternalError(
           absl::StrCat("TLS context: ", OpensslErrors()));
@@ -304,26 +303,24 @@ absl::StatusOr<std::unique_ptr<Security>> Security::Create(
       if (SSL_CTX_use_certificate_chain_file(ctx, config.cert_file.c_str()) !=
           1) {
         return absl::InvalidArgumentError(absl::StrCat(
-            "tls.cert ", config.cert_file,
-            ": cannot load a PEM certificate (", OpensslErrors(), ")"));
+            "tls.cert ", config.cert_file, ": cannot load a PEM certificate (",
+            OpensslErrors(), ")"));
       }
       if (SSL_CTX_use_PrivateKey_file(ctx, config.key_file.c_str(),
                                       SSL_FILETYPE_PEM) != 1 ||
           SSL_CTX_check_private_key(ctx) != 1) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "tls.key ", config.key_file,
-            ": cannot load the certificate's PEM private key (",
-            OpensslErrors(), ")"));
-      }
-      if (SSL_CTX_load_verify_locations(ctx, config.ca_file.c_str(),
-                                        nullptr) != 1) {
         return absl::InvalidArgumentError(
-            absl::StrCat("tls.ca ", config.ca_file,
-                         ": cannot load the CA certificate (",
+            absl::StrCat("tls.key ", config.key_file,
+                         ": cannot load the certificate's PEM private key (",
                          OpensslErrors(), ")"));
       }
-      SSL_CTX_set_verify(ctx,
-                         SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT,
+      if (SSL_CTX_load_verify_locations(ctx, config.ca_file.c_str(), nullptr) !=
+          1) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tls.ca ", config.ca_file, ": cannot load the CA certificate (",
+            OpensslErrors(), ")"));
+      }
+      SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT,
                          nullptr);
     } else {
       if (s->psk_.empty()) {

@@ -64,18 +64,15 @@ absl::StatusOr<std::pair<FrameType, uint32_t>> DecodeFrameHeader(
     return absl::DataLossError("frame reserved bytes are not zero");
   }
   if (length > kMaxFramePayload) {
-    return absl::DataLossError(absl::StrCat("frame of ", length,
-                                            " bytes is over the limit of ",
-                                            kMaxFramePayload));
+    return absl::DataLossError(absl::StrCat(
+        "frame of ", length, " bytes is over the limit of ", kMaxFramePayload));
   }
   return std::pair{static_cast<FrameType>(type), length};
 }
 
 Connection::Connection(std::unique_ptr<Channel> channel,
                        ConnectionOptions options, std::string peer)
-    : channel_(std::move(channel)),
-      options_(options),
-      peer_(std::move(peer)) {
+    : channel_(std::move(channel)), options_(options), peer_(std::move(peer)) {
   last_write_ns_ = NowNs();
 }
 
@@ -98,9 +95,8 @@ void Connection::Keepalive() {
     {
       MutexLock lock(stop_mu_);
       stop_cv_.wait_for(stop_mu_, options_.keepalive / 3,
-                        [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-                          return stop_;
-                        });
+                        [this]()
+                            ABSL_NO_THREAD_SAFETY_ANALYSIS { return stop_; });
       if (stop_) return;
     }
     if (broken_) continue;
@@ -156,9 +152,9 @@ absl::Status Connection::ReadFull(std::span<std::byte> out,
         channel_->ReadSome(out, deadline ? *deadline : After(options_.timeout));
     if (!n.ok()) {
       if (absl::IsDeadlineExceeded(n.status())) {
-        return Fail(absl::DeadlineExceededError(absl::StrCat(
-            "the peer was silent for ", options_.timeout.count() / 1000,
-            " s")));
+        return Fail(absl::DeadlineExceededError(
+            absl::StrCat("the peer was silent for ",
+                         options_.timeout.count() / 1000, " s")));
       }
       return Fail(n.status());
     }

@@ -38,13 +38,12 @@ absl::Status CheckHello(const json& hello, const std::string& identity,
   }
   if (lo > kProtocolVersion || hi < kProtocolVersion) {
     return absl::PermissionDeniedError(
-        absl::StrCat("speaks protocol versions ", lo, "-", hi,
-                     ", this daemon ", kProtocolVersion));
+        absl::StrCat("speaks protocol versions ", lo, "-", hi, ", this daemon ",
+                     kProtocolVersion));
   }
   if (!plaintext && *site != identity) {
-    return absl::PermissionDeniedError(
-        absl::StrCat("says it is site '", *site, "' but authenticated as '",
-                     identity, "'"));
+    return absl::PermissionDeniedError(absl::StrCat(
+        "says it is site '", *site, "' but authenticated as '", identity, "'"));
   }
   if (!peers.contains(*site)) {
     return absl::PermissionDeniedError(
@@ -56,9 +55,9 @@ absl::Status CheckHello(const json& hello, const std::string& identity,
 absl::StatusOr<std::unique_ptr<PeerServer>> PeerServer::Start(
     const HostPort& at, Security& security, PeerOptions options,
     std::set<std::string> peers, Handler handler, Logger log) {
-  std::unique_ptr<PeerServer> s(new PeerServer(
-      security, std::move(options), std::move(peers), std::move(handler),
-      std::move(log)));
+  std::unique_ptr<PeerServer> s(
+      new PeerServer(security, std::move(options), std::move(peers),
+                     std::move(handler), std::move(log)));
   absl::StatusOr<Fd> listener = ListenTcp(at);
   if (!listener.ok()) return listener.status();
   s->listener_ = std::move(*listener);
@@ -99,12 +98,11 @@ void PeerServer::AcceptLoop() {
     }
     ++handshaking_;
     MutexLock lock(mu_);
-    threads_.emplace_back(
-        [this, f = std::move(*fd), address]() mutable {
-          Serve(std::move(f), address);
-          MutexLock done(mu_);
-          finished_.push_back(std::this_thread::get_id());
-        });
+    threads_.emplace_back([this, f = std::move(*fd), address]() mutable {
+      Serve(std::move(f), address);
+      MutexLock done(mu_);
+      finished_.push_back(std::this_thread::get_id());
+    });
   }
 }
 
@@ -120,8 +118,9 @@ void PeerServer::Serve(Fd fd, std::string address) {
     // Stop() shuts the socket down to end a handshake early.
     {
       MutexLock lock(mu_);
-      if (stopping_) return absl::StatusOr<std::unique_ptr<Channel>>(
-          absl::UnavailableError("stopping"));
+      if (stopping_)
+        return absl::StatusOr<std::unique_ptr<Channel>>(
+            absl::UnavailableError("stopping"));
       handshaking_fds_.insert(raw);
     }
     absl::StatusOr<std::unique_ptr<Channel>> c =
@@ -200,9 +199,9 @@ absl::StatusOr<std::unique_ptr<Connection>> PeerClient::Connect() {
   const Deadline deadline = After(options_.handshake_timeout);
   absl::StatusOr<Fd> fd = ConnectTcp(address_, deadline);
   if (!fd.ok()) {
-    return absl::UnavailableError(absl::StrCat(
-        "site ", peer_site_, " (", address_.ToString(),
-        ") cannot be reached: ", fd.status().message()));
+    return absl::UnavailableError(
+        absl::StrCat("site ", peer_site_, " (", address_.ToString(),
+                     ") cannot be reached: ", fd.status().message()));
   }
   absl::StatusOr<std::unique_ptr<Channel>> channel =
       security_.Connect(std::move(*fd), peer_site_, options_.site, deadline);
@@ -214,15 +213,14 @@ absl::StatusOr<std::unique_ptr<Connection>> PeerClient::Connect() {
                             : channel.status().code(),
                         channel.status().message());
   }
-  auto conn = std::make_unique<Connection>(std::move(*channel),
-                                           options_.connection,
-                                           address_.ToString());
+  auto conn = std::make_unique<Connection>(
+      std::move(*channel), options_.connection, address_.ToString());
   conn->peer_site = peer_site_;
-  if (absl::Status s = conn->SendMessage(
-          FrameType::kHello, {{"protocol", "tandem-peer"},
-                              {"min_version", kProtocolVersion},
-                              {"max_version", kProtocolVersion},
-                              {"site", options_.site}});
+  if (absl::Status s = conn->SendMessage(FrameType::kHello,
+                                         {{"protocol", "tandem-peer"},
+                                          {"min_version", kProtocolVersion},
+                                          {"max_version", kProtocolVersion},
+                                          {"site", options_.site}});
       !s.ok()) {
     return s;
   }
@@ -236,8 +234,8 @@ absl::StatusOr<std::unique_ptr<Connection>> PeerClient::Connect() {
         options_.site, ", among its peers, with matching security?)"));
   }
   if (std::string error = Field(hello->json, "error"); !error.empty()) {
-    return absl::PermissionDeniedError(absl::StrCat(
-        "site ", peer_site_, " refused this daemon: ", error));
+    return absl::PermissionDeniedError(
+        absl::StrCat("site ", peer_site_, " refused this daemon: ", error));
   }
   if (U64Or(hello->json, "version", 0) != kProtocolVersion ||
       Field(hello->json, "site") != peer_site_) {

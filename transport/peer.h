@@ -38,9 +38,9 @@ inline constexpr int kProtocolVersion = 1;
 // is known): the protocol, a version both speak, and that the site it
 // names is the one it authenticated as (`identity`; unchecked in plaintext
 // mode) and one of `peers`. On success `site` is set; the error says why not.
-absl::Status CheckHello(const nlohmann::json& hello, const std::string& identity,
-                        bool plaintext, const std::set<std::string>& peers,
-                        std::string* site);
+absl::Status CheckHello(const nlohmann::json& hello,
+                        const std::string& identity, bool plaintext,
+                        const std::set<std::string>& peers, std::string* site);
 
 struct PeerOptions {
   std::string site;  // this daemon's site name

@@ -77,8 +77,9 @@ class CreditGrant {
  private:
   void Send(bool final) {
     granted_ = consumed_;
-    conn_.SendMessage(FrameType::kCredit,
-                      {{"bytes", consumed_}, {"final", final}})
+    conn_
+        .SendMessage(FrameType::kCredit,
+                     {{"bytes", consumed_}, {"final", final}})
         .IgnoreError();
   }
   Connection& conn_;
@@ -141,7 +142,8 @@ double SecondsSince(Clock::time_point start) {
 
 }  // namespace
 
-// --- Connections ---------------------------------------------------------------
+// --- Connections
+// ---------------------------------------------------------------
 
 absl::StatusOr<std::unique_ptr<Connection>> ConnectionPool::Get(bool* reused) {
   {
@@ -192,7 +194,8 @@ void ConnectionPool::Put(std::unique_ptr<Connection> conn) {
   if (idle_.size() < kMaxIdle) idle_.push_back(std::move(conn));
 }
 
-// --- The client side ------------------------------------------------------------
+// --- The client side
+// ------------------------------------------------------------
 
 RemoteSite::RemoteSite(ConnectionPool& connections, std::string pool_name)
     : connections_(connections),
@@ -209,7 +212,8 @@ absl::StatusOr<Message> RemoteSite::Call(nlohmann::json request,
     absl::StatusOr<std::unique_ptr<Connection>> conn =
         connections_.Get(&reused);
     if (!conn.ok()) return conn.status();
-    absl::Status sent = (*conn)->SendMessage(FrameType::kRequest, request, blob);
+    absl::Status sent =
+        (*conn)->SendMessage(FrameType::kRequest, request, blob);
     absl::StatusOr<Message> reply =
         sent.ok() ? (*conn)->ReceiveMessage(FrameType::kResponse) : sent;
     if (reply.ok()) {
@@ -284,8 +288,8 @@ absl::StatusOr<SnapshotInfo> RemoteSite::CreateSnapshot(
   return SnapshotFrom(r->json.value("snapshot", nlohmann::json()));
 }
 
-absl::Status RemoteSite::DeleteSnapshots(const std::string& volume,
-                                         const std::vector<std::string>& names) {
+absl::Status RemoteSite::DeleteSnapshots(
+    const std::string& volume, const std::vector<std::string>& names) {
   return Call({{"method", "delete_snapshots"},
                {"volume", volume},
                {"names", names}},
@@ -404,8 +408,10 @@ absl::StatusOr<engine::SendStats> RemoteSite::Send(
     const engine::SendRequest& request, engine::ByteSink& out) {
   absl::StatusOr<std::unique_ptr<Connection>> conn = connections_.Fresh();
   if (!conn.ok()) return conn.status();
-  nlohmann::json req = {{"method", "send"},      {"pool", pool_},
-                        {"volume", request.volume}, {"base", request.base},
+  nlohmann::json req = {{"method", "send"},
+                        {"pool", pool_},
+                        {"volume", request.volume},
+                        {"base", request.base},
                         {"target", request.target}};
   if (request.onto) req["onto"] = ToJson(*request.onto);
   if (request.resume) req["resume"] = ToJson(*request.resume);
@@ -519,8 +525,9 @@ class RemoteClaim final : public engine::Claim {
     // closes anyway.
     if (!conn_->broken() &&
         conn_->SendMessage(FrameType::kRequest, {{"method", "release"}}).ok()) {
-      conn_->ReceiveMessageBefore(FrameType::kResponse,
-                                  After(std::chrono::seconds(2)))
+      conn_
+          ->ReceiveMessageBefore(FrameType::kResponse,
+                                 After(std::chrono::seconds(2)))
           .IgnoreError();
     }
     conn_->Close();
@@ -529,8 +536,8 @@ class RemoteClaim final : public engine::Claim {
   void Progress(uint64_t done, uint64_t total) override {
     MutexLock lock(mu_);
     auto now = Clock::now();
-    if (!conn_ || (now - last_ < std::chrono::milliseconds(250) &&
-                   done < total)) {
+    if (!conn_ ||
+        (now - last_ < std::chrono::milliseconds(250) && done < total)) {
       return;
     }
     last_ = now;
@@ -584,7 +591,8 @@ absl::StatusOr<std::unique_ptr<engine::Claim>> RemoteSite::TakeClaim(
                                        std::move(*conn));
 }
 
-// --- The server side ---------------------------------------------------------------
+// --- The server side
+// ---------------------------------------------------------------
 
 namespace {
 
@@ -662,14 +670,17 @@ absl::StatusOr<std::string> Str(const nlohmann::json& j, const char* key) {
 bool Handle(Connection& conn, engine::LocalSite& site, const Message& m,
             const std::string& method, const Logger& log) {
   const nlohmann::json& j = m.json;
-  auto reply = [&](absl::Status s, nlohmann::json extra = nlohmann::json::object(),
+  auto reply = [&](absl::Status s,
+                   nlohmann::json extra = nlohmann::json::object(),
                    std::span<const std::byte> blob = {}) {
     nlohmann::json r = StatusJson(s);
     if (s.ok()) r.update(extra);
     return conn.SendMessage(FrameType::kResponse, r, blob).ok();
   };
   absl::StatusOr<std::string> volume = Str(j, "volume");
-  auto need_volume = [&] { return volume.ok() ? absl::OkStatus() : volume.status(); };
+  auto need_volume = [&] {
+    return volume.ok() ? absl::OkStatus() : volume.status();
+  };
   if (method == "info") {
     absl::StatusOr<engine::SiteInfo> i = site.Info();
     if (!i.ok()) return reply(i.status());
@@ -694,10 +705,11 @@ bool Handle(Connection& conn, engine::LocalSite& site, const Message& m,
     absl::StatusOr<std::string> id = Str(j, "id");
     auto a = j.find("activity");
     absl::StatusOr<engine::Activity> what =
-        a != j.end() ? ActivityFrom(*a)
-                     : absl::StatusOr<engine::Activity>(
-                           absl::DataLossError("activity"));
-    if (!id.ok() || !what.ok()) return reply(absl::DataLossError("id/activity"));
+        a != j.end()
+            ? ActivityFrom(*a)
+            : absl::StatusOr<engine::Activity>(absl::DataLossError("activity"));
+    if (!id.ok() || !what.ok())
+      return reply(absl::DataLossError("id/activity"));
     absl::StatusOr<std::unique_ptr<engine::Claim>> claim =
         site.TakeClaim(*id, *what);
     if (!claim.ok()) return reply(claim.status());
@@ -734,8 +746,10 @@ bool Handle(Connection& conn, engine::LocalSite& site, const Message& m,
   if (method == "create_snapshot") {
     absl::StatusOr<std::string> name = Str(j, "name");
     absl::StatusOr<std::string> owner = Str(j, "owner");
-    if (!name.ok() || !owner.ok()) return reply(name.ok() ? owner.status() : name.status());
-    absl::StatusOr<SnapshotInfo> s = site.CreateSnapshot(*volume, *name, *owner);
+    if (!name.ok() || !owner.ok())
+      return reply(name.ok() ? owner.status() : name.status());
+    absl::StatusOr<SnapshotInfo> s =
+        site.CreateSnapshot(*volume, *name, *owner);
     if (!s.ok()) return reply(s.status());
     return reply(absl::OkStatus(), {{"snapshot", ToJson(*s)}});
   }
@@ -766,7 +780,8 @@ bool Handle(Connection& conn, engine::LocalSite& site, const Message& m,
   if (method == "count_changes") {
     absl::StatusOr<std::string> base = Str(j, "base");
     absl::StatusOr<std::string> target = Str(j, "target");
-    if (!base.ok() || !target.ok()) return reply(absl::DataLossError("base/target"));
+    if (!base.ok() || !target.ok())
+      return reply(absl::DataLossError("base/target"));
     absl::StatusOr<engine::ChangeCount> c =
         site.CountChanges(*volume, *base, *target);
     if (!c.ok()) return reply(c.status());
@@ -820,8 +835,9 @@ bool Handle(Connection& conn, engine::LocalSite& site, const Message& m,
     absl::StatusOr<std::string> base = Str(j, "base");
     absl::StatusOr<std::string> target = Str(j, "target");
     if (!base.ok() || !target.ok()) {
-      return conn.SendMessage(FrameType::kEnd,
-                              StatusJson(absl::DataLossError("base/target")))
+      return conn
+          .SendMessage(FrameType::kEnd,
+                       StatusJson(absl::DataLossError("base/target")))
           .ok();
     }
     r.base = *base;

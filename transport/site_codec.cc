@@ -79,7 +79,8 @@ absl::StatusOr<blockstore::SnapshotInfo> SnapshotFrom(const json& j) {
   absl::StatusOr<uint64_t> size = GetU64(j, "size_bytes");
   absl::StatusOr<uint64_t> gen = GetU64(j, "generation");
   if (!volume.ok() || !name.ok() || !owner.ok() || !size.ok() || !gen.ok() ||
-      !j.contains("create_time_ns") || !j["create_time_ns"].is_number_integer()) {
+      !j.contains("create_time_ns") ||
+      !j["create_time_ns"].is_number_integer()) {
     return Missing("snapshot");
   }
   s.volume = *volume;
@@ -112,7 +113,8 @@ absl::StatusOr<blockstore::VolumeInfo> VolumeFrom(const json& j) {
   absl::StatusOr<uint64_t> snaps = GetU64(j, "snapshot_count");
   absl::StatusOr<bool> ro = GetBool(j, "read_only");
   if (!name.ok() || !size.ok() || !snaps.ok() || !ro.ok() ||
-      !j.contains("create_time_ns") || !j["create_time_ns"].is_number_integer()) {
+      !j.contains("create_time_ns") ||
+      !j["create_time_ns"].is_number_integer()) {
     return Missing("volume");
   }
   v.name = *name;
@@ -161,12 +163,11 @@ json ToJson(const engine::ApplyStats& s) {
 
 absl::StatusOr<engine::ApplyStats> ApplyStatsFrom(const json& j) {
   engine::ApplyStats s;
-  for (auto [key, field] :
-       {std::pair{"checkpoints", &s.checkpoints},
-        std::pair{"records", &s.records},
-        std::pair{"chunks_written", &s.chunks_written},
-        std::pair{"chunks_cleared", &s.chunks_cleared},
-        std::pair{"stream_bytes", &s.stream_bytes}}) {
+  for (auto [key, field] : {std::pair{"checkpoints", &s.checkpoints},
+                            std::pair{"records", &s.records},
+                            std::pair{"chunks_written", &s.chunks_written},
+                            std::pair{"chunks_cleared", &s.chunks_cleared},
+                            std::pair{"stream_bytes", &s.stream_bytes}}) {
     absl::StatusOr<uint64_t> v = GetU64(j, key);
     if (!v.ok()) return v.status();
     *field = *v;

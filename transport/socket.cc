@@ -89,8 +89,8 @@ absl::StatusOr<Fd> ListenTcp(const HostPort& at, int backlog) {
   if (!res.ok()) return res.status();
   absl::Status last = absl::UnavailableError("no address");
   for (addrinfo* ai = *res; ai != nullptr; ai = ai->ai_next) {
-    Fd fd(socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
-                 ai->ai_protocol));
+    Fd fd(
+        socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol));
     if (!fd.valid()) {
       last = ErrnoError(errno, "socket");
       continue;
@@ -125,9 +125,9 @@ absl::StatusOr<int> LocalPort(const Fd& listener) {
 absl::StatusOr<Fd> ListenUnix(const std::string& path) {
   sockaddr_un addr{};
   if (path.size() >= sizeof(addr.sun_path)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "control socket path '", path, "' is longer than ",
-        sizeof(addr.sun_path) - 1, " bytes; pick a shorter one"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("control socket path '", path, "' is longer than ",
+                     sizeof(addr.sun_path) - 1, " bytes; pick a shorter one"));
   }
   addr.sun_family = AF_UNIX;
   std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
@@ -164,8 +164,8 @@ absl::StatusOr<Fd> ConnectTcp(const HostPort& to, Deadline deadline) {
   if (!res.ok()) return res.status();
   absl::Status last = absl::UnavailableError("no address");
   for (addrinfo* ai = *res; ai != nullptr; ai = ai->ai_next) {
-    Fd fd(socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
-                 ai->ai_protocol));
+    Fd fd(
+        socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol));
     if (!fd.valid()) continue;
     SetNonBlocking(fd.get());
     int one = 1;
@@ -185,8 +185,8 @@ absl::StatusOr<Fd> ConnectTcp(const HostPort& to, Deadline deadline) {
       errno = err;
     }
     if (rc != 0) {
-      last = absl::UnavailableError(absl::StrCat(
-          "connect to ", to.ToString(), ": ", std::strerror(errno)));
+      last = absl::UnavailableError(absl::StrCat("connect to ", to.ToString(),
+                                                 ": ", std::strerror(errno)));
       continue;
     }
     freeaddrinfo(*res);
@@ -208,12 +208,11 @@ absl::StatusOr<Fd> ConnectUnix(const std::string& path) {
   if (!fd.valid()) return ErrnoError(errno, "socket");
   if (connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) !=
       0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot reach the daemon at ", path, ": ",
-                     std::strerror(errno),
-                     errno == ENOENT || errno == ECONNREFUSED
-                         ? " (is tandemd running with this control socket?)"
-                         : ""));
+    return absl::UnavailableError(absl::StrCat(
+        "cannot reach the daemon at ", path, ": ", std::strerror(errno),
+        errno == ENOENT || errno == ECONNREFUSED
+            ? " (is tandemd running with this control socket?)"
+            : ""));
   }
   return fd;
 }
@@ -252,7 +251,8 @@ absl::Status WaitFor(int fd, short events, Deadline deadline) {
         deadline - Clock::now());
     if (left.count() <= 0) return absl::DeadlineExceededError("timed out");
     pollfd p{fd, events, 0};
-    int rc = poll(&p, 1, static_cast<int>(std::min<int64_t>(left.count(), 1000)));
+    int rc =
+        poll(&p, 1, static_cast<int>(std::min<int64_t>(left.count(), 1000)));
     if (rc > 0) return absl::OkStatus();
     if (rc < 0 && errno != EINTR) return ErrnoError(errno, "poll");
   }

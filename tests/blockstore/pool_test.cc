@@ -131,14 +131,15 @@ TEST(PoolTest, SnapshotWritesTheSameMetadataForATinyAndAHugeVolume) {
 TEST(PoolTest, WriteChunksReadsTheTreeOneBatchPerLevel) {
   // A receive writes scattered chunks: the nodes on their paths must be read
   // in one batch per tree level, leaves included, not one read per node.
-  constexpr uint64_t kStride = 2 * 126;  // one chunk in every other leaf
+  constexpr uint64_t kStride = 2 * 126;       // one chunk in every other leaf
   constexpr uint64_t kChunks = 64 * kStride;  // three levels
   MemIo io(64 << 20);
   {
     auto pool = MakePool(io, kChunk);
     ASSERT_TRUE(pool->CreateVolume("v", kChunks * kChunk).ok());
     for (uint64_t i = 0; i < 64; ++i) {
-      ASSERT_TRUE(pool->Write("v", i * kStride * kChunk, TestData(kChunk, i)).ok());
+      ASSERT_TRUE(
+          pool->Write("v", i * kStride * kChunk, TestData(kChunk, i)).ok());
     }
     ASSERT_TRUE(pool->Flush().ok());
   }
@@ -184,7 +185,8 @@ TEST(PoolTest, ReadOnlyVolumeRefusesChangesAndSurvivesReopen) {
         pool->CreateSnapshot("v", "t").status(), pool->Rollback("v", "s"),
         pool->DeleteVolume("v", true)}) {
     EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
-    EXPECT_THAT(s.message(), HasSubstr("volume 'v' in pool memory is read-only"));
+    EXPECT_THAT(s.message(),
+                HasSubstr("volume 'v' in pool memory is read-only"));
   }
   EXPECT_EQ(ReadAll(*pool, "v").size(), 1u << 20);
   EXPECT_TRUE(pool->DeleteSnapshot("v", "s").ok());  // retention still works
@@ -228,10 +230,9 @@ TEST(PoolTest, SnapshotOwnerIsKeptAndNeverTakenFromTheName) {
         pool->CreateSnapshot("v", "s2", "0a1b2c3d-relationship");
     ASSERT_TRUE(owned.ok()) << owned.status();
     EXPECT_EQ(owned->owner, "0a1b2c3d-relationship");
-    EXPECT_EQ(pool->CreateSnapshot("v", "s3", std::string(65, 'o'))
-                  .status()
-                  .code(),
-              absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(
+        pool->CreateSnapshot("v", "s3", std::string(65, 'o')).status().code(),
+        absl::StatusCode::kInvalidArgument);
     // A received snapshot takes the owner its receiver gives it.
     ASSERT_TRUE(pool->BeginReceive(".recv-w", "w", "", 1 << 20).ok());
     absl::StatusOr<Digest> d = pool->RootDigest(".recv-w", "");

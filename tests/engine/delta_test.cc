@@ -346,7 +346,8 @@ std::string SendRest(Pool& pool, const std::string& base,
   SendOptions options;
   options.zstd_level = 0;  // the test data compresses well; count raw bytes
   options.resume = token;
-  absl::StatusOr<SendStats> s = SendDelta(pool, "v", base, target, sink, options);
+  absl::StatusOr<SendStats> s =
+      SendDelta(pool, "v", base, target, sink, options);
   EXPECT_TRUE(s.ok()) << s.status();
   if (s.ok()) *stats = *s;
   return sink.Take();
@@ -385,8 +386,8 @@ TEST(DeltaTest, ACutReceiveResumesFromItsLastResumePoint) {
       absl::StatusOr<std::optional<ResumeToken>> point = ResumePoint(*dst, "v");
       ASSERT_TRUE(point.ok()) << point.status();
       SendStats sent;
-      std::string piece = *point ? SendRest(*src, base, target, **point, &sent)
-                                 : *stream;
+      std::string piece =
+          *point ? SendRest(*src, base, target, **point, &sent) : *stream;
       ApplyOptions o = options;
       o.resume = *point;
       CutSource in(piece, step);
@@ -475,8 +476,8 @@ TEST(DeltaTest, SendChunksCarriesOnlyTheListedChunksOntoTheReceiversBase) {
   StringSink sink;
   SendOptions so;
   so.zstd_level = 0;
-  absl::StatusOr<SendStats> sent =
-      SendChunks(*src, "v", "t", *base, std::vector<uint64_t>{280, 3}, sink, so);
+  absl::StatusOr<SendStats> sent = SendChunks(
+      *src, "v", "t", *base, std::vector<uint64_t>{280, 3}, sink, so);
   EXPECT_EQ(sent.status().code(), absl::StatusCode::kInvalidArgument);
   sent = SendChunks(*src, "v", "t", *base, differ, sink, so);
   ASSERT_TRUE(sent.ok()) << sent.status();
@@ -492,8 +493,7 @@ TEST(DeltaTest, SendChunksCarriesOnlyTheListedChunksOntoTheReceiversBase) {
   ASSERT_TRUE(dst->CreateSnapshot("v", "again").ok());
   StringSink partial;
   ASSERT_TRUE(SendChunks(*src, "v", "t", *dst->GetSnapshot("v", "again"),
-                         std::vector<uint64_t>{5},
-                         partial, so)
+                         std::vector<uint64_t>{5}, partial, so)
                   .ok());
   StringSource wrong(partial.bytes());
   absl::StatusOr<ApplyStats> refused = ApplyDelta(*dst, "v", wrong);

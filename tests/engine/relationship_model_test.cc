@@ -29,9 +29,9 @@ namespace engine {
 namespace {
 
 using blockstore::Pool;
-using testing_util::TestData;
 using testing_util::Reach;
 using testing_util::SitePair;
+using testing_util::TestData;
 
 constexpr uint32_t kChunk = 4096;
 constexpr uint64_t kChunks = 128;
@@ -157,7 +157,8 @@ class ModelRun {
         break;
       }
       case 8: {
-        absl::Status s = rep_.Break(rng_() % 2 ? kA : kB, [](const LossPreview&) { return true; });
+        absl::Status s = rep_.Break(rng_() % 2 ? kA : kB,
+                                    [](const LossPreview&) { return true; });
         EXPECT_EQ(s.ok(), state_ != MirrorState::kUninitialized) << s;
         if (s.ok()) {
           state_ = MirrorState::kBroken;

@@ -23,9 +23,9 @@ namespace {
 
 using blockstore::Pool;
 using ::testing::HasSubstr;
-using testing_util::TestData;
 using testing_util::Reach;
 using testing_util::SitePair;
+using testing_util::TestData;
 
 constexpr uint32_t kChunk = 4096;
 constexpr uint64_t kVolume = 256 * kChunk;  // 1 MiB

@@ -50,7 +50,8 @@ std::vector<std::byte> Rawify(const std::vector<std::byte>& in) {
     size_t body = p + engine::kSegmentHeaderBytes;
     if (stored > in.size() - body) break;
     std::vector<std::byte> seg(in.begin() + p, in.begin() + body);
-    std::vector<std::byte> payload(in.begin() + body, in.begin() + body + stored);
+    std::vector<std::byte> payload(in.begin() + body,
+                                   in.begin() + body + stored);
     if (codec == 1 && record_bytes <= engine::kMaxSegmentRecordBytes) {
       std::vector<std::byte> raw(record_bytes);
       size_t n = ZSTD_decompress(raw.data(), raw.size(), payload.data(),

@@ -53,8 +53,9 @@ blockstore::MemIo* Template() {
       (*pool)->CreateVolume("v", 64 << 10).IgnoreError();
       std::string data(16384, 'x');
       (*pool)
-          ->Write("v", 4096,
-                  {reinterpret_cast<const std::byte*>(data.data()), data.size()})
+          ->Write(
+              "v", 4096,
+              {reinterpret_cast<const std::byte*>(data.data()), data.size()})
           .IgnoreError();
       (*pool)->CreateSnapshot("v", "s").IgnoreError();
     }
@@ -75,8 +76,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   transport::Connection conn(std::make_unique<Scripted>(data, size), options,
                              "fuzz");
   absl::StatusOr<transport::Message> hello = conn.ReceiveMessageBefore(
-      transport::FrameType::kHello,
-      transport::After(std::chrono::seconds(1)));
+      transport::FrameType::kHello, transport::After(std::chrono::seconds(1)));
   if (!hello.ok()) return 0;
   std::string who;
   // As a daemon with certificates would: "a" authenticated, peers {a}.

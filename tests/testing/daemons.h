@@ -66,7 +66,7 @@ inline std::string RandomBytes(size_t n, uint64_t seed) {
 
 // Runs argv to completion, stdin from `input`.
 inline Result Exec(const std::string& dir, const std::vector<std::string>& argv,
-                const std::string& input = "") {
+                   const std::string& input = "") {
   static std::atomic<int> serial{0};
   const std::string base = absl::StrCat(dir, "/exec", serial++);
   Spit(base + ".in", input);
@@ -79,7 +79,8 @@ inline Result Exec(const std::string& dir, const std::vector<std::string>& argv,
     dup2(o, 1);
     dup2(e, 2);
     std::vector<char*> args;
-    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    for (const std::string& a : argv)
+      args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
     unsetenv("TANDEM_POOL");
     unsetenv("TANDEM_DAEMON");
@@ -149,7 +150,8 @@ class Proxy {
       if (!out.ok()) continue;
       auto pair = std::make_shared<std::pair<transport::Fd, transport::Fd>>(
           std::move(*in), std::move(*out));
-      pumps_.emplace_back([this, pair] { Pump(pair->first.get(), pair->second.get()); });
+      pumps_.emplace_back(
+          [this, pair] { Pump(pair->first.get(), pair->second.get()); });
     }
   }
   // Forwards both ways until one side closes or a cut.
@@ -191,11 +193,10 @@ class Proxy {
         {
           std::lock_guard<std::mutex> lock(mu_);
           if (record) captured_.append(buf.data(), n);
-          samples_.push_back(
-              {std::chrono::duration<double>(std::chrono::steady_clock::now() -
-                                             start_)
-                   .count(),
-               forwarded.load()});
+          samples_.push_back({std::chrono::duration<double>(
+                                  std::chrono::steady_clock::now() - start_)
+                                  .count(),
+                              forwarded.load()});
         }
         if (cut_after > 0 && carried >= cut_after) {
           ++cuts;
@@ -247,10 +248,13 @@ class TwoDaemons {
     Spit(dir_ + "/site.psk", std::string(64, 'c'));
     port_["a"] = FreePort();
     port_["b"] = FreePort();
-    if (options_.proxy_b_to_a) proxy_["a"] = std::make_unique<Proxy>(port_["a"]);
-    if (options_.proxy_a_to_b) proxy_["b"] = std::make_unique<Proxy>(port_["b"]);
+    if (options_.proxy_b_to_a)
+      proxy_["a"] = std::make_unique<Proxy>(port_["a"]);
+    if (options_.proxy_a_to_b)
+      proxy_["b"] = std::make_unique<Proxy>(port_["b"]);
     for (const char* site : {"a", "b"}) {
-      Result r = Tandem({"pool", "create", Pool(site), "--size", options_.pool_size});
+      Result r =
+          Tandem({"pool", "create", Pool(site), "--size", options_.pool_size});
       EXPECT_EQ(r.code, 0) << r.err;
       WriteConfig(site);
     }
@@ -333,8 +337,8 @@ class TwoDaemons {
 
   // Sends `sig`; returns the exit status (or -signal), waiting up to
   // `wait_s` seconds; -1000 if it did not end (it is then killed).
-  int Stop(const std::string& site, int sig = SIGTERM, double* seconds = nullptr,
-           int wait_s = 10) {
+  int Stop(const std::string& site, int sig = SIGTERM,
+           double* seconds = nullptr, int wait_s = 10) {
     pid_t pid = pids_[site];
     if (pid <= 0) return -1000;
     auto start = std::chrono::steady_clock::now();
@@ -365,7 +369,7 @@ class TwoDaemons {
   }
   // `tandem --daemon <site's socket> ARGS`.
   Result Via(const std::string& site, std::vector<std::string> args,
-          const std::string& input = "") {
+             const std::string& input = "") {
     args.insert(args.begin(), {TANDEM_BIN, "--daemon", Socket(site)});
     return Exec(dir_, args, input);
   }

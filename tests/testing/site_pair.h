@@ -33,8 +33,8 @@ class SitePair : public engine::SiteProvider {
     Serve();
   }
   // A copy of `other`'s devices as they are now (pending writes included).
-  SitePair(const SitePair& other, bool) : pools_(other.pools_, true),
-                                          reach_(other.reach_) {
+  SitePair(const SitePair& other, bool)
+      : pools_(other.pools_, true), reach_(other.reach_) {
     Serve();
   }
   ~SitePair() override { Unserve(); }
@@ -96,14 +96,16 @@ class SitePair : public engine::SiteProvider {
               },
               [](const std::string&) {});
         },
-        [](const std::string& line) { std::fprintf(stderr, "%s\n", line.c_str()); });
+        [](const std::string& line) {
+          std::fprintf(stderr, "%s\n", line.c_str());
+        });
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = std::move(*server);
     transport::PeerOptions client_options;
     client_options.site = "site-a";
     client_ = std::make_unique<transport::PeerClient>(
-        "site-b", transport::HostPort{"127.0.0.1", server_->port()},
-        *security_, client_options);
+        "site-b", transport::HostPort{"127.0.0.1", server_->port()}, *security_,
+        client_options);
     connections_ = std::make_unique<transport::ConnectionPool>(*client_);
     remote_ = std::make_unique<transport::RemoteSite>(*connections_, "b");
   }

@@ -500,8 +500,8 @@ TEST_P(CliTest, DemoRunsTheDrill) {
   if (GetParam()) GTEST_SKIP() << "the file variant covers this";
   // Through two tandemd processes (the default), and in one process.
   for (bool local : {false, true}) {
-    std::vector<std::string> args = {"demo", dir_ + (local ? "/local" : "/daemons"),
-                                     "--size", "8M"};
+    std::vector<std::string> args = {
+        "demo", dir_ + (local ? "/local" : "/daemons"), "--size", "8M"};
     if (local) args.push_back("--local");
     Result r = Tandem(args);
     EXPECT_EQ(r.code, 0) << r.out << r.err;

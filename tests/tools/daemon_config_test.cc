@@ -52,7 +52,8 @@ TEST(DaemonConfigTest, PskAndPlaintextAndTheirMistakes) {
   struct Case {
     std::string text, want;
   } cases[] = {
-      {head + "insecure_plaintext = true\n[tls]\npsk = \"k\"\n[pools]\nq = \"q\"\n",
+      {head + "insecure_plaintext = true\n[tls]\npsk = \"k\"\n[pools]\nq = "
+              "\"q\"\n",
        "key 'insecure_plaintext': set either [tls] or"},
       {head + "[tls]\npsk = \"k\"\ncert = \"c\"\n[pools]\nq = \"q\"\n",
        "key 'tls.psk': give psk alone"},
@@ -63,7 +64,8 @@ TEST(DaemonConfigTest, PskAndPlaintextAndTheirMistakes) {
        "key 'peers.b': is this daemon's own site"},
       {head + "[tls]\npsk = \"k\"\n[pools]\nq = \"q\"\n[peers]\na = \"nope\"\n",
        "key 'peers.a': 'nope' is not HOST:PORT"},
-      {head + "timeout = \"soon\"\n", "key 'timeout': 'soon' is not a duration"},
+      {head + "timeout = \"soon\"\n",
+       "key 'timeout': 'soon' is not a duration"},
   };
   for (const Case& k : cases) {
     absl::StatusOr<DaemonConfig> bad = load(k.text);

@@ -166,7 +166,8 @@ TEST(DaemonSecurityTest, EveryBadPeerIsRefusedAndTheGoodOneStillServed) {
     auto start = std::chrono::steady_clock::now();
     char buf[16];
     ssize_t n = -1;
-    while (std::chrono::steady_clock::now() - start < std::chrono::seconds(10)) {
+    while (std::chrono::steady_clock::now() - start <
+           std::chrono::seconds(10)) {
       n = recv(fd->get(), buf, sizeof(buf), MSG_DONTWAIT);
       if (n == 0 || (n < 0 && errno != EAGAIN)) break;
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -195,21 +196,25 @@ TEST(DaemonSecurityTest, EveryBadPeerIsRefusedAndTheGoodOneStillServed) {
       out.insert(out.end(), payload.begin(), payload.end());
       return out;
     };
-    std::vector<std::byte> hello = transport::EncodeMessage(
-        {{"protocol", "tandem-peer"}, {"min_version", 1}, {"max_version", 1},
-         {"site", "b"}});
+    std::vector<std::byte> hello =
+        transport::EncodeMessage({{"protocol", "tandem-peer"},
+                                  {"min_version", 1},
+                                  {"max_version", 1},
+                                  {"site", "b"}});
     auto deadline = transport::After(std::chrono::seconds(3));
-    ASSERT_TRUE((*ch)->WriteAll(frame(transport::FrameType::kHello,
-                                      hello.size(), hello),
-                                deadline)
-                    .ok());
+    ASSERT_TRUE(
+        (*ch)
+            ->WriteAll(frame(transport::FrameType::kHello, hello.size(), hello),
+                       deadline)
+            .ok());
     std::vector<std::byte> reply(256);
     ASSERT_TRUE((*ch)->ReadSome(reply, deadline).ok());
     // 100 MiB announced: the daemon must drop us without reading it.
-    ASSERT_TRUE((*ch)->WriteAll(frame(transport::FrameType::kRequest,
-                                      100 << 20, {}),
-                                deadline)
-                    .ok());
+    ASSERT_TRUE(
+        (*ch)
+            ->WriteAll(frame(transport::FrameType::kRequest, 100 << 20, {}),
+                       deadline)
+            .ok());
     absl::StatusOr<size_t> n = (*ch)->ReadSome(reply, deadline);
     while (n.ok() && *n > 0) n = (*ch)->ReadSome(reply, deadline);  // pings
     EXPECT_TRUE(!n.ok() || *n == 0) << "not dropped";

@@ -42,10 +42,10 @@ bool Is(const json& s, const char* mirror, const char* status) {
 TEST(DaemonTest, TheSeedProcedureAcrossTwoDaemons) {
   TwoDaemons d;
   Up(d);
-  EXPECT_THAT(d.Ok("a", {"relationship", "create", "--source", kA,
-                         "--destination", kB, "--schedule", "10m",
-                         "--max-rate", "8M"}),
-              HasSubstr("a/p:vol -> b/p:vol (schedule 10m); Uninitialized, Idle"));
+  EXPECT_THAT(
+      d.Ok("a", {"relationship", "create", "--source", kA, "--destination", kB,
+                 "--schedule", "10m", "--max-rate", "8M"}),
+      HasSubstr("a/p:vol -> b/p:vol (schedule 10m); Uninitialized, Idle"));
   // Break is refused while Uninitialized, from either daemon.
   Result r = d.Via("b", {"relationship", "break", kB, "--yes"});
   EXPECT_EQ(r.code, 1);
@@ -73,11 +73,15 @@ TEST(DaemonTest, TheSeedProcedureAcrossTwoDaemons) {
   // for about a second.
   d.Ok("a", {"write", "--pool", "p", "vol"}, RandomBytes(8 << 20, 4));
   Result update;
-  std::thread updater(
-      [&] { update = d.Via("a", {"relationship", "update", kA}); });
-  ASSERT_TRUE(d.WaitFor("b", kB, [](const json& s) {
-    return s.value("relationship_status", "") == "Transferring";
-  }, 30));
+  std::thread updater([&] {
+    update = d.Via("a", {"relationship", "update", kA});
+  });
+  ASSERT_TRUE(d.WaitFor(
+      "b", kB,
+      [](const json& s) {
+        return s.value("relationship_status", "") == "Transferring";
+      },
+      30));
   Result refused = d.Via("b", {"relationship", "break", kB, "--yes"});
   updater.join();
   EXPECT_EQ(update.code, 0) << update.err;
@@ -124,11 +128,13 @@ TEST(DaemonTest, TheSeedProcedureAcrossTwoDaemons) {
   s = d.Status("a", kA);
   EXPECT_EQ(s["source"], kB);
   EXPECT_EQ(s["destination"], kA);
-  json snaps = json::parse(d.Ok("a", {"snapshot", "list", "--pool", "p", "vol", "--json"}));
+  json snaps = json::parse(
+      d.Ok("a", {"snapshot", "list", "--pool", "p", "vol", "--json"}));
   bool kept = false;
   for (const auto& snap : snaps) {
-    kept = kept || (absl::StartsWith(snap["name"].get<std::string>(), "safety-") &&
-                    snap["root_digest"] == a_before);
+    kept =
+        kept || (absl::StartsWith(snap["name"].get<std::string>(), "safety-") &&
+                 snap["root_digest"] == a_before);
   }
   EXPECT_TRUE(kept) << snaps.dump();
 
@@ -175,7 +181,8 @@ TEST(DaemonTest, ReleaseWithTheOtherSiteDownFinishesWhenItReturns) {
   EXPECT_THAT(d.Ok("a", {"status", kA}), HasSubstr("released"));
   ASSERT_TRUE(d.Start("b"));
   // b's daemon still had its record; the first look from both sides ends it.
-  EXPECT_TRUE(d.WaitFor("b", kB, [](const json& s) { return s.empty(); }, 20))
+  EXPECT_TRUE(d.WaitFor(
+      "b", kB, [](const json& s) { return s.empty(); }, 20))
       << d.Ok("b", {"status", kB});
   Result r = d.Via("a", {"status", kA});
   EXPECT_EQ(r.code, 1);
@@ -193,10 +200,11 @@ TEST(DaemonTest, AScheduledRelationshipUpdatesByItself) {
        RandomBytes(64 << 10, 9));
   const std::string want = d.Digest("a", "vol");
   // The destination's daemon pulls on its own.
-  EXPECT_TRUE(d.WaitFor("b", kB, [&](const json&) {
-    return d.Digest("b", "vol") == want;
-  }, 20)) << d.Log("b");
-  EXPECT_THAT(d.Log("b"), HasSubstr("operation=update trigger=schedule outcome=ok"));
+  EXPECT_TRUE(d.WaitFor(
+      "b", kB, [&](const json&) { return d.Digest("b", "vol") == want; }, 20))
+      << d.Log("b");
+  EXPECT_THAT(d.Log("b"),
+              HasSubstr("operation=update trigger=schedule outcome=ok"));
   // A manual update while one runs is refused as Transferring, like break
   // (or finds nothing running and succeeds).
   json s = d.Status("a", kA);
@@ -214,7 +222,8 @@ TEST(DaemonTest, MetricsAreValidPrometheusAndStatusIsTheSameJson) {
   ASSERT_NE(at, std::string::npos) << log;
   int port = std::stoi(log.substr(at + 16));
   Result metrics = testing_util::Exec(
-      d.dir(), {"/usr/bin/curl", "-sf", absl::StrCat("http://127.0.0.1:", port, "/metrics")});
+      d.dir(), {"/usr/bin/curl", "-sf",
+                absl::StrCat("http://127.0.0.1:", port, "/metrics")});
   if (metrics.code == 127) GTEST_SKIP() << "no curl";
   ASSERT_EQ(metrics.code, 0) << metrics.err;
   for (const char* name :
@@ -225,21 +234,22 @@ TEST(DaemonTest, MetricsAreValidPrometheusAndStatusIsTheSameJson) {
         "tandem_relationship_progress_bytes",
         "tandem_relationship_progress_total_bytes",
         "tandem_relationship_transferred_bytes_total"}) {
-    EXPECT_THAT(metrics.out,
-                HasSubstr(absl::StrCat(name, "{id=\"")))
-        << name;
+    EXPECT_THAT(metrics.out, HasSubstr(absl::StrCat(name, "{id=\""))) << name;
   }
-  EXPECT_THAT(metrics.out, HasSubstr("source=\"a/p:vol\",destination=\"b/p:vol\"} "));
   EXPECT_THAT(metrics.out,
-              HasSubstr("tandem_relationship_healthy{"));
+              HasSubstr("source=\"a/p:vol\",destination=\"b/p:vol\"} "));
+  EXPECT_THAT(metrics.out, HasSubstr("tandem_relationship_healthy{"));
   testing_util::Spit(d.dir() + "/metrics.txt", metrics.out);
   Result check = testing_util::Exec(
-      d.dir(), {"/bin/sh", "-c",
-                absl::StrCat("promtool check metrics < ", d.dir(), "/metrics.txt")});
-  if (check.code == 127) GTEST_SKIP() << "no promtool (Debian package prometheus)";
+      d.dir(),
+      {"/bin/sh", "-c",
+       absl::StrCat("promtool check metrics < ", d.dir(), "/metrics.txt")});
+  if (check.code == 127)
+    GTEST_SKIP() << "no promtool (Debian package prometheus)";
   EXPECT_EQ(check.code, 0) << check.out << check.err;
   Result status = testing_util::Exec(
-      d.dir(), {"/usr/bin/curl", "-sf", absl::StrCat("http://127.0.0.1:", port, "/status")});
+      d.dir(), {"/usr/bin/curl", "-sf",
+                absl::StrCat("http://127.0.0.1:", port, "/status")});
   ASSERT_EQ(status.code, 0);
   json j = json::parse(status.out);
   ASSERT_EQ(j.size(), 1u);
@@ -267,7 +277,8 @@ TEST(DaemonTest, PoolCommandsWorkThroughTheDaemonWithTheSameGuards) {
                        "--length", "1M"}),
             data);
   d.Ok("a", {"snapshot", "create", "--pool", "p", "vol@one"});
-  d.Ok("a", {"trim", "--pool", "p", "vol", "--offset", "64K", "--length", "1M"});
+  d.Ok("a",
+       {"trim", "--pool", "p", "vol", "--offset", "64K", "--length", "1M"});
   EXPECT_EQ(d.Ok("a", {"read", "--pool", "p", "vol", "--offset", "64K",
                        "--length", "1M"}),
             std::string(1 << 20, '\0'));
@@ -276,7 +287,8 @@ TEST(DaemonTest, PoolCommandsWorkThroughTheDaemonWithTheSameGuards) {
                        "--length", "1M"}),
             data);
   d.Ok("a", {"volume", "resize", "--pool", "p", "vol", "--size", "8M"});
-  json vols = json::parse(d.Ok("a", {"volume", "list", "--pool", "p", "--json"}));
+  json vols =
+      json::parse(d.Ok("a", {"volume", "list", "--pool", "p", "--json"}));
   ASSERT_EQ(vols.size(), 1u);
   EXPECT_EQ(vols[0]["size_bytes"], 8 << 20);
   // Errors are the same one line as without a daemon.
@@ -300,10 +312,11 @@ TEST(DaemonTest, PoolCommandsWorkThroughTheDaemonWithTheSameGuards) {
   EXPECT_EQ(r.code, 1);
   EXPECT_THAT(r.err, HasSubstr("replication snapshots would break it"));
   d.Ok("a", {"snapshot", "delete", "--pool", "p", "vol@one"});
-  EXPECT_THAT(d.Ok("b", {"pool", "check", "p", "--data"}), HasSubstr("consistent"));
+  EXPECT_THAT(d.Ok("b", {"pool", "check", "p", "--data"}),
+              HasSubstr("consistent"));
   // Without a daemon there, the CLI says so.
-  r = testing_util::Exec(d.dir(), {TANDEM_BIN, "--daemon", d.dir() + "/none.sock",
-                                   "status", kA});
+  r = testing_util::Exec(
+      d.dir(), {TANDEM_BIN, "--daemon", d.dir() + "/none.sock", "status", kA});
   EXPECT_EQ(r.code, 1);
   EXPECT_THAT(r.err, HasSubstr("is tandemd running with this control socket?"));
 }
@@ -314,27 +327,39 @@ TEST(DaemonTest, ConfigErrorsAreOneLineNamingTheKey) {
     std::string text, want;
   } cases[] = {
       {"site = \"a\"\n", "key 'listen': missing"},
-      {"site = \"a b\"\nlisten = \"1:2\"\n", "key 'site': 'a b' is not a site name"},
-      {"site = \"a\"\nlisten = \"7601\"\ncontrol = \"x\"\n", "key 'listen': '7601' is not HOST:PORT"},
-      {"site = \"a\"\nlisten = \"127.0.0.1:1\"\ncontrol = \"x\"\nlisen = 1\n", "key 'lisen': unknown key"},
-      {"site = \"a\"\nlisten = \"127.0.0.1:1\"\ncontrol = \"x\"\n[pools]\np = \"p\"\n", "key 'tls': missing"},
-      {"site = \"a\"\nlisten = \"127.0.0.1:1\"\ncontrol = \"x\"\n[tls]\ncert = \"c\"\n[pools]\np = \"p\"\n", "key 'tls.key': missing"},
-      {"site = \"a\"\nlisten = \"127.0.0.1:1\"\ncontrol = \"x\"\ncheckpoint = \"1K\"\n", "key 'checkpoint'"},
+      {"site = \"a b\"\nlisten = \"1:2\"\n",
+       "key 'site': 'a b' is not a site name"},
+      {"site = \"a\"\nlisten = \"7601\"\ncontrol = \"x\"\n",
+       "key 'listen': '7601' is not HOST:PORT"},
+      {"site = \"a\"\nlisten = \"127.0.0.1:1\"\ncontrol = \"x\"\nlisen = 1\n",
+       "key 'lisen': unknown key"},
+      {"site = \"a\"\nlisten = \"127.0.0.1:1\"\ncontrol = \"x\"\n[pools]\np = "
+       "\"p\"\n",
+       "key 'tls': missing"},
+      {"site = \"a\"\nlisten = \"127.0.0.1:1\"\ncontrol = \"x\"\n[tls]\ncert = "
+       "\"c\"\n[pools]\np = \"p\"\n",
+       "key 'tls.key': missing"},
+      {"site = \"a\"\nlisten = \"127.0.0.1:1\"\ncontrol = \"x\"\ncheckpoint = "
+       "\"1K\"\n",
+       "key 'checkpoint'"},
       {"site = [\n", "line 1"},
   };
   for (const Case& c : cases) {
     testing_util::Spit(d.dir() + "/bad.toml", c.text);
-    Result r = testing_util::Exec(d.dir(), {TANDEMD_BIN, "--config", d.dir() + "/bad.toml"});
+    Result r = testing_util::Exec(
+        d.dir(), {TANDEMD_BIN, "--config", d.dir() + "/bad.toml"});
     EXPECT_EQ(r.code, 2) << c.text;
     EXPECT_THAT(r.err, HasSubstr(c.want)) << c.text;
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   }
   // A pool another process holds: one line naming it, exit 1.
-  testing_util::Spit(d.dir() + "/dup.toml",
-                     absl::StrCat("site = \"a\"\nlisten = \"127.0.0.1:0\"\n"
-                                  "control = \"dup.sock\"\ninsecure_plaintext = true\n"
-                                  "[pools]\np = \"nope.pool\"\n"));
-  Result r = testing_util::Exec(d.dir(), {TANDEMD_BIN, "--config", d.dir() + "/dup.toml"});
+  testing_util::Spit(
+      d.dir() + "/dup.toml",
+      absl::StrCat("site = \"a\"\nlisten = \"127.0.0.1:0\"\n"
+                   "control = \"dup.sock\"\ninsecure_plaintext = true\n"
+                   "[pools]\np = \"nope.pool\"\n"));
+  Result r = testing_util::Exec(
+      d.dir(), {TANDEMD_BIN, "--config", d.dir() + "/dup.toml"});
   EXPECT_EQ(r.code, 1);
   EXPECT_THAT(r.err, HasSubstr("pool p ("));
 }
@@ -346,10 +371,15 @@ TEST(DaemonTest, UpdatesFromBothEndsAtOnceRunOneAndReferTheOther) {
              "--max-rate", "8M"});
   d.Ok("a", {"relationship", "initialize", kA});
   for (int round = 0; round < 3; ++round) {
-    d.Ok("a", {"write", "--pool", "p", "vol"}, RandomBytes(4 << 20, 20 + round));
+    d.Ok("a", {"write", "--pool", "p", "vol"},
+         RandomBytes(4 << 20, 20 + round));
     Result from_a, from_b;
-    std::thread ta([&] { from_a = d.Via("a", {"relationship", "update", kA}); });
-    std::thread tb([&] { from_b = d.Via("b", {"relationship", "update", kB}); });
+    std::thread ta([&] {
+      from_a = d.Via("a", {"relationship", "update", kA});
+    });
+    std::thread tb([&] {
+      from_b = d.Via("b", {"relationship", "update", kB});
+    });
     ta.join();
     tb.join();
     // Never both refused: one runs, the other is told it is Transferring

@@ -1,0 +1,262 @@
+#!/usr/bin/env bash
+# The daemon pair end to end, every figure from this one run on one disk:
+# a 4 GiB volume of mixed content (bench/prep: half random, half text), its
+# baseline, then an update carrying 1% of its 64 KiB chunks (655, random),
+#   - through two tandemd on 127.0.0.1 (site b pulls from site a), with
+#     TLS 1.3 (certificates) and with insecure_plaintext;
+#   - by today's in-process `tandem relationship update` on two pool files;
+#   - by btrfs send | socat | btrfs receive over 127.0.0.1 TCP, between two
+#     loop-mounted btrfs (+ sync: durable, as tandem's receive is);
+#   - by rsync through its daemon on 127.0.0.1;
+# and what the disk allows for the baseline: fio reading 4 GiB and writing
+# 4 GiB at the same time (O_DIRECT, io_uring, 1 MiB, QD8). Caches are dropped
+# before every timed step. Each daemon's peak RSS comes from /usr/bin/time.
+# Usage (root: drop_caches, loop devices, mounts):
+#   bench/run_daemons.sh [BUILD_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=$(realpath "${1:-build}")
+T=$build/tools/tandem
+TD=$build/tools/tandemd
+P=$build/bench/prep
+for tool in mkfs.btrfs:btrfs-progs rsync:rsync fio:fio socat:socat openssl:openssl \
+  /usr/bin/time:time; do
+  command -v "${tool%%:*}" >/dev/null ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${tool##*:}" >/dev/null
+done
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/tandem-daemon-bench-XXXXXX")
+pids=() mounts=() loops=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for m in "${mounts[@]}"; do umount "$m" 2>/dev/null || true; done
+  for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+drop() {
+  sync
+  echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+  "$T" --help >/dev/null
+}
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+echo "## machine"
+echo "nproc $(nproc); $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs);" \
+  "disk $(df -h "$work" | awk 'NR==2 {print $1}'), $(df -T "$work" | awk 'NR==2 {print $2}')"
+
+# A CA and a certificate per site (CN and DNS name = the site name).
+cd "$work"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key \
+  -out ca.crt -subj /CN=bench-ca -days 2 2>/dev/null
+for s in a b; do
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $s.key \
+    -out $s.csr -subj /CN=$s 2>/dev/null
+  printf 'subjectAltName=DNS:%s\nextendedKeyUsage=serverAuth,clientAuth\n' $s >$s.ext
+  openssl x509 -req -in $s.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out $s.crt \
+    -days 2 -extfile $s.ext 2>/dev/null
+done
+cd - >/dev/null
+
+# daemons MODE: configs for sites a and b (MODE tls or plain), then started
+# under /usr/bin/time (peak RSS printed when they stop).
+pa="" pb=""
+start() {
+  local s=$1
+  /usr/bin/time -f "%M" -o "$work/$s.rss" "$TD" --config "$work/$s.toml" 2>"$work/$s.log" &
+  pids+=($!)
+  eval "pid_$s=$!"
+  for _ in $(seq 200); do
+    "$T" --daemon "$work/$s.sock" status --pool p >/dev/null 2>&1 && return
+    sleep 0.05
+  done
+  echo "tandemd $s did not start:"; cat "$work/$s.log"; exit 1
+}
+stop() {
+  local s=$1 p
+  eval "p=\$pid_$s"
+  kill -TERM "$p"
+  wait "$p" || true
+}
+configure() {
+  local mode=$1
+  pa=$(port) pb=$(port)
+  for s in a b; do
+    local other=b me=$pa them=$pb
+    [[ $s == b ]] && other=a me=$pb them=$pa
+    {
+      echo "site = \"$s\""
+      echo "listen = \"127.0.0.1:$me\""
+      echo "control = \"$s.sock\""
+      if [[ $mode == tls ]]; then
+        printf '[tls]\ncert = "%s.crt"\nkey = "%s.key"\nca = "ca.crt"\n' $s $s
+      else
+        echo "insecure_plaintext = true"
+      fi
+      printf '[pools]\np = "%s.pool"\n[peers]\n%s = "127.0.0.1:%s"\n' $s $other $them
+    } >"$work/$s.toml"
+  done
+}
+
+declare -A base update rss_a rss_b
+for mode in tls plain; do
+  echo "## through two tandemd, $mode"
+  rm -f "$work"/{a,b}.pool
+  $T pool create "$work/a.pool" --size 12G >/dev/null
+  $T pool create "$work/b.pool" --size 12G >/dev/null
+  $P fill-pool "$work/a.pool" v 4G
+  configure $mode
+  start a
+  start b
+  $T --daemon "$work/a.sock" relationship create --source a/p:v --destination b/p:v >/dev/null
+  drop
+  s=$(now)
+  $T --daemon "$work/b.sock" relationship initialize b/p:v >/dev/null
+  base[$mode]=$(elapsed "$s")
+  # The change: written with the daemon of site a stopped (prep opens the
+  # pool file itself), the same seed as every other tool gets.
+  stop a
+  $P change-pool "$work/a.pool" v 655 65536 7 >/dev/null
+  start a
+  drop
+  s=$(now)
+  $T --daemon "$work/b.sock" relationship update b/p:v >/dev/null
+  update[$mode]=$(elapsed "$s")
+  [[ $($T --daemon "$work/a.sock" digest --pool p v) == $($T --daemon "$work/b.sock" digest --pool p v) ]] ||
+    { echo "daemons: digests differ"; exit 1; }
+  wire=$($T --daemon "$work/b.sock" status b/p:v --json |
+    awk -F': ' '/"last_transfer_bytes"/ {gsub(",", "", $2); print $2}')
+  stop a
+  stop b
+  rss_a[$mode]=$(($(cat "$work/a.rss") / 1024))
+  rss_b[$mode]=$(($(cat "$work/b.rss") / 1024))
+  echo "baseline ${base[$mode]} s, update ${update[$mode]} s ($((wire / 1024)) KiB on the wire);" \
+    "peak RSS a ${rss_a[$mode]} MiB, b ${rss_b[$mode]} MiB"
+done
+
+echo "## in process: tandem relationship update on two pool files"
+rm -f "$work"/{a,b}.pool
+$T pool create "$work/a.pool" --size 12G >/dev/null
+$T pool create "$work/b.pool" --size 12G >/dev/null
+$P fill-pool "$work/a.pool" v 4G
+$T relationship create --source "$work/a.pool:v" --destination "$work/b.pool:v" >/dev/null
+drop
+s=$(now)
+$T relationship initialize "$work/a.pool:v" >/dev/null
+t_local_base=$(elapsed "$s")
+$P change-pool "$work/a.pool" v 655 65536 7 >/dev/null
+drop
+s=$(now)
+$T relationship update "$work/a.pool:v" >/dev/null
+t_local=$(elapsed "$s")
+echo "baseline $t_local_base s, update $t_local s"
+rm -f "$work"/{a,b}.pool
+
+echo "## btrfs send | socat | btrfs receive over 127.0.0.1"
+for side in A B; do
+  truncate -s 12G "$work/btrfs$side.img"
+  loop=$(losetup --find --show "$work/btrfs$side.img")
+  loops+=("$loop")
+  mkfs.btrfs -q "$loop" >/dev/null 2>&1
+  mkdir -p "$work/$side"
+  mount "$loop" "$work/$side"
+  mounts+=("$work/$side")
+done
+btrfs -q subvolume create "$work/A/sv"
+$P fill-file "$work/A/sv/vol.img" 4G
+btrfs -q subvolume snapshot -r "$work/A/sv" "$work/A/base"
+over_tcp() {  # SEND ARGS...: btrfs send ARGS | socat | btrfs receive B
+  local p
+  p=$(port)
+  socat -u TCP-LISTEN:$p,bind=127.0.0.1,reuseaddr - | btrfs -q receive "$work/B" &
+  local recv=$!
+  sleep 0.2
+  btrfs -q send "$@" | socat -u - TCP:127.0.0.1:$p
+  wait $recv
+}
+drop
+s=$(now)
+over_tcp "$work/A/base"
+sync -f "$work/B"
+t_btrfs_base=$(elapsed "$s")
+$P change-file "$work/A/sv/vol.img" 655 65536 7 >/dev/null
+drop
+s=$(now)
+btrfs -q subvolume snapshot -r "$work/A/sv" "$work/A/new"
+over_tcp -p "$work/A/base" "$work/A/new"
+t_btrfs=$(elapsed "$s")
+sync -f "$work/B"
+t_btrfs_sync=$(elapsed "$s")
+cmp "$work/A/new/vol.img" "$work/B/new/vol.img" || { echo "btrfs: copies differ"; exit 1; }
+echo "baseline $t_btrfs_base s (with sync); update $t_btrfs s, $t_btrfs_sync s with sync"
+for m in "${mounts[@]}"; do umount "$m"; done
+for l in "${loops[@]}"; do losetup -d "$l"; done
+mounts=() loops=()
+rm -f "$work"/btrfs*.img
+
+echo "## rsync through its daemon on 127.0.0.1"
+mkdir -p "$work/rs/src" "$work/rs/dst"
+$P fill-file "$work/rs/src/vol.img" 4G
+rport=$(port)
+cat >"$work/rsyncd.conf" <<EOF
+address = 127.0.0.1
+port = $rport
+use chroot = false
+[bench]
+path = $work/rs/dst
+read only = false
+uid = root
+gid = root
+EOF
+rsync --daemon --no-detach --config="$work/rsyncd.conf" &
+pids+=($!)
+sleep 1
+drop
+s=$(now)
+rsync --inplace "$work/rs/src/vol.img" "rsync://127.0.0.1:$rport/bench/vol.img"
+sync -f "$work/rs/dst"
+t_rsync_base=$(elapsed "$s")
+$P change-file "$work/rs/src/vol.img" 655 65536 7 >/dev/null
+drop
+s=$(now)
+rsync --inplace --no-whole-file --ignore-times "$work/rs/src/vol.img" \
+  "rsync://127.0.0.1:$rport/bench/vol.img"
+t_rsync=$(elapsed "$s")
+cmp "$work/rs/src/vol.img" "$work/rs/dst/vol.img" || { echo "rsync: copies differ"; exit 1; }
+echo "baseline $t_rsync_base s (with sync); update $t_rsync s"
+
+echo "## what the disk allows: fio reading 4 GiB and writing 4 GiB at once"
+drop
+s=$(now)
+fio --name=read --filename="$work/rs/src/vol.img" --rw=read --bs=1M --size=4G \
+  --ioengine=io_uring --direct=1 --iodepth=8 \
+  --name=write --filename="$work/fio.out" --rw=write --bs=1M --size=4G \
+  --ioengine=io_uring --direct=1 --iodepth=8 --output-format=terse >/dev/null
+t_disk=$(elapsed "$s")
+echo "fio: $t_disk s"
+rm -rf "$work/rs" "$work/fio.out"
+
+echo "## summary"
+echo "| run | baseline 4 GiB, s | update 1%, s |"
+echo "|---|---|---|"
+echo "| tandemd pair, TLS 1.3 | ${base[tls]} | ${update[tls]} |"
+echo "| tandemd pair, plaintext | ${base[plain]} | ${update[plain]} |"
+echo "| tandem in process (relationship update) | $t_local_base | $t_local |"
+echo "| btrfs send \\| socat \\| receive (+ sync) | $t_btrfs_base | $t_btrfs ($t_btrfs_sync) |"
+echo "| rsync daemon | $t_rsync_base | $t_rsync |"
+echo "| fio read 4 GiB + write 4 GiB at once | $t_disk | |"
+echo
+echo "| goal | figure |"
+echo "|---|---|"
+echo "| update with TLS / in process (<= 1.15) | $(ratio "${update[tls]}" "$t_local") |"
+echo "| btrfs over TCP / update with TLS (>= 2) | $(ratio "$t_btrfs" "${update[tls]}") ($(ratio "$t_btrfs_sync" "${update[tls]}") with sync) |"
+echo "| rsync / update with TLS | $(ratio "$t_rsync" "${update[tls]}") |"
+echo "| baseline with TLS / plaintext (<= 1.15) | $(ratio "${base[tls]}" "${base[plain]}") |"
+echo "| disk / baseline with TLS (>= 0.80) | $(ratio "$t_disk" "${base[tls]}") |"
+echo "| peak RSS, TLS run: site a / site b (< 128 MiB each) | ${rss_a[tls]} / ${rss_b[tls]} MiB |"
+echo "| peak RSS, plaintext run: site a / site b | ${rss_a[plain]} / ${rss_b[plain]} MiB |"
