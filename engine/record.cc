@@ -91,6 +91,14 @@ std::string RelationshipRecord::Direction() const {
   return absl::StrCat(source.ToString(), " -> ", destination.ToString());
 }
 
+void RelationshipRecord::EndOperation() {
+  status = TransferStatus::kIdle;
+  operation = Operation::kNone;
+  driver.clear();
+  method = Method::kNone;
+  safety_snapshot.clear();
+}
+
 std::string RelationshipRecord::ToJson() const {
   json j = {
       {"version", kRecordVersion},

@@ -87,6 +87,9 @@ struct RelationshipRecord {
   uint64_t progress_total_bytes = 0;
 
   std::string Direction() const;  // "SOURCE -> DESTINATION"
+  // No operation runs any more: Idle, and what described the running one
+  // (operation, driver, plan) cleared.
+  void EndOperation();
   std::string ToJson() const;
   // DataLoss naming what is malformed; Unimplemented for a newer version.
   static absl::StatusOr<RelationshipRecord> FromJson(const std::string& json);

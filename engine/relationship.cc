@@ -302,9 +302,7 @@ absl::StatusOr<Operation> Replication::Recover(Loaded& rel, Operation op) {
                              interrupted == Operation::kReverseResync))) {
     return op;
   }
-  r.status = TransferStatus::kIdle;
-  r.operation = Operation::kNone;
-  r.driver.clear();
+  r.EndOperation();
   if (done) {
     if (reverse) {
       std::swap(r.source, r.destination);
@@ -313,16 +311,12 @@ absl::StatusOr<Operation> Replication::Recover(Loaded& rel, Operation op) {
     }
     r.mirror_state = MirrorState::kMirrored;
     r.last_transfer_error.clear();
-    r.method = Method::kNone;
-    r.safety_snapshot.clear();
     if (absl::Status s = receiver.SetReadOnly(rv, true); !s.ok()) return s;
   } else {
     r.mirror_state =
         interrupted == Operation::kInitialize ? MirrorState::kUninitialized
         : interrupted == Operation::kUpdate   ? MirrorState::kMirrored
                                               : MirrorState::kBroken;
-    r.method = Method::kNone;
-    r.safety_snapshot.clear();
     r.last_transfer_error = absl::StrCat(
         ToString(interrupted),
         " was interrupted (crash or kill) before it completed; nothing was "
@@ -360,11 +354,7 @@ absl::Status Replication::Begin(Loaded& rel, Operation op, bool persist) {
 
 absl::Status Replication::Finish(Loaded& rel, const TransferStats& stats) {
   RelationshipRecord& r = rel.rec;
-  r.status = TransferStatus::kIdle;
-  r.operation = Operation::kNone;
-  r.driver.clear();
-  r.method = Method::kNone;
-  r.safety_snapshot.clear();
+  r.EndOperation();
   r.last_transfer_end_ns = Now();
   r.last_transfer_bytes = stats.stream_bytes;
   r.last_transfer_data_bytes = stats.data_bytes;
@@ -378,11 +368,7 @@ absl::Status Replication::Finish(Loaded& rel, const TransferStats& stats) {
 absl::Status Replication::Fail(Loaded& rel, const absl::Status& error) {
   if (options_.stopping && options_.stopping->load()) return error;
   RelationshipRecord& r = rel.rec;
-  r.status = TransferStatus::kIdle;
-  r.operation = Operation::kNone;
-  r.driver.clear();
-  r.method = Method::kNone;
-  r.safety_snapshot.clear();
+  r.EndOperation();
   r.last_transfer_end_ns = Now();
   r.last_transfer_error = std::string(error.message());
   // Best effort: a pool that failed may refuse this too; the next command
@@ -679,11 +665,9 @@ absl::Status Replication::Break(const Endpoint& either,
     // The source is lost mid-transfer and nobody holds the destination's
     // claim: it is still at its last complete snapshot (apply is atomic),
     // so breaking is safe.
-    r.status = TransferStatus::kIdle;
     r.last_transfer_error =
         absl::StrCat(ToString(r.operation), " was interrupted");
-    r.operation = Operation::kNone;
-    r.driver.clear();
+    r.EndOperation();
   }
   return DoBreak(*rel, confirm);
 }
@@ -1012,8 +996,7 @@ absl::StatusOr<ReleaseReport> Replication::FinishRelease(Loaded& rel) {
   report.why = std::string(
       (rel.src == nullptr ? rel.src_error : rel.dst_error).message());
   r.released = true;
-  r.status = TransferStatus::kIdle;
-  r.operation = Operation::kNone;
+  r.EndOperation();
   if (absl::Status s = Save(rel, false); !s.ok()) return s;
   return report;
 }

@@ -659,98 +659,74 @@ void Daemon::RegisterControl(httplib::Server& http) {
     }
     return std::shared_ptr<PoolOps>(PoolOpsOver(*it->second.pool));
   };
+  // A JSON route on a pool (the path's first group): finds it, reads the
+  // body, answers what `f` returns.
+  using PoolCall = std::function<absl::StatusOr<ordered_json>(
+      PoolOps&, const httplib::Request&, const ordered_json&)>;
+  auto on_pool = [ops](PoolCall f) {
+    return [ops, f](const httplib::Request& req, httplib::Response& res) {
+      absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
+      if (!o.ok()) return Reply(res, o.status());
+      absl::StatusOr<ordered_json> body = Body(req);
+      if (!body.ok()) return Reply(res, body.status());
+      Reply(res, f(**o, req, *body));
+    };
+  };
+  // An operation that answers only how it went.
+  auto done = [](absl::Status s) -> absl::StatusOr<ordered_json> {
+    if (!s.ok()) return s;
+    return ordered_json::object();
+  };
   const std::string pool_re = R"(/v1/pools/([A-Za-z0-9._-]+))";
   const std::string vol_re = pool_re + R"(/volumes/([A-Za-z0-9._:-]+))";
-  http.Get(pool_re, [ops](const httplib::Request& req, httplib::Response& res) {
-    absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
-    if (!o.ok()) return Reply(res, o.status());
-    Reply(res, (*o)->Info());
-  });
-  http.Post(pool_re + "/check",
-            [ops](const httplib::Request& req, httplib::Response& res) {
-              absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
-              if (!o.ok()) return Reply(res, o.status());
-              absl::StatusOr<ordered_json> body = Body(req);
-              if (!body.ok()) return Reply(res, body.status());
-              Reply(res, (*o)->Check(body->value("data", false)));
-            });
+  http.Get(pool_re, on_pool([](PoolOps& o, auto&, auto&) { return o.Info(); }));
+  http.Post(pool_re + "/check", on_pool([](PoolOps& o, auto&, auto& body) {
+              return o.Check(body.value("data", false));
+            }));
   http.Get(pool_re + "/volumes",
-           [ops](const httplib::Request& req, httplib::Response& res) {
-             absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
-             if (!o.ok()) return Reply(res, o.status());
-             Reply(res, (*o)->ListVolumes());
-           });
-  http.Post(pool_re + "/volumes", [ops](const httplib::Request& req,
-                                        httplib::Response& res) {
-    absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
-    if (!o.ok()) return Reply(res, o.status());
-    absl::StatusOr<ordered_json> body = Body(req);
-    if (!body.ok()) return Reply(res, body.status());
-    Reply(res, (*o)->CreateVolume(body->value("name", ""),
-                                  body->value("size_bytes", uint64_t{0})));
-  });
-  http.Post(vol_re + "/resize", [ops](const httplib::Request& req,
-                                      httplib::Response& res) {
-    absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
-    if (!o.ok()) return Reply(res, o.status());
-    absl::StatusOr<ordered_json> body = Body(req);
-    if (!body.ok()) return Reply(res, body.status());
-    Reply(res, (*o)->ResizeVolume(req.matches[2],
-                                  body->value("size_bytes", uint64_t{0})));
-  });
-  http.Delete(vol_re, [ops](const httplib::Request& req,
-                            httplib::Response& res) {
-    absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
-    if (!o.ok()) return Reply(res, o.status());
-    Reply(res, (*o)->DeleteVolume(req.matches[2], req.has_param("recursive")));
-  });
-  http.Get(vol_re + "/snapshots",
-           [ops](const httplib::Request& req, httplib::Response& res) {
-             absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
-             if (!o.ok()) return Reply(res, o.status());
-             Reply(res, (*o)->ListSnapshots(req.matches[2]));
-           });
-  http.Post(vol_re + "/snapshots", [ops](const httplib::Request& req,
-                                         httplib::Response& res) {
-    absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
-    if (!o.ok()) return Reply(res, o.status());
-    absl::StatusOr<ordered_json> body = Body(req);
-    if (!body.ok()) return Reply(res, body.status());
-    Reply(res, (*o)->CreateSnapshot(req.matches[2], body->value("name", "")));
-  });
+           on_pool([](PoolOps& o, auto&, auto&) { return o.ListVolumes(); }));
+  http.Post(
+      pool_re + "/volumes", on_pool([done](PoolOps& o, auto&, auto& body) {
+        return done(o.CreateVolume(body.value("name", ""),
+                                   body.value("size_bytes", uint64_t{0})));
+      }));
+  http.Post(vol_re + "/resize",
+            on_pool([done](PoolOps& o, auto& req, auto& body) {
+              return done(o.ResizeVolume(
+                  req.matches[2], body.value("size_bytes", uint64_t{0})));
+            }));
   http.Delete(
-      vol_re + R"(/snapshots/([A-Za-z0-9._:-]+))",
-      [ops](const httplib::Request& req, httplib::Response& res) {
-        absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
-        if (!o.ok()) return Reply(res, o.status());
-        Reply(res, (*o)->DeleteSnapshot(req.matches[2], req.matches[3]));
-      });
-  http.Post(vol_re + "/rollback", [ops](const httplib::Request& req,
-                                        httplib::Response& res) {
-    absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
-    if (!o.ok()) return Reply(res, o.status());
-    absl::StatusOr<ordered_json> body = Body(req);
-    if (!body.ok()) return Reply(res, body.status());
-    Reply(res, (*o)->Rollback(req.matches[2], body->value("snapshot", "")));
-  });
-  http.Get(vol_re + "/digest",
-           [ops](const httplib::Request& req, httplib::Response& res) {
-             absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
-             if (!o.ok()) return Reply(res, o.status());
-             absl::StatusOr<std::string> d =
-                 (*o)->Digest(req.matches[2], req.get_param_value("snapshot"));
-             if (!d.ok()) return Reply(res, d.status());
-             Reply(res, ordered_json{{"digest", *d}});
-           });
-  http.Post(vol_re + "/trim", [ops](const httplib::Request& req,
-                                    httplib::Response& res) {
-    absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);
-    if (!o.ok()) return Reply(res, o.status());
-    absl::StatusOr<ordered_json> body = Body(req);
-    if (!body.ok()) return Reply(res, body.status());
-    Reply(res, (*o)->Trim(req.matches[2], body->value("offset", uint64_t{0}),
-                          body->value("length", uint64_t{0})));
-  });
+      vol_re, on_pool([done](PoolOps& o, auto& req, auto&) {
+        return done(o.DeleteVolume(req.matches[2], req.has_param("recursive")));
+      }));
+  http.Get(vol_re + "/snapshots", on_pool([](PoolOps& o, auto& req, auto&) {
+             return o.ListSnapshots(req.matches[2]);
+           }));
+  http.Post(vol_re + "/snapshots",
+            on_pool([](PoolOps& o, auto& req, auto& body) {
+              return o.CreateSnapshot(req.matches[2], body.value("name", ""));
+            }));
+  http.Delete(vol_re + R"(/snapshots/([A-Za-z0-9._:-]+))",
+              on_pool([done](PoolOps& o, auto& req, auto&) {
+                return done(o.DeleteSnapshot(req.matches[2], req.matches[3]));
+              }));
+  http.Post(
+      vol_re + "/rollback", on_pool([done](PoolOps& o, auto& req, auto& body) {
+        return done(o.Rollback(req.matches[2], body.value("snapshot", "")));
+      }));
+  http.Get(
+      vol_re + "/digest",
+      on_pool([](PoolOps& o, auto& req, auto&) -> absl::StatusOr<ordered_json> {
+        absl::StatusOr<std::string> d =
+            o.Digest(req.matches[2], req.get_param_value("snapshot"));
+        if (!d.ok()) return d.status();
+        return ordered_json{{"digest", *d}};
+      }));
+  http.Post(
+      vol_re + "/trim", on_pool([done](PoolOps& o, auto& req, auto& body) {
+        return done(o.Trim(req.matches[2], body.value("offset", uint64_t{0}),
+                           body.value("length", uint64_t{0})));
+      }));
   http.Get(vol_re + "/length",
            [ops](const httplib::Request& req, httplib::Response& res) {
              absl::StatusOr<std::shared_ptr<PoolOps>> o = ops(req.matches[1]);

@@ -18,6 +18,7 @@
 #include "blockstore/pool.h"
 #include "blockstore/util.h"
 #include "engine/relationship.h"
+#include "tools/drill.h"
 #include "tools/relationship_cli.h"
 
 namespace tools {
@@ -28,43 +29,16 @@ using engine::Endpoint;
 using engine::Replication;
 
 constexpr uint32_t kChunk = 64 << 10;
+
+using drill::Check;
+using drill::failures;
+using drill::Ok;
+using drill::Step;
+
+std::string MixedData(uint64_t bytes, uint64_t seed) {
+  return drill::MixedData(bytes, seed, kChunk);
+}
 const engine::Confirm kYes = [](const engine::LossPreview&) { return true; };
-
-int failures = 0;
-
-void Check(bool ok, const std::string& what) {
-  std::printf("  [%s] %s\n", ok ? " ok " : "FAIL", what.c_str());
-  if (!ok) ++failures;
-}
-
-bool Ok(const absl::Status& s, const std::string& what) {
-  if (!s.ok()) {
-    std::printf("  [FAIL] %s: %s\n", what.c_str(),
-                std::string(s.message()).c_str());
-    ++failures;
-  }
-  return s.ok();
-}
-
-// Half compressible text-like bytes, half random, like a real disk.
-std::vector<std::byte> MixedData(uint64_t bytes, uint64_t seed) {
-  std::vector<std::byte> out(bytes);
-  std::mt19937_64 rng(seed);
-  for (uint64_t c = 0; c < bytes / kChunk; ++c) {
-    std::byte* p = out.data() + c * kChunk;
-    if (c % 2 == 0) {
-      for (uint64_t i = 0; i < kChunk; i += 8) {
-        uint64_t v = rng();
-        std::memcpy(p + i, &v, 8);
-      }
-    } else {
-      for (uint64_t i = 0; i < kChunk; ++i) {
-        p[i] = static_cast<std::byte>("tandem block store "[(i + c) % 19]);
-      }
-    }
-  }
-  return out;
-}
 
 // Equal bytes, read back from both pools in 16 MiB pieces.
 bool SameBytes(Pool& a, const std::string& va, const std::string& sa, Pool& b,
@@ -105,7 +79,6 @@ class Drill {
     absl::StatusOr<engine::RelationshipReport> r = rep_.Report(a_);
     return r.ok() ? r->record : engine::RelationshipRecord{};
   }
-  void Step(const std::string& what) { std::printf("\n== %s\n", what.c_str()); }
   // The states and both sides' root digests, after every step.
   void Show() {
     engine::RelationshipRecord r = record();
@@ -130,9 +103,9 @@ class Drill {
     for (uint64_t i = 0; i < chunks; ++i) {
       uint64_t c = rng() % total;
       // Chunk c of a fresh mixed image: random or text, as c's parity says.
-      std::vector<std::byte> data = MixedData(2 * kChunk, seed * 1000003 + i);
+      std::string data = MixedData(2 * kChunk, seed * 1000003 + i);
       if (!Ok(pool.Write("vol", c * kChunk,
-                         std::span(data).subspan((c % 2) * kChunk, kChunk)),
+                         drill::Bytes(data).subspan((c % 2) * kChunk, kChunk)),
               "write")) {
         return false;
       }
@@ -192,7 +165,9 @@ int Drill::Run() {
                     blockstore::FormatBytes(bytes_),
                     " of mixed data (half random, half text)"));
   if (!Ok(a.CreateVolume("vol", bytes_), "create volume")) return 1;
-  if (!Ok(a.Write("vol", 0, MixedData(bytes_, 1)), "write")) return 1;
+  if (!Ok(a.Write("vol", 0, drill::Bytes(MixedData(bytes_, 1))), "write")) {
+    return 1;
+  }
   if (!Ok(a.Flush(), "flush")) return 1;
 
   Step(
@@ -212,7 +187,7 @@ int Drill::Run() {
   Transferred(t);
   Show();
   Mirrored("initialize");
-  Check(!P(b_).Write("vol", 0, MixedData(kChunk, 2)).ok(),
+  Check(!P(b_).Write("vol", 0, drill::Bytes(MixedData(kChunk, 2))).ok(),
         "the destination refuses writes while Mirrored");
 
   Step(

@@ -23,6 +23,7 @@
 #include "engine/stream.h"
 #include "tools/control_client.h"
 #include "tools/demo.h"
+#include "tools/drill.h"
 #include "tools/relationship_json.h"
 #include "transport/certs.h"
 #include "transport/socket.h"
@@ -32,41 +33,13 @@ namespace {
 
 constexpr uint32_t kChunk = 64 << 10;
 
-int failures = 0;
+using drill::Check;
+using drill::failures;
+using drill::Ok;
+using drill::Step;
 
-void Check(bool ok, const std::string& what) {
-  std::printf("  [%s] %s\n", ok ? " ok " : "FAIL", what.c_str());
-  if (!ok) ++failures;
-}
-
-bool Ok(const absl::Status& s, const std::string& what) {
-  if (!s.ok()) {
-    std::printf("  [FAIL] %s: %s\n", what.c_str(),
-                std::string(s.message()).c_str());
-    ++failures;
-  }
-  return s.ok();
-}
-
-void Step(const std::string& what) { std::printf("\n== %s\n", what.c_str()); }
-
-// Half compressible text-like bytes, half random, like a real disk.
 std::string MixedData(uint64_t bytes, uint64_t seed) {
-  std::string out(bytes, '\0');
-  std::mt19937_64 rng(seed);
-  for (uint64_t c = 0; c < bytes / kChunk; ++c) {
-    char* p = out.data() + c * kChunk;
-    if (c % 2 == 0) {
-      for (uint64_t i = 0; i < kChunk; i += 8) {
-        uint64_t v = rng();
-        std::memcpy(p + i, &v, 8);
-      }
-    } else {
-      for (uint64_t i = 0; i < kChunk; ++i)
-        p[i] = "tandem block store "[(i + c) % 19];
-    }
-  }
-  return out;
+  return drill::MixedData(bytes, seed, kChunk);
 }
 
 // A tandemd child process.

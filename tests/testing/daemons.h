@@ -32,70 +32,11 @@
 #include "blockstore/pool.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/process.h"
 #include "transport/certs.h"
 #include "transport/socket.h"
 
 namespace testing_util {
-
-struct Result {
-  int code = -1;
-  std::string out, err;
-};
-
-inline std::string Slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
-
-inline void Spit(const std::string& path, const std::string& data) {
-  std::ofstream f(path, std::ios::binary);
-  f << data;
-}
-
-inline std::string RandomBytes(size_t n, uint64_t seed) {
-  std::string s(n, '\0');
-  std::mt19937_64 rng(seed);
-  for (size_t i = 0; i + 8 <= n; i += 8) {
-    uint64_t v = rng();
-    std::memcpy(s.data() + i, &v, 8);
-  }
-  return s;
-}
-
-// Runs argv to completion, stdin from `input`.
-inline Result Exec(const std::string& dir, const std::vector<std::string>& argv,
-                   const std::string& input = "") {
-  static std::atomic<int> serial{0};
-  const std::string base = absl::StrCat(dir, "/exec", serial++);
-  Spit(base + ".in", input);
-  pid_t pid = fork();
-  if (pid == 0) {
-    int i = open((base + ".in").c_str(), O_RDONLY);
-    int o = open((base + ".out").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    int e = open((base + ".err").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    dup2(i, 0);
-    dup2(o, 1);
-    dup2(e, 2);
-    std::vector<char*> args;
-    for (const std::string& a : argv)
-      args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    unsetenv("TANDEM_POOL");
-    unsetenv("TANDEM_DAEMON");
-    execv(args[0], args.data());
-    _exit(127);
-  }
-  int status = 0;
-  waitpid(pid, &status, 0);
-  Result r;
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
-  r.out = Slurp(base + ".out");
-  r.err = Slurp(base + ".err");
-  for (const char* ext : {".in", ".out", ".err"}) unlink((base + ext).c_str());
-  return r;
-}
 
 inline int FreePort() {
   absl::StatusOr<transport::Fd> fd = transport::ListenTcp({"127.0.0.1", 0});

@@ -21,37 +21,15 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/process.h"
 
 namespace {
 
 using ::testing::HasSubstr;
 using json = nlohmann::json;
 
-struct Result {
-  int code = -1;
-  std::string out;
-  std::string err;
-};
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
-
-void WriteFile(const std::string& path, const std::string& data) {
-  std::ofstream f(path, std::ios::binary);
-  f << data;
-}
-
-std::string RandomBytes(size_t n, uint64_t seed) {
-  std::string s(n, '\0');
-  std::mt19937_64 rng(seed);
-  for (char& c : s) c = static_cast<char>(rng());
-  return s;
-}
-
+using testing_util::RandomBytes;
+using testing_util::Result;
 class CliTest : public ::testing::TestWithParam<bool> {
  protected:
   void SetUp() override {
@@ -61,7 +39,7 @@ class CliTest : public ::testing::TestWithParam<bool> {
     if (GetParam()) {
       std::string backing = dir_ + "/loop.img";
       ASSERT_EQ(truncate(backing.c_str(), 0), -1);  // does not exist yet
-      WriteFile(backing, "");
+      testing_util::Spit(backing, "");
       ASSERT_EQ(truncate(backing.c_str(), 256 << 20), 0);
       Result r = Exec({"/sbin/losetup", "--find", "--show", backing});
       if (r.code != 0 || r.out.empty()) {
@@ -83,33 +61,7 @@ class CliTest : public ::testing::TestWithParam<bool> {
   Result Exec(const std::vector<std::string>& argv,
               const std::string& input = "",
               const std::vector<std::string>& env = {}) {
-    std::string in = dir_ + "/stdin", out = dir_ + "/stdout",
-                err = dir_ + "/stderr";
-    WriteFile(in, input);
-    pid_t pid = fork();
-    if (pid == 0) {
-      int i = open(in.c_str(), O_RDONLY);
-      int o = open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      int e = open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      dup2(i, 0);
-      dup2(o, 1);
-      dup2(e, 2);
-      std::vector<char*> args;
-      for (const std::string& a : argv)
-        args.push_back(const_cast<char*>(a.c_str()));
-      args.push_back(nullptr);
-      unsetenv("TANDEM_POOL");
-      for (const std::string& kv : env) putenv(const_cast<char*>(kv.c_str()));
-      execv(args[0], args.data());
-      _exit(127);
-    }
-    int status = 0;
-    waitpid(pid, &status, 0);
-    Result r;
-    r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
-    r.out = ReadFile(out);
-    r.err = ReadFile(err);
-    return r;
+    return testing_util::Exec(dir_, argv, input, env);
   }
 
   Result Tandem(std::vector<std::string> args, const std::string& input = "") {
@@ -163,7 +115,7 @@ TEST_P(CliTest, PoolVolumeSnapshotLifecycle) {
 
   // Write a file at an unaligned offset, read it back exactly.
   std::string data = RandomBytes(3'000'001, 1);
-  WriteFile(dir_ + "/data", data);
+  testing_util::Spit(dir_ + "/data", data);
   Ok({"write", "--pool", pool_, "vol", dir_ + "/data", "--offset", "1001"});
   EXPECT_EQ(Ok({"read", "--pool", pool_, "vol", "--offset", "1001", "--length",
                 "3000001"}),
@@ -246,13 +198,13 @@ TEST_P(CliTest, BadInputIsOneClearLineAndChangesNothing) {
   EXPECT_EQ(r.code, 1);
   EXPECT_THAT(r.err, HasSubstr("past the end of volume 'vol'"));
   // ... and from a file, refused before anything is written.
-  WriteFile(dir_ + "/big", RandomBytes(2 << 20, 5));
+  testing_util::Spit(dir_ + "/big", RandomBytes(2 << 20, 5));
   Fails({"write", "--pool", pool_, "vol", dir_ + "/big"},
         "would pass the end of volume 'vol'");
   EXPECT_EQ(Digest("vol"), before);
 
   // Not a pool; no pool at all; a pool that is already there.
-  WriteFile(dir_ + "/junk", RandomBytes(1 << 20, 6));
+  testing_util::Spit(dir_ + "/junk", RandomBytes(1 << 20, 6));
   Fails({"pool", "info", dir_ + "/junk"}, "is not a tandem pool");
   Fails({"volume", "list", "--pool", dir_ + "/missing"}, "no such file");
   Fails({"volume", "list"}, "no pool given");
@@ -295,9 +247,9 @@ TEST_P(CliTest, DamagedPoolIsReportedByCheck) {
   json info = json::parse(Ok({"pool", "info", pool_, "--json"}));
   int64_t data_start = 64ll << 20;
   data_start -= info["capacity_bytes"].get<int64_t>();
-  std::string bytes = ReadFile(pool_);
+  std::string bytes = testing_util::Slurp(pool_);
   bytes[data_start + 100] ^= 1;
-  WriteFile(pool_, bytes);
+  testing_util::Spit(pool_, bytes);
   Result r = Tandem({"pool", "check", pool_, "--data"});
   EXPECT_EQ(r.code, 1);
   EXPECT_THAT(r.out, HasSubstr("does not match its digest"));
@@ -353,10 +305,11 @@ TEST_P(CliTest, DeltaFilesBetweenTwoPoolsAndAnImage) {
             Ok({"digest", "--pool", a, "v@two"}));
   EXPECT_EQ(Ok({"read", "--pool", b, "v"}), Ok({"read", "--pool", a, "v@two"}));
   std::string image = dir_ + "/image.raw";
-  WriteFile(image, RandomBytes(8 << 20, 13));  // garbage a full delta clears
+  testing_util::Spit(image,
+                     RandomBytes(8 << 20, 13));  // garbage a full delta clears
   ASSERT_EQ(delta({"apply", full, "--image", image}).code, 0);
   ASSERT_EQ(delta({"apply", inc, "--image", image}).code, 0);
-  EXPECT_EQ(ReadFile(image), Ok({"read", "--pool", a, "v@two"}));
+  EXPECT_EQ(testing_util::Slurp(image), Ok({"read", "--pool", a, "v@two"}));
 
   // Refusals: the image no longer holds the base; the pool already has it;
   // a corrupt file; not a delta at all.
@@ -367,9 +320,9 @@ TEST_P(CliTest, DeltaFilesBetweenTwoPoolsAndAnImage) {
   r = delta({"apply", inc, "--pool", b, "v"});
   EXPECT_EQ(r.code, 1);
   EXPECT_THAT(r.err, HasSubstr("delta base is snapshot 'one'"));
-  std::string bytes = ReadFile(inc);
+  std::string bytes = testing_util::Slurp(inc);
   bytes[bytes.size() / 2] ^= 4;
-  WriteFile(dir_ + "/bad.tdd", bytes);
+  testing_util::Spit(dir_ + "/bad.tdd", bytes);
   r = delta({"verify", dir_ + "/bad.tdd"});
   EXPECT_EQ(r.code, 1);
   EXPECT_THAT(r.err, HasSubstr("tandem-delta: delta segment"));
@@ -388,7 +341,7 @@ TEST_P(CliTest, DeltaFilesBetweenTwoPoolsAndAnImage) {
   std::string keep = fifo + "-link";  // reaches the FIFO even if replaced
   ASSERT_EQ(link(fifo.c_str(), keep.c_str()), 0);
   std::string piped;
-  std::thread reader([&] { piped = ReadFile(fifo); });
+  std::thread reader([&] { piped = testing_util::Slurp(fifo); });
   r = delta({"create", "--pool", a, "v@two", "--base", "one", "-o", fifo});
   // Had the tool not opened the FIFO, the reader would wait forever.
   if (int fd = open(keep.c_str(), O_WRONLY | O_NONBLOCK); fd >= 0) close(fd);
@@ -398,8 +351,8 @@ TEST_P(CliTest, DeltaFilesBetweenTwoPoolsAndAnImage) {
   ASSERT_EQ(stat(fifo.c_str(), &st), 0);
   EXPECT_TRUE(S_ISFIFO(st.st_mode));
   EXPECT_NE(access((fifo + ".partial").c_str(), F_OK), 0);
-  EXPECT_EQ(piped.size(), ReadFile(inc).size());
-  WriteFile(dir_ + "/piped.tdd", piped);
+  EXPECT_EQ(piped.size(), testing_util::Slurp(inc).size());
+  testing_util::Spit(dir_ + "/piped.tdd", piped);
   EXPECT_EQ(delta({"verify", dir_ + "/piped.tdd"}).code, 0);
   EXPECT_THAT(Ok({"pool", "check", b, "--data"}), HasSubstr("consistent"));
 }
