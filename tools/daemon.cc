@@ -181,6 +181,10 @@ absl::Status Daemon::StartServing() {
                                      control.status().message()));
   }
   control_ = std::make_unique<UnixHttpServer>();
+  // Every request holds its thread until its operation ends (a baseline may
+  // take hours): enough threads that status is still answered while many
+  // transfers run.
+  control_->new_task_queue = [] { return new httplib::ThreadPool(64); };
   RegisterControl(*control_);
   control_thread_ = std::thread([this, fd = std::move(*control)]() mutable {
     control_->ServeSocket(std::move(fd));
