@@ -448,9 +448,8 @@ absl::StatusOr<std::vector<SnapshotInfo>> ChainSinceCommon(
 
 }  // namespace
 
-TransferContext Replication::Context(Loaded& rel,
-                                     std::optional<RateLimiter>& limiter) {
-  TransferContext ctx;
+void Replication::Context(Loaded& rel, std::optional<RateLimiter>& limiter,
+                          TransferContext& ctx) {
   ctx.relationship_id = rel.rec.id;
   if (rel.claims != nullptr) {
     for (const std::unique_ptr<Claim>& c : *rel.claims) {
@@ -469,7 +468,6 @@ TransferContext Replication::Context(Loaded& rel,
     ctx.limiter = &*limiter;
   }
   ctx.rollback_advice = kUpdateAdvice;
-  return ctx;
 }
 
 absl::StatusOr<TransferStats> Replication::Move(
@@ -477,7 +475,8 @@ absl::StatusOr<TransferStats> Replication::Move(
     const std::string& to_volume, const std::vector<SnapshotInfo>& chain,
     bool rollback_first) {
   std::optional<RateLimiter> limiter;
-  TransferContext ctx = Context(rel, limiter);
+  TransferContext ctx;
+  Context(rel, limiter, ctx);
   return TransferChain(ctx, from, from_volume, to, to_volume, chain,
                        rollback_first);
 }
@@ -841,7 +840,8 @@ absl::StatusOr<TransferStats> Replication::Overwrite(Loaded& rel, Operation op,
     if (!snap.ok()) return undo(snap.status());
     if (method == Method::kHashDiff) {
       std::optional<RateLimiter> limiter;
-      TransferContext ctx = Context(rel, limiter);
+      TransferContext ctx;
+      Context(rel, limiter, ctx);
       stats =
           HashDiffTransfer(ctx, sender, sv, snap->name, receiver, rv, safety);
     } else {

@@ -170,7 +170,9 @@ class Replication {
                                           bool reverse, const Confirm& confirm,
                                           bool continuing);
   absl::StatusOr<LossPreview> Preview(Loaded& rel, Operation op, bool reverse);
-  TransferContext Context(Loaded& rel, std::optional<RateLimiter>& limiter);
+  // Fills `ctx` for a transfer of `rel` (`limiter` holds its rate limit).
+  void Context(Loaded& rel, std::optional<RateLimiter>& limiter,
+               TransferContext& ctx);
   absl::StatusOr<TransferStats> Move(
       Loaded& rel, Site& from, const std::string& from_volume, Site& to,
       const std::string& to_volume,

@@ -78,6 +78,18 @@ absl::StatusOr<SnapshotInfo> FindSnapshot(Site& site, const std::string& volume,
                                           "' not found at ", site.name()));
 }
 
+// Progress comes from both ends of a delta when both are local (the
+// sender's pipeline thread and the receiver's): one at a time, and never
+// backwards.
+void Report(TransferContext& ctx, uint64_t done, uint64_t total) {
+  MutexLock lock(ctx.progress_mu);
+  if (done < ctx.progress_done && total == ctx.progress_total) return;
+  ctx.progress_done = done;
+  ctx.progress_total = total;
+  for (Claim* c : ctx.claims) c->Progress(done, total);
+  if (ctx.progress) ctx.progress(done, total);
+}
+
 // A received snapshot is the relationship's on the receiver too if it was
 // on the sender; a user's snapshot carried along stays a user's.
 std::string OwnerOnReceiver(const TransferContext& ctx, const SnapshotInfo& s) {
@@ -246,9 +258,7 @@ absl::StatusOr<TransferStats> TransferChain(
   uint64_t done_before = 0;
   for (const Step& step : steps) {
     auto progress = [&](uint64_t done) {
-      const uint64_t now = done_before + std::min(done, step.data_total);
-      for (Claim* c : ctx.claims) c->Progress(now, total);
-      if (ctx.progress) ctx.progress(now, total);
+      Report(ctx, done_before + std::min(done, step.data_total), total);
     };
     absl::StatusOr<StepResult> r = RunStep(ctx, step, progress, cs);
     if (!r.ok()) return r.status();
@@ -319,10 +329,7 @@ absl::StatusOr<TransferStats> HashDiffTransfer(TransferContext& ctx, Site& from,
   step.onto = *base;
   step.chunks = std::move(*differ);
   step.data_total = step.chunks.size() * cs;
-  auto progress = [&](uint64_t done) {
-    for (Claim* c : ctx.claims) c->Progress(done, step.data_total);
-    if (ctx.progress) ctx.progress(done, step.data_total);
-  };
+  auto progress = [&](uint64_t done) { Report(ctx, done, step.data_total); };
   progress(0);
   absl::StatusOr<StepResult> r = RunStep(ctx, step, progress, cs);
   if (!r.ok()) return r.status();

@@ -66,8 +66,12 @@ struct TransferContext {
   // Claims the transfer runs under: progress goes to each, and each is
   // renewed before a retry.
   std::vector<Claim*> claims;
-  // Called with (data bytes done, total) as the transfer goes.
+  // Called with (data bytes done, total) as the transfer goes, one call at
+  // a time (from whichever thread moves the data).
   std::function<void(uint64_t, uint64_t)> progress;
+  blockstore::Mutex progress_mu;
+  uint64_t progress_done ABSL_GUARDED_BY(progress_mu) = 0;
+  uint64_t progress_total ABSL_GUARDED_BY(progress_mu) = 0;
   // How long to keep retrying a lost connection without progress; zero:
   // no retries.
   absl::Duration retry_window = absl::ZeroDuration();
