@@ -2,6 +2,7 @@
 // loopback, driven through their control sockets exactly as `tandem
 // --daemon` drives them.
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -55,8 +56,12 @@ class Daemon {
   ~Daemon() { Stop(SIGKILL); }
 
   bool Start() {
+    const pid_t parent = getpid();
     pid_ = fork();
     if (pid_ == 0) {
+      // The demo's daemons end with it, however it ends.
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() != parent) _exit(127);
       FILE* f = std::fopen(log_.c_str(), "a");
       if (f != nullptr) dup2(fileno(f), 2);
       execl(binary_.c_str(), binary_.c_str(), "--config", config_.c_str(),

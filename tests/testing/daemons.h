@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -256,8 +257,12 @@ class TwoDaemons {
   bool Start(const std::string& site) {
     const std::string config = absl::StrCat(dir_, "/", site, ".toml");
     const std::string log = absl::StrCat(dir_, "/", site, ".log");
+    const pid_t parent = getpid();
     pid_t pid = fork();
     if (pid == 0) {
+      // A test killed by its timeout takes its daemons with it.
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() != parent) _exit(127);
       int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
       dup2(fd, 2);
       execl(TANDEMD_BIN, TANDEMD_BIN, "--config", config.c_str(), nullptr);

@@ -4,6 +4,8 @@
 #define TANDEM_TESTS_TESTING_PROCESS_H_
 
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -57,8 +59,11 @@ inline Result Exec(const std::string& dir, const std::vector<std::string>& argv,
   static std::atomic<int> serial{0};
   const std::string base = absl::StrCat(dir, "/exec", serial++);
   Spit(base + ".in", input);
+  const pid_t parent = getpid();
   pid_t pid = fork();
   if (pid == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(127);
     int i = open((base + ".in").c_str(), O_RDONLY);
     int o = open((base + ".out").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     int e = open((base + ".err").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
