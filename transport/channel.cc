@@ -77,6 +77,7 @@ class Plain final : public Channel {
 
   void Shutdown() override { shutdown(fd_.get(), SHUT_RDWR); }
   std::string Describe() const override { return "plaintext"; }
+  bool HungUp() const override { return PeerHungUp(fd_.get()); }
 
  private:
   Fd fd_;
@@ -146,6 +147,7 @@ class Tls final : public Channel {
 
   void Shutdown() override { shutdown(fd_.get(), SHUT_RDWR); }
   std::string Describe() const override { return how_; }
+  bool HungUp() const override { return PeerHungUp(fd_.get()); }
 
  private:
   Fd fd_;

@@ -31,6 +31,8 @@ class Channel {
   virtual void Shutdown() = 0;
   // "TLS 1.3 TLS_AES_256_GCM_SHA384 (certificate)", "plaintext", ...
   virtual std::string Describe() const = 0;
+  // The peer hung up (see PeerHungUp); bytes it sent before may be unread.
+  virtual bool HungUp() const = 0;
 };
 
 struct SecurityConfig {

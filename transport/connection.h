@@ -104,6 +104,8 @@ class Connection {
   bool broken() const { return broken_.load(); }
   // The peer closed the connection in order (not an error of either side).
   bool peer_closed() const { return peer_closed_.load(); }
+  // Broken, or the peer hung up: no use for another request.
+  bool dead() const { return broken() || channel_->HungUp(); }
 
   const std::string& peer() const { return peer_; }
   // Who the peer authenticated as, once known.

@@ -151,7 +151,7 @@ absl::StatusOr<std::unique_ptr<Connection>> ConnectionPool::Get(bool* reused) {
     while (!idle_.empty()) {
       std::unique_ptr<Connection> c = std::move(idle_.back());
       idle_.pop_back();
-      if (!c->broken()) {
+      if (!c->dead()) {
         *reused = true;
         return c;
       }
@@ -221,11 +221,14 @@ absl::StatusOr<Message> RemoteSite::Call(nlohmann::json request,
       if (absl::Status s = StatusFrom(reply->json); !s.ok()) return s;
       return reply;
     }
-    // A pooled connection the peer dropped (it restarted, say): once more
-    // on a fresh one, where asking twice does no harm.
-    // (Not after a time-out: the peer may be gone, not just restarted.)
-    if (reused && idempotent && attempt == 0 &&
+    // A pooled connection the peer dropped (it restarted, say, just
+    // now): once more on a fresh one, if the peer cannot have acted on the
+    // request (it never got all of it) or asking twice does no harm. The
+    // other idle ones likely went with it. (Not after a time-out: the peer
+    // may be gone, not just restarted.)
+    if (reused && (idempotent || !sent.ok()) && attempt == 0 &&
         Clock::now() - start < std::chrono::seconds(1)) {
+      connections_.Failed(reply.status());
       continue;
     }
     connections_.Failed(reply.status());

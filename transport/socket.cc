@@ -245,6 +245,11 @@ absl::StatusOr<Fd> Accept(const Fd& listener, std::string* peer) {
   }
 }
 
+bool PeerHungUp(int fd) {
+  pollfd p{fd, POLLRDHUP, 0};
+  return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR));
+}
+
 absl::Status WaitFor(int fd, short events, Deadline deadline) {
   for (;;) {
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(

@@ -73,6 +73,10 @@ absl::StatusOr<Fd> Accept(const Fd& listener, std::string* peer);
 // of the socket (returns OK: the next call sees the error).
 absl::Status WaitFor(int fd, short events, Deadline deadline);
 
+// Whether the peer of connected socket `fd` has hung up (sent FIN or
+// reset): an idle pooled connection to a daemon that restarted, say.
+bool PeerHungUp(int fd);
+
 void SetNonBlocking(int fd);
 
 }  // namespace transport

@@ -38,6 +38,7 @@ class Scripted final : public transport::Channel {
   }
   void Shutdown() override {}
   std::string Describe() const override { return "fuzz"; }
+  bool HungUp() const override { return false; }
 
  private:
   const uint8_t* data_;

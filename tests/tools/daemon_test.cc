@@ -190,6 +190,31 @@ TEST(DaemonTest, ReleaseWithTheOtherSiteDownFinishesWhenItReturns) {
   d.Ok("b", {"write", "--pool", "p", "vol"}, "writable again");
 }
 
+// The other daemon restarted since the last operation (by SIGTERM or kill
+// -9): the connections pooled to it are dead, and the next operation, from
+// either end, goes through on fresh ones the first time.
+TEST(DaemonTest, TheFirstOperationAfterThePeerRestartsSucceeds) {
+  TwoDaemons d;
+  Up(d);
+  d.Ok("a", {"relationship", "create", "--source", kA, "--destination", kB});
+  d.Ok("b", {"relationship", "initialize", kB});
+  int round = 0;
+  for (int sig : {SIGTERM, SIGKILL}) {
+    for (const char* victim : {"a", "b"}) {
+      SCOPED_TRACE(absl::StrCat(victim, " signal ", sig));
+      const std::string caller = std::string(victim) == "a" ? "b" : "a";
+      d.Ok("a", {"write", "--pool", "p", "vol", "--offset", "2M"},
+           RandomBytes(64 << 10, 100 + round++));
+      EXPECT_EQ(d.Stop(victim, sig), sig == SIGTERM ? 0 : -SIGKILL);
+      ASSERT_TRUE(d.Start(victim)) << d.Log(victim);
+      Result r = d.Via(caller, {"relationship", "update",
+                                caller == "a" ? kA : kB});
+      EXPECT_EQ(r.code, 0) << r.err << d.Log(caller);
+      EXPECT_EQ(d.Read("b", "vol"), d.Read("a", "vol"));
+    }
+  }
+}
+
 TEST(DaemonTest, AScheduledRelationshipUpdatesByItself) {
   TwoDaemons d;
   Up(d);
