@@ -28,7 +28,10 @@ done
 work=$(mktemp -d "${TMPDIR:-/tmp}/tandem-daemon-bench-XXXXXX")
 pids=() mounts=() loops=()
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do
+    pkill -P "$p" 2>/dev/null || true  # the daemons under /usr/bin/time
+    kill "$p" 2>/dev/null || true
+  done
   wait 2>/dev/null || true
   for m in "${mounts[@]}"; do umount "$m" 2>/dev/null || true; done
   for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null || true; done
@@ -80,7 +83,8 @@ start() {
 stop() {
   local s=$1 p
   eval "p=\$pid_$s"
-  kill -TERM "$p"
+  # $p is /usr/bin/time, which a signal would end without its daemon.
+  pkill -TERM -P "$p"
   wait "$p" || true
 }
 configure() {
