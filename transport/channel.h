@@ -25,8 +25,14 @@ class Channel {
   // DeadlineExceeded on time-out, Unavailable on a broken connection.
   virtual absl::StatusOr<size_t> ReadSome(std::span<std::byte> out,
                                           Deadline deadline) = 0;
-  virtual absl::Status WriteAll(std::span<const std::byte> data,
-                                Deadline deadline) = 0;
+  // Writes `pieces` one after the other, all of them, before `deadline`
+  // (DeadlineExceeded), as few writes to the socket as it takes.
+  virtual absl::Status Write(std::span<const std::span<const std::byte>> pieces,
+                             Deadline deadline) = 0;
+  absl::Status WriteAll(std::span<const std::byte> data, Deadline deadline) {
+    const std::span<const std::byte> one[] = {data};
+    return Write(one, deadline);
+  }
   // Wakes blocked calls; later ones fail.
   virtual void Shutdown() = 0;
   // "TLS 1.3 TLS_AES_256_GCM_SHA384 (certificate)", "plaintext", ...

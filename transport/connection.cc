@@ -126,8 +126,8 @@ absl::Status Connection::Send(FrameType type,
   if (broken_) return absl::UnavailableError("connection already broken");
   // A peer that does not read for the whole time-out is gone.
   Deadline deadline = After(options_.timeout);
-  absl::Status s = channel_->WriteAll(h, deadline);
-  if (s.ok() && !payload.empty()) s = channel_->WriteAll(payload, deadline);
+  const std::span<const std::byte> frame[] = {h, payload};
+  absl::Status s = channel_->Write(frame, deadline);
   if (!s.ok()) {
     if (absl::IsDeadlineExceeded(s)) {
       s = absl::DeadlineExceededError(absl::StrCat(

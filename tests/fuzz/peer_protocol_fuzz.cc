@@ -32,8 +32,8 @@ class Scripted final : public transport::Channel {
     at_ += n;
     return n;
   }
-  absl::Status WriteAll(std::span<const std::byte>,
-                        transport::Deadline) override {
+  absl::Status Write(std::span<const std::span<const std::byte>>,
+                     transport::Deadline) override {
     return absl::OkStatus();
   }
   void Shutdown() override {}
