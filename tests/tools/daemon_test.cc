@@ -224,12 +224,17 @@ TEST(DaemonTest, AScheduledRelationshipUpdatesByItself) {
   d.Ok("a", {"write", "--pool", "p", "vol", "--offset", "4M"},
        RandomBytes(64 << 10, 9));
   const std::string want = d.Digest("a", "vol");
-  // The destination's daemon pulls on its own.
+  // The destination's daemon pulls on its own. The data lands before the
+  // operation's log line, which follows its commit: wait for both.
+  const std::string logged = "operation=update trigger=schedule outcome=ok";
   EXPECT_TRUE(d.WaitFor(
-      "b", kB, [&](const json&) { return d.Digest("b", "vol") == want; }, 20))
+      "b", kB,
+      [&](const json&) {
+        return d.Digest("b", "vol") == want &&
+               absl::StrContains(d.Log("b"), logged);
+      },
+      20))
       << d.Log("b");
-  EXPECT_THAT(d.Log("b"),
-              HasSubstr("operation=update trigger=schedule outcome=ok"));
   // A manual update while one runs is refused as Transferring, like break
   // (or finds nothing running and succeeds).
   json s = d.Status("a", kA);
