@@ -169,8 +169,8 @@ class Tls final : public Channel {
  private:
   static absl::Status WriteError(int err) {
     return absl::UnavailableError(absl::StrCat(
-        "TLS write: ", err == SSL_ERROR_SYSCALL ? std::strerror(errno)
-                                                : OpensslErrors()));
+        "TLS write: ",
+        err == SSL_ERROR_SYSCALL ? std::strerror(errno) : OpensslErrors()));
   }
 
   Fd fd_;

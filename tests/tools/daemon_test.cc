@@ -207,8 +207,8 @@ TEST(DaemonTest, TheFirstOperationAfterThePeerRestartsSucceeds) {
            RandomBytes(64 << 10, 100 + round++));
       EXPECT_EQ(d.Stop(victim, sig), sig == SIGTERM ? 0 : -SIGKILL);
       ASSERT_TRUE(d.Start(victim)) << d.Log(victim);
-      Result r = d.Via(caller, {"relationship", "update",
-                                caller == "a" ? kA : kB});
+      Result r =
+          d.Via(caller, {"relationship", "update", caller == "a" ? kA : kB});
       EXPECT_EQ(r.code, 0) << r.err << d.Log(caller);
       EXPECT_EQ(d.Read("b", "vol"), d.Read("a", "vol"));
     }
