@@ -295,13 +295,23 @@ absl::Status Lock(int fd, absl::string_view path, OpenMode mode) {
       "; wait for it to finish or stop it"));
 }
 
+const char* FileKind(mode_t mode) {
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISFIFO(mode)) return "a FIFO";
+  if (S_ISSOCK(mode)) return "a socket";
+  if (S_ISCHR(mode)) return "a character device";
+  return "not a regular file";
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Io>> OpenFileIo(absl::string_view path_view,
                                                const FileIoOptions& options) {
   std::string path(path_view);
-  int flags =
-      O_CLOEXEC | (options.mode == OpenMode::kReadWrite ? O_RDWR : O_RDONLY);
+  // O_NONBLOCK: opening a FIFO would otherwise wait for its other end; what
+  // is not a file or a block device is refused below, once open.
+  int flags = O_CLOEXEC | O_NONBLOCK |
+              (options.mode == OpenMode::kReadWrite ? O_RDWR : O_RDONLY);
   if (options.create_size_bytes > 0) flags |= O_CREAT;
   bool direct = options.direct;
   int fd = open(path.c_str(), flags | (direct ? O_DIRECT : 0), 0644);
@@ -317,10 +327,6 @@ absl::StatusOr<std::unique_ptr<Io>> OpenFileIo(absl::string_view path_view,
     return ErrnoError(err, absl::StrCat("open ", path));
   }
   auto close_fd = [fd] { close(fd); };
-  if (absl::Status s = Lock(fd, path, options.mode); !s.ok()) {
-    close_fd();
-    return s;
-  }
   struct stat st {};
   if (fstat(fd, &st) != 0) {
     int err = errno;
@@ -336,19 +342,30 @@ absl::StatusOr<std::unique_ptr<Io>> OpenFileIo(absl::string_view path_view,
     }
   } else if (S_ISREG(st.st_mode)) {
     size = st.st_size;
-    if (options.create_size_bytes > size) {
-      if (ftruncate(fd, options.create_size_bytes) != 0) {
-        int err = errno;
-        close_fd();
-        return ErrnoError(err, absl::StrCat("extend ", path, " to ",
-                                            options.create_size_bytes));
-      }
-      size = options.create_size_bytes;
-    }
   } else {
     close_fd();
     return absl::InvalidArgumentError(
-        absl::StrCat(path, ": not a regular file or block device"));
+        absl::StrCat(path, " is ", FileKind(st.st_mode),
+                     ", not a pool: name a regular file or a block device"));
+  }
+  if (absl::Status s = Lock(fd, path, options.mode); !s.ok()) {
+    close_fd();
+    return s;
+  }
+  if (S_ISREG(st.st_mode) && options.create_size_bytes > size) {
+    if (ftruncate(fd, options.create_size_bytes) != 0) {
+      int err = errno;
+      close_fd();
+      return ErrnoError(err, absl::StrCat("extend ", path, " to ",
+                                          options.create_size_bytes));
+    }
+    size = options.create_size_bytes;
+  }
+  // Back to blocking I/O (it means nothing for files and devices anyway).
+  if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0) {
+    int err = errno;
+    close_fd();
+    return ErrnoError(err, absl::StrCat("open ", path));
   }
   size = size / kIoAlign * kIoAlign;
 

@@ -27,13 +27,18 @@ bool IsValidName(absl::string_view name) {
   return true;
 }
 
-absl::StatusOr<Superblock> LayOut(uint64_t device_bytes, uint32_t chunk_size) {
+absl::Status CheckChunkSize(uint64_t chunk_size) {
   if (!IsPowerOfTwo(chunk_size) || chunk_size < 4096 ||
       chunk_size > (1u << 20)) {
     return absl::InvalidArgumentError(
         absl::StrCat("bad chunk size ", chunk_size,
                      ": must be a power of two from 4K to 1M"));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Superblock> LayOut(uint64_t device_bytes, uint32_t chunk_size) {
+  if (absl::Status s = CheckChunkSize(chunk_size); !s.ok()) return s;
   Superblock sb;
   sb.chunk_size = chunk_size;
   sb.device_bytes = device_bytes;
@@ -49,10 +54,10 @@ absl::StatusOr<Superblock> LayOut(uint64_t device_bytes, uint32_t chunk_size) {
   uint64_t data_start_bytes =
       RoundUp(meta_start_bytes + sb.meta_count * kNodeSize, chunk_size);
   if (data_start_bytes + 16ull * chunk_size > device_bytes) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "device of ", device_bytes, " bytes is too small for a pool with ",
-        chunk_size, "-byte chunks: need at least ",
-        data_start_bytes + 16ull * chunk_size, " bytes"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(device_bytes, " bytes is too small for a pool with ",
+                     chunk_size, "-byte chunks: it needs at least ",
+                     data_start_bytes + 16ull * chunk_size, " bytes"));
   }
   sb.data_start = data_start_bytes / chunk_size;
   sb.data_count = (device_bytes - data_start_bytes) / chunk_size;
@@ -131,7 +136,7 @@ SuperblockState DecodeSuperblock(std::span<const std::byte, kSuperblockSize> in,
   if (sb->device_bytes > device_bytes) {
     *why = absl::StrCat("pool needs ", sb->device_bytes,
                         " bytes but the device has only ", device_bytes);
-    return SuperblockState::kDamaged;
+    return SuperblockState::kTooSmall;
   }
   return SuperblockState::kValid;
 }

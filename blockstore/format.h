@@ -122,6 +122,9 @@ struct Superblock {
 // or '-' (names starting with '.' are the pool's own, e.g. staging volumes).
 bool IsValidName(absl::string_view name);
 
+// InvalidArgument unless `chunk_size` is a power of two in [4 KiB, 1 MiB].
+absl::Status CheckChunkSize(uint64_t chunk_size);
+
 // Lays out a new pool of `device_bytes` with `chunk_size`. InvalidArgument if
 // the chunk size is not a power of two in [4 KiB, 1 MiB] or the device is too
 // small to hold metadata and at least 16 chunks.
@@ -130,9 +133,10 @@ absl::StatusOr<Superblock> LayOut(uint64_t device_bytes, uint32_t chunk_size);
 void EncodeSuperblock(const Superblock& sb, uint64_t slot_offset,
                       std::span<std::byte, kSuperblockSize> out);
 
-enum class SuperblockState { kValid, kNoMagic, kDamaged };
+enum class SuperblockState { kValid, kNoMagic, kDamaged, kTooSmall };
 // kNoMagic: not a pool superblock at all. kDamaged: magic present but the
-// checksum or a field is wrong (`why` says which).
+// checksum or a field is wrong (`why` says which). kTooSmall: a sound
+// superblock of a pool larger than the device (a truncated file).
 SuperblockState DecodeSuperblock(std::span<const std::byte, kSuperblockSize> in,
                                  uint64_t slot_offset, uint64_t device_bytes,
                                  Superblock* sb, std::string* why);

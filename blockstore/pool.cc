@@ -259,6 +259,15 @@ absl::Status Pool::LoadLocked() {
           " is not a tandem pool (no pool superblock found); create one with "
           "'tandem pool create'"));
     }
+    for (int i = 0; i < 2; ++i) {
+      if (state[i] != SuperblockState::kTooSmall) continue;
+      return absl::DataLossError(absl::StrCat(
+          io_.name(), " is ", io_.size_bytes(), " bytes but its pool is ",
+          cand[i].device_bytes,
+          ": the file was truncated or the device shrank; give it back its "
+          "size (a file: truncate -s ",
+          cand[i].device_bytes, ") and open it again"));
+    }
     return absl::DataLossError(absl::StrCat(
         io_.name(), ": both pool superblocks are damaged (A: ", why[0],
         "; B: ", why[1], ")"));

@@ -81,11 +81,7 @@ absl::Status PoolCreate(const std::string& path, const std::string& size_text,
                         const std::string& chunk_text, bool force) {
   absl::StatusOr<uint64_t> chunk = Size(chunk_text, "chunk size");
   if (!chunk.ok()) return chunk.status();
-  if (*chunk > UINT32_MAX) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("bad chunk size ", chunk_text,
-                     ": must be a power of two from 4K to 1M"));
-  }
+  if (absl::Status s = blockstore::CheckChunkSize(*chunk); !s.ok()) return s;
   struct stat st {};
   bool exists = stat(path.c_str(), &st) == 0;
   bool is_device = exists && S_ISBLK(st.st_mode);
@@ -120,6 +116,25 @@ absl::Status PoolCreate(const std::string& path, const std::string& size_text,
           path, " exists and is not empty; pass --force to overwrite it"));
     }
   }
+  if (exists && !is_device && !S_ISREG(st.st_mode)) {
+    // A FIFO, a directory...: refused (and said what it is) by the open.
+    blockstore::FileIoOptions probe;
+    probe.mode = OpenMode::kReadOnly;
+    return blockstore::OpenFileIo(path, probe).status();
+  }
+  if (!is_device) {
+    // Refused before anything is made: a bad size or chunk size.
+    const uint64_t bytes =
+        size_text.empty() && exists ? static_cast<uint64_t>(st.st_size) : size;
+    if (absl::StatusOr<blockstore::Superblock> layout =
+            blockstore::LayOut(bytes, static_cast<uint32_t>(*chunk));
+        !layout.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "bad pool size ", size_text.empty() ? "(none given)" : size_text,
+          ": ", layout.status().message(),
+          size_text.empty() ? "; pass --size" : ""));
+    }
+  }
   blockstore::FileIoOptions options;
   options.create_size_bytes = size;
   absl::StatusOr<std::unique_ptr<blockstore::Io>> io =
@@ -129,7 +144,18 @@ absl::Status PoolCreate(const std::string& path, const std::string& size_text,
   create.chunk_size_bytes = static_cast<uint32_t>(*chunk);
   absl::StatusOr<std::unique_ptr<Pool>> pool =
       Pool::Create(std::move(*io), create);
-  if (!pool.ok()) return pool.status();
+  if (!pool.ok()) {
+    // A file this command made goes again; one that was there keeps its
+    // size (its content was being replaced anyway).
+    if (!exists) {
+      unlink(path.c_str());
+    } else if (S_ISREG(st.st_mode)) {
+      if (truncate(path.c_str(), st.st_size) != 0) {
+        // Best effort: the error that matters is the one below.
+      }
+    }
+    return pool.status();
+  }
   blockstore::PoolInfo info = (*pool)->Info();
   std::printf("created pool %s: %s of data in %s chunks (%s)\n", path.c_str(),
               blockstore::FormatBytes(info.capacity_bytes).c_str(),

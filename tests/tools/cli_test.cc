@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -212,6 +213,12 @@ TEST_P(CliTest, BadInputIsOneClearLineAndChangesNothing) {
   Fails({"pool", "create", dir_ + "/junk"}, "exists and is not empty");
   Fails({"pool", "create", dir_ + "/new", "--chunk-size", "3000"},
         "bad chunk size");
+  // Refused creates make nothing.
+  Fails({"pool", "create", dir_ + "/new", "--size", "0"},
+        "bad pool size 0: 0 bytes is too small for a pool with 65536-byte "
+        "chunks");
+  Fails({"pool", "create", dir_ + "/new", "--size", "1M"}, "too small");
+  EXPECT_FALSE(std::filesystem::exists(dir_ + "/new"));
   Fails({"frobnicate"}, "see 'tandem --help'", 2);
   EXPECT_EQ(Digest("vol"), before);
   EXPECT_THAT(Ok({"pool", "check", pool_}), HasSubstr("consistent"));
@@ -255,6 +262,29 @@ TEST_P(CliTest, DamagedPoolIsReportedByCheck) {
   EXPECT_THAT(r.out, HasSubstr("does not match its digest"));
   EXPECT_THAT(r.err, HasSubstr("is inconsistent: 1 problem(s)"));
   Fails({"read", "--pool", pool_, "v"}, "data does not match its digest");
+}
+
+TEST_P(CliTest, WhatIsNotAPoolIsNamed) {
+  if (GetParam()) GTEST_SKIP() << "the file variant covers this";
+  // A FIFO is refused at once (opening it would wait for a writer).
+  const std::string fifo = dir_ + "/fifo";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  Fails({"volume", "list", "--pool", fifo},
+        fifo + " is a FIFO, not a pool: name a regular file or a block device");
+  Fails({"pool", "create", fifo}, fifo + " is a FIFO, not a pool");
+  Fails({"pool", "info", dir_}, dir_ + " is a directory, not a pool");
+  // A pool file cut one MiB short: said so, with the size it needs; given
+  // back its size, it opens with everything in it.
+  Ok({"pool", "create", pool_, "--size", "64M"});
+  Ok({"volume", "create", "--pool", pool_, "v", "--size", "1M"});
+  ASSERT_EQ(truncate(pool_.c_str(), 63 << 20), 0);
+  Fails({"volume", "list", "--pool", pool_},
+        pool_ +
+            " is 66060288 bytes but its pool is 67108864: the file was "
+            "truncated or the device shrank; give it back its size (a "
+            "file: truncate -s 67108864) and open it again");
+  ASSERT_EQ(truncate(pool_.c_str(), 64 << 20), 0);
+  EXPECT_THAT(Ok({"volume", "list", "--pool", pool_}), HasSubstr("v"));
 }
 
 TEST_P(CliTest, DeltaFilesBetweenTwoPoolsAndAnImage) {
