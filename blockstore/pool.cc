@@ -17,6 +17,7 @@
 
 namespace blockstore {
 
+using internal::IsStaging;
 using internal::kMaxVolumeBytes;
 using internal::NowNs;
 using internal::RandomGuid;
@@ -349,6 +350,7 @@ absl::Status Pool::LoadLocked() {
                      " bytes, superblock says ", sb_.catalog_bytes));
   }
   if (absl::Status s = ParseCatalog(catalog); !s.ok()) return s;
+  committed_catalog_ = std::move(catalog);
   gen_ = sb_.generation + 1;
   // The next commit writes the other table copy, which must then equal this
   // one wherever that commit changes nothing. It may be older, or torn by a
@@ -856,7 +858,7 @@ absl::StatusOr<std::vector<VolumeInfo>> Pool::ListVolumes() {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<VolumeInfo> out;
   for (const auto& [name, v] : volumes_) {
-    if (name[0] == '.') continue;  // staging volumes of a receive
+    if (IsStaging(name)) continue;
     out.push_back({v.name, v.guid, v.create_time_ns, v.size_bytes,
                    v.snapshots.size(), v.read_only});
   }
@@ -930,6 +932,10 @@ absl::Status Pool::ResizeVolume(absl::string_view name, uint64_t size_bytes) {
                      "': must be from 1 byte to 1 EiB"));
   }
   if (absl::Status s = ResizeLocked(**v, size_bytes); !s.ok()) return Fail(s);
+  // A receive's staging volume reaches the disk with its data (automatic
+  // commits) or with FinishReceive, like its writes: a refused receive then
+  // leaves nothing to undo.
+  if (IsStaging(name)) return Fail(MaybeCommit());
   return Fail(CommitLocked());
 }
 
@@ -1576,9 +1582,27 @@ absl::Status Pool::MaybeCommit() {
 // Until (2) is durable the previous superblock, table copy and every node it
 // reaches are untouched, because space freed since then is held back until
 // the commit is durable.
+void Pool::ReleaseHeld() {
+  for (uint64_t i : held_list_) {
+    held_[i] = false;
+    if (counts_[i] == 0) ++(i < sb_.meta_count ? free_nodes_ : free_chunks_);
+  }
+  held_list_.clear();
+}
+
 absl::Status Pool::CommitLocked() {
   if (!changed_ && dirty_nodes_ == 0) return absl::OkStatus();
   if (absl::Status s = UpdateAllDigests(); !s.ok()) return s;
+  std::string catalog = SerializeCatalog();
+  if (dirty_nodes_ == 0 && catalog == committed_catalog_) {
+    // Back where the last commit left it: every tree is the committed one
+    // (roots and sizes are in the catalog, committed nodes are never
+    // changed in place), so every reference count is too, and what this
+    // transaction freed was free on disk already.
+    ReleaseHeld();
+    changed_ = false;
+    return absl::OkStatus();
+  }
 
   // Replace the catalog.
   for (uint64_t id : catalog_nodes_) {
@@ -1586,7 +1610,6 @@ absl::Status Pool::CommitLocked() {
     Hold(NodeIndex(id));
   }
   catalog_nodes_.clear();
-  std::string catalog = SerializeCatalog();
   uint64_t catalog_count = DivRoundUp(catalog.size(), kCatalogPayload);
   for (uint64_t i = 0; i < catalog_count; ++i) {
     absl::StatusOr<uint64_t> id = AllocNode();
@@ -1690,11 +1713,8 @@ absl::Status Pool::CommitLocked() {
   prev_dirty_pages_ = std::move(dirty_pages_);
   dirty_pages_.clear();
   if (full_table_writes_ > 0) --full_table_writes_;
-  for (uint64_t i : held_list_) {
-    held_[i] = false;
-    if (counts_[i] == 0) ++(i < sb_.meta_count ? free_nodes_ : free_chunks_);
-  }
-  held_list_.clear();
+  ReleaseHeld();
+  committed_catalog_ = std::move(catalog);
   ++gen_;
   changed_ = false;
   ++stats_.commits;

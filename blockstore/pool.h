@@ -352,6 +352,9 @@ class Pool {
   absl::Status DecRefNode(uint64_t id, int level)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Hold(uint64_t index) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Space freed by the transaction that just became durable (or that ended
+  // where it began) becomes free.
+  void ReleaseHeld() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void TrimCache() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Digest NullEntryDigest(int node_level) const;
   absl::Status EnsureSpace(uint64_t chunks, uint64_t nodes)
@@ -444,6 +447,10 @@ class Pool {
       ABSL_GUARDED_BY(mu_);
   bool grouped_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<uint64_t> catalog_nodes_ ABSL_GUARDED_BY(mu_);
+  // The catalog as of the last commit (none before the first): a
+  // transaction that ends where it began (a refused receive dropping its
+  // staging volume, say) commits nothing.
+  std::optional<std::string> committed_catalog_ ABSL_GUARDED_BY(mu_);
 
   std::vector<uint32_t> counts_ ABSL_GUARDED_BY(mu_);
   std::vector<bool> held_ ABSL_GUARDED_BY(mu_);  // freed, not yet reusable

@@ -9,6 +9,7 @@
 
 namespace blockstore {
 
+using internal::IsStaging;
 using internal::kMaxVolumeBytes;
 using internal::NowNs;
 using internal::RandomGuid;
@@ -234,7 +235,7 @@ absl::Status Pool::BeginReceive(absl::string_view staging,
                                 uint64_t size_bytes) {
   std::lock_guard<std::mutex> lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
-  if (staging.empty() || staging[0] != '.') {
+  if (!IsStaging(staging)) {
     return absl::InvalidArgumentError("staging volume names start with '.'");
   }
   // A staging volume left by an interrupted receive is garbage: drop it.

@@ -17,6 +17,10 @@ Guid RandomGuid();  // RFC 4122 version 4
 // InvalidArgument naming `what` unless `name` is 1-200 of [A-Za-z0-9._:-],
 // not starting with '.' or '-'.
 absl::Status ValidName(absl::string_view name, absl::string_view what);
+// A receive's staging volume (hidden: its name starts with '.').
+inline bool IsStaging(absl::string_view volume) {
+  return !volume.empty() && volume[0] == '.';
+}
 
 }  // namespace blockstore::internal
 

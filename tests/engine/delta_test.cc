@@ -181,7 +181,9 @@ struct Destination {
     for (const blockstore::SnapshotInfo& snap : snaps.value()) {
       s += " " + snap.name;
     }
-    return absl::StrCat(s, " used ", pool->Info().used_bytes);
+    // A refused apply commits nothing either: the generation stays.
+    return absl::StrCat(s, " used ", pool->Info().used_bytes, " generation ",
+                        pool->Info().generation);
   }
 };
 

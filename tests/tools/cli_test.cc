@@ -359,6 +359,23 @@ TEST_P(CliTest, DeltaFilesBetweenTwoPoolsAndAnImage) {
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1);
   r = delta({"verify", a});
   EXPECT_THAT(r.err, HasSubstr("not a Tandem delta stream"));
+  // A refused apply commits nothing: no volume, the same generation.
+  auto generation = [&] {
+    return json::parse(Ok({"pool", "info", b, "--json"}))["generation"];
+  };
+  const json before = generation();
+  const std::string volumes = Ok({"volume", "list", "--pool", b});
+  testing_util::Spit(dir_ + "/cut.tdd",
+                     testing_util::Slurp(full).substr(0, 2 << 20));
+  bytes = testing_util::Slurp(full);
+  bytes[bytes.size() - 100] ^= 1;
+  testing_util::Spit(dir_ + "/flip.tdd", bytes);
+  for (const char* bad : {"/cut.tdd", "/flip.tdd"}) {
+    r = delta({"apply", dir_ + bad, "--pool", b, "w"});
+    EXPECT_EQ(r.code, 1) << bad;
+    EXPECT_EQ(generation(), before) << bad << ": " << r.err;
+  }
+  EXPECT_EQ(Ok({"volume", "list", "--pool", b}), volumes);
   r = delta({"create", "--pool", a, "v@nope", "-o", dir_ + "/x.tdd"});
   EXPECT_THAT(r.err, HasSubstr("no snapshot 'v@nope'"));
   EXPECT_NE(access((dir_ + "/x.tdd").c_str(), F_OK), 0);
