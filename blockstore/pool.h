@@ -199,9 +199,10 @@ class Pool {
   // `max_data_chunks` data chunks. The walk skips every subtree whose
   // pointer and birth are the same in both trees, so its cost follows the
   // change, not the volume size. Chunks past the target's size are left out
-  // (the size itself is the caller's to carry). Snapshot `base` may be of
-  // another volume (a clone's origin). An empty `target` is the live volume
-  // (its runs' `phys` are then not for ReadChunks: the chunks may move).
+  // (the size itself is the caller's to carry). `base` names a snapshot of
+  // `volume`, or, written "OTHER@SNAPSHOT", one of another volume (a clone's
+  // origin: the walk skips what the two share). An empty `target` is the live
+  // volume (its runs' `phys` are then not for ReadChunks: the chunks may move).
   absl::StatusOr<DiffBatch> Diff(absl::string_view volume,
                                  absl::string_view base,
                                  absl::string_view target, uint64_t from_chunk,

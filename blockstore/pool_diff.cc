@@ -152,7 +152,15 @@ absl::StatusOr<DiffBatch> Pool::Diff(absl::string_view volume,
   Entry base_root{0, 0, {}};
   uint64_t base_size = 0;
   if (!base.empty()) {
-    absl::StatusOr<const SnapshotRec*> b = FindSnapshot(**v, base);
+    // "OTHER@SNAPSHOT": a snapshot of another volume ('@' is in no name).
+    VolumeRec* base_volume = *v;
+    if (size_t at = base.find('@'); at != absl::string_view::npos) {
+      absl::StatusOr<VolumeRec*> other = FindVolume(base.substr(0, at));
+      if (!other.ok()) return other.status();
+      base_volume = *other;
+      base = base.substr(at + 1);
+    }
+    absl::StatusOr<const SnapshotRec*> b = FindSnapshot(*base_volume, base);
     if (!b.ok()) return b.status();
     base_root = (*b)->root;
     base_size = (*b)->size_bytes;

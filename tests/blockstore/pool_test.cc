@@ -470,6 +470,48 @@ TEST(PoolTest, BadInputNamesWhatIsWrong) {
             absl::StatusCode::kAlreadyExists);
 }
 
+// Diff's base may be a snapshot of another volume, written OTHER@SNAPSHOT:
+// against a clone's origin only what the clone changed differs.
+TEST(PoolTest, DiffAgainstASnapshotOfAnotherVolume) {
+  MemIo io(32 << 20);
+  auto pool = MakePool(io);
+  ASSERT_TRUE(pool->CreateVolume("v", 64 * kChunk).ok());
+  ASSERT_TRUE(pool->Write("v", 0, TestData(64 * kChunk, 1)).ok());
+  ASSERT_TRUE(pool->CreateSnapshot("v", "s").ok());
+  // A receive's staging volume is a clone of v@s; two chunks rewritten.
+  ASSERT_TRUE(pool->BeginReceive(".clone", "v", "s", 0).ok());
+  ASSERT_TRUE(pool->Write(".clone", 5 * kChunk, TestData(kChunk, 2)).ok());
+  ASSERT_TRUE(pool->Write(".clone", 40 * kChunk, TestData(kChunk, 3)).ok());
+  absl::StatusOr<DiffBatch> d = pool->Diff(".clone", "v@s", "", 0, 1000);
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_TRUE(d->done);
+  ASSERT_EQ(d->runs.size(), 2u);
+  EXPECT_EQ(d->runs[0].first_chunk, 5u);
+  EXPECT_EQ(d->runs[1].first_chunk, 40u);
+  for (const ChangedRun& r : d->runs) {
+    EXPECT_EQ(r.kind, ChangedRun::Kind::kData);
+    EXPECT_EQ(r.count_chunks, 1u);
+  }
+  // A plain name is a snapshot of the volume itself, as always.
+  d = pool->Diff("v", "s", "", 0, 1000);
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_THAT(d->runs, ::testing::IsEmpty());
+  // A volume sharing nothing with v@s: all of it differs (never written).
+  ASSERT_TRUE(pool->CreateVolume("w", 64 * kChunk).ok());
+  d = pool->Diff("w", "v@s", "", 0, 1000);
+  ASSERT_TRUE(d.ok()) << d.status();
+  uint64_t unmapped = 0;
+  for (const ChangedRun& r : d->runs) {
+    EXPECT_EQ(r.kind, ChangedRun::Kind::kUnmap);
+    unmapped += r.count_chunks;
+  }
+  EXPECT_EQ(unmapped, 64u);
+  EXPECT_EQ(pool->Diff("w", "nope@s", "", 0, 1000).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(pool->Diff("w", "v@nope", "", 0, 1000).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
 TEST(PoolTest, NotAPoolAndDamagedSuperblocksAreToldApart) {
   MemIo blank(32 << 20);
   absl::Status s = Pool::Open(blank, OpenMode::kReadOnly).status();
