@@ -83,24 +83,37 @@ TEST(DaemonFaultTest, ACutConnectionResumesFromTheLastCheckpoint) {
 }
 
 // Kills one daemon or the other, again and again, while `op` runs; each
-// comes back at once. Then the relationship must finish (run the command
-// again only if the kill came before it recorded anything, as an operator
-// would) with the destination byte-identical and the pools consistent.
+// comes back at once. The first kill waits until the transfer has passed a
+// checkpoint (4 MiB with checkpoints every 2 MiB), so that at least one
+// kill leaves something to resume from however slow the machine; the rest
+// land at random. Then the relationship must finish (run the command again
+// only if the kill came before it recorded anything, as an operator would)
+// with the destination byte-identical and the pools consistent.
 void KillDuring(TwoDaemons& d, const std::string& via,
                 const std::vector<std::string>& command, int kills,
                 uint64_t seed, int* points) {
   std::mt19937_64 rng(seed);
   Result first;
   std::thread runner([&] { first = d.Via(via, command); });
+  const std::string endpoint = command[2];
   for (int k = 0; k < kills; ++k) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(40 + rng() % 260));
+    if (k == 0) {
+      d.WaitFor(
+          via, endpoint,
+          [](const json& s) {
+            return s.value("relationship_status", "") == "Transferring" &&
+                   s.value("progress_bytes", uint64_t{0}) > (4u << 20);
+          },
+          30);
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(40 + rng() % 260));
+    }
     const std::string victim = rng() % 2 ? "a" : "b";
     d.Stop(victim, SIGKILL);
     ASSERT_TRUE(d.Start(victim)) << d.Log(victim);
     ++*points;
   }
   runner.join();
-  const std::string endpoint = command[2];
   bool done = d.WaitFor(
       via, endpoint, [](const json& s) { return Idle(s); }, 60);
   if (!done) {
@@ -163,9 +176,7 @@ TEST(DaemonFaultTest, KillNineOfEitherDaemonAnywhereLosesNothing) {
   EXPECT_GE(points, 3 * kills);
   // The kills landed in transfers: some went on from a resume point.
   const std::string logs = d.Log("a") + d.Log("b");
-  EXPECT_TRUE(absl::StrContains(logs, "resumed=1") ||
-              absl::StrContains(logs, "resumed=2"))
-      << logs;
+  EXPECT_GT(Count(logs, "resumed="), Count(logs, "resumed=0")) << logs;
   for (const char* site : {"a", "b"}) {
     EXPECT_THAT(d.Ok(site, {"pool", "check", "p", "--data"}),
                 HasSubstr("consistent"));
