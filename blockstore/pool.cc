@@ -229,7 +229,7 @@ absl::Status Pool::FormatLocked(const CreatePoolOptions& options) {
   return CommitLocked();
 }
 
-absl::Status Pool::LoadLocked() {
+absl::Status Pool::LoadLocked(bool repair) {
   AlignedBuffer sbs(2 * kSuperblockSize);
   if (absl::Status s = io_.ReadAt(0, sbs.span()); !s.ok()) {
     if (absl::IsOutOfRange(s)) {
@@ -294,12 +294,12 @@ absl::Status Pool::LoadLocked() {
   if (absl::Status s = io_.Read(table_reads); !s.ok()) return s;
   counts_.assign(total, 0);
   held_.assign(total, false);
+  std::vector<uint64_t> damaged;  // pages; rebuilt below from the trees
   for (uint64_t p = 0; p < sb_.refcount_pages; ++p) {
     std::span<const std::byte, 4096> page(table.data() + p * 4096, 4096);
     if (!RefcountPageValid(p, page)) {
-      return absl::DataLossError(absl::StrCat(
-          io_.name(), ": reference count page ", p, " of generation ",
-          sb_.generation, " is damaged (checksum mismatch)"));
+      damaged.push_back(p);
+      continue;
     }
     for (uint64_t i = 0; i < kCountsPerPage; ++i) {
       uint64_t index = p * kCountsPerPage + i;
@@ -307,37 +307,35 @@ absl::Status Pool::LoadLocked() {
       counts_[index] = GetLe32(page.data() + 16 + 4 * i);
     }
   }
-  for (uint64_t i = 0; i < total; ++i) {
-    bool is_node = i < sb_.meta_count;
-    if (counts_[i] == 0) {
-      ++(is_node ? free_nodes_ : free_chunks_);
-    } else {
-      ++(is_node ? used_nodes_ : used_chunks_);
-    }
-  }
 
   // The catalog: a chain of nodes holding volume and snapshot records.
+  // Without it no volume can be found: said so, with what is left to do.
+  auto catalog_damaged = [&](absl::string_view what) {
+    return absl::DataLossError(
+        absl::StrCat(io_.name(),
+                     ": the catalog (its list of volumes and snapshots) is "
+                     "damaged: ",
+                     what,
+                     "; restore the pool from a copy, or replicate its "
+                     "volumes again"));
+  };
   std::string catalog;
   uint64_t id = sb_.catalog_head;
   AlignedBuffer node(kNodeSize);
   while (id != 0) {
     if (id < sb_.meta_start || id >= sb_.meta_start + sb_.meta_count ||
         catalog_nodes_.size() > sb_.meta_count) {
-      return absl::DataLossError(
-          absl::StrCat(io_.name(), ": catalog node id ", id, " out of range"));
+      return catalog_damaged(absl::StrCat("node id ", id, " out of range"));
     }
     if (absl::Status s = io_.ReadAt(id * kNodeSize, node.span()); !s.ok()) {
       return s;
     }
     absl::StatusOr<NodeHeader> h = OpenNode(
         std::span<const std::byte, kNodeSize>(node.data(), kNodeSize), id);
-    if (!h.ok()) {
-      return absl::DataLossError(
-          absl::StrCat(io_.name(), ": catalog ", h.status().message()));
-    }
+    if (!h.ok()) return catalog_damaged(h.status().message());
     if (h->kind != NodeKind::kCatalog) {
-      return absl::DataLossError(absl::StrCat(io_.name(), ": metadata node ",
-                                              id, " is not a catalog node"));
+      return catalog_damaged(
+          absl::StrCat("metadata node ", id, " is not a catalog node"));
     }
     catalog.append(reinterpret_cast<const char*>(node.data() + kNodeHeaderSize),
                    h->payload_bytes);
@@ -345,13 +343,35 @@ absl::Status Pool::LoadLocked() {
     id = h->next;
   }
   if (catalog.size() != sb_.catalog_bytes) {
-    return absl::DataLossError(
-        absl::StrCat(io_.name(), ": catalog holds ", catalog.size(),
-                     " bytes, superblock says ", sb_.catalog_bytes));
+    return catalog_damaged(absl::StrCat("it holds ", catalog.size(),
+                                        " bytes, the superblock says ",
+                                        sb_.catalog_bytes));
   }
-  if (absl::Status s = ParseCatalog(catalog); !s.ok()) return s;
+  if (absl::Status s = ParseCatalog(catalog); !s.ok()) {
+    return catalog_damaged(s.message());
+  }
   committed_catalog_ = std::move(catalog);
   gen_ = sb_.generation + 1;
+  if (!damaged.empty()) {
+    count_damage_ = absl::StrCat(
+        "reference count page", damaged.size() > 1 ? "s " : " ",
+        absl::StrJoin(damaged, ", "), " of generation ", sb_.generation,
+        damaged.size() > 1 ? " are" : " is", " damaged (checksum mismatch)");
+    if (mode_ == OpenMode::kReadWrite && !repair) {
+      return absl::DataLossError(absl::StrCat(
+          io_.name(), ": ", count_damage_,
+          "; the volumes are intact and open read-only; rebuild the counts "
+          "with 'tandem pool check --repair ",
+          io_.name(), "'"));
+    }
+    // Counts are not needed to read: rebuilt from the trees, the pool
+    // serves everything they reach.
+    if (absl::Status s = RebuildCounts(); !s.ok()) {
+      return absl::DataLossError(
+          absl::StrCat(io_.name(), ": ", count_damage_, " and ", s.message()));
+    }
+  }
+  CountSpace();
   // The next commit writes the other table copy, which must then equal this
   // one wherever that commit changes nothing. It may be older, or torn by a
   // crash: compare it page by page and have the first commit rewrite the
@@ -364,6 +384,18 @@ absl::Status Pool::LoadLocked() {
   }
   full_table_writes_ = 0;
   return absl::OkStatus();
+}
+
+void Pool::CountSpace() {
+  free_nodes_ = free_chunks_ = used_nodes_ = used_chunks_ = 0;
+  for (uint64_t i = 0; i < counts_.size(); ++i) {
+    bool is_node = i < sb_.meta_count;
+    if (counts_[i] == 0) {
+      ++(is_node ? free_nodes_ : free_chunks_);
+    } else {
+      ++(is_node ? used_nodes_ : used_chunks_);
+    }
+  }
 }
 
 std::string Pool::SerializeCatalog() const {
@@ -399,8 +431,7 @@ std::string Pool::SerializeCatalog() const {
 
 absl::Status Pool::ParseCatalog(absl::string_view bytes) {
   auto bad = [&](absl::string_view what) {
-    return absl::DataLossError(
-        absl::StrCat(io_.name(), ": catalog is malformed (", what, ")"));
+    return absl::DataLossError(absl::StrCat("malformed (", what, ")"));
   };
   if (bytes.empty()) return absl::OkStatus();
   ByteReader r(bytes);
@@ -1594,7 +1625,8 @@ absl::Status Pool::CommitLocked() {
   if (!changed_ && dirty_nodes_ == 0) return absl::OkStatus();
   if (absl::Status s = UpdateAllDigests(); !s.ok()) return s;
   std::string catalog = SerializeCatalog();
-  if (dirty_nodes_ == 0 && catalog == committed_catalog_) {
+  if (dirty_nodes_ == 0 && full_table_writes_ == 0 &&
+      catalog == committed_catalog_) {
     // Back where the last commit left it: every tree is the committed one
     // (roots and sizes are in the catalog, committed nodes are never
     // changed in place), so every reference count is too, and what this

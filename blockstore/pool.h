@@ -127,13 +127,27 @@ class Pool {
   static absl::StatusOr<std::unique_ptr<Pool>> Create(
       Io& io, const CreatePoolOptions& options);
   // Opens the pool on `io`, at its last commit. DataLoss if `io` is not a
-  // pool or both superblocks are damaged (the message says which).
+  // pool or both superblocks are damaged (the message says which). Damaged
+  // reference counts (a bad sector in the table) do not take the volumes
+  // away: read-only, the pool opens with the counts rebuilt from the trees
+  // in memory (Check reports the damage); read-write is refused, naming
+  // Repair.
   static absl::StatusOr<std::unique_ptr<Pool>> Open(Io& io, OpenMode mode);
   // As above, owning `io`.
   static absl::StatusOr<std::unique_ptr<Pool>> Open(std::unique_ptr<Io> io,
                                                     OpenMode mode);
   static absl::StatusOr<std::unique_ptr<Pool>> Create(
       std::unique_ptr<Io> io, const CreatePoolOptions& options);
+  // Opens `io` read-write even if its reference counts are damaged, rebuilds
+  // them from a walk of every tree and commits them (both table copies).
+  // Refused, changing nothing, if the walk finds the trees damaged too.
+  // Says what it did ("" when there was nothing to repair).
+  struct Repaired {
+    std::unique_ptr<Pool> pool;
+    std::string what;
+  };
+  static absl::StatusOr<Repaired> Repair(Io& io);
+  static absl::StatusOr<Repaired> Repair(std::unique_ptr<Io> io);
 
   // Destroying a Pool does not commit: writes since the last commit are
   // dropped, exactly as in a crash. Call Flush() first.
@@ -313,7 +327,10 @@ class Pool {
 
   Pool(Io& io, std::unique_ptr<Io> owned, OpenMode mode);
 
-  absl::Status LoadLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `repair`: open read-write even with damaged counts (see Repair).
+  absl::Status LoadLocked(bool repair = false)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  static absl::StatusOr<Repaired> RepairPool(std::unique_ptr<Pool> pool);
   absl::Status FormatLocked(const CreatePoolOptions& options)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckWritable() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -421,6 +438,12 @@ class Pool {
                                                         DiffState& st)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   struct CheckState;
+  // Walks the catalog and every tree into `st` (computed counts, problems).
+  void CheckAllTrees(CheckState& st) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Replaces the loaded counts by those of a walk of every tree.
+  absl::Status RebuildCounts() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // free_/used_ nodes and chunks from counts_.
+  void CountSpace() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::optional<Digest> CheckTree(CheckState& st, uint64_t id, int level,
                                   uint64_t base, uint64_t chunk_count,
                                   uint64_t parent_birth,
@@ -452,6 +475,9 @@ class Pool {
   // transaction that ends where it began (a refused receive dropping its
   // staging volume, say) commits nothing.
   std::optional<std::string> committed_catalog_ ABSL_GUARDED_BY(mu_);
+  // What LoadLocked found damaged in the reference-count table (the counts
+  // were rebuilt from the trees); empty when none was.
+  std::string count_damage_ ABSL_GUARDED_BY(mu_);
 
   std::vector<uint32_t> counts_ ABSL_GUARDED_BY(mu_);
   std::vector<bool> held_ ABSL_GUARDED_BY(mu_);  // freed, not yet reusable

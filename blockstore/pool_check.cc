@@ -110,6 +110,79 @@ std::optional<Digest> Pool::CheckTree(CheckState& st, uint64_t id, int level,
   return d;
 }
 
+void Pool::CheckAllTrees(CheckState& st) {
+  for (uint64_t id : catalog_nodes_) {
+    if (st.refs[NodeIndex(id)]++ > 0) {
+      st.Problem(absl::StrCat("catalog node ", id, " is linked twice"));
+    }
+  }
+  auto check_root = [&](const Entry& root, uint64_t size_bytes,
+                        const std::string& where) {
+    if (root.ptr == 0) return;
+    int depth = Depth(ChunkCount(size_bytes));
+    std::optional<Digest> d = CheckTree(
+        st, root.ptr, depth - 1, 0, ChunkCount(size_bytes), root.birth, where);
+    if (d.has_value() && *d != root.digest) {
+      st.Problem(absl::StrCat(where, ": root digest does not match its tree"));
+    }
+  };
+  for (const auto& [name, v] : volumes_) {
+    check_root(v.root, v.size_bytes, absl::StrCat("volume ", name));
+    for (const SnapshotRec& s : v.snapshots) {
+      check_root(s.root, s.size_bytes,
+                 absl::StrCat("snapshot ", name, "@", s.name));
+    }
+  }
+}
+
+absl::Status Pool::RebuildCounts() {
+  CheckState st;
+  st.refs.assign(counts_.size(), 0);
+  CheckAllTrees(st);
+  if (!st.report.problems.empty()) {
+    return absl::DataLossError(absl::StrCat(
+        "the trees they would be rebuilt from are damaged too (",
+        st.report.problems.size(),
+        " problem(s), the first: ", st.report.problems.front(), ")"));
+  }
+  counts_ = std::move(st.refs);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Pool::Repaired> Pool::Repair(Io& io) {
+  return RepairPool(
+      std::unique_ptr<Pool>(new Pool(io, nullptr, OpenMode::kReadWrite)));
+}
+
+absl::StatusOr<Pool::Repaired> Pool::Repair(std::unique_ptr<Io> io) {
+  Io& ref = *io;
+  return RepairPool(std::unique_ptr<Pool>(
+      new Pool(ref, std::move(io), OpenMode::kReadWrite)));
+}
+
+absl::StatusOr<Pool::Repaired> Pool::RepairPool(std::unique_ptr<Pool> pool) {
+  std::string what;
+  {
+    std::lock_guard<std::mutex> lock(pool->mu_);
+    if (absl::Status s = pool->LoadLocked(/*repair=*/true); !s.ok()) return s;
+    if (!pool->count_damage_.empty()) {
+      // Both copies of the table, whole: the next commit writes the other
+      // copy, the one after it the damaged one.
+      pool->full_table_writes_ = 2;
+      for (int i = 0; i < 2; ++i) {
+        pool->changed_ = true;
+        if (absl::Status s = pool->Fail(pool->CommitLocked()); !s.ok()) {
+          return s;
+        }
+      }
+      what = absl::StrCat(pool->count_damage_,
+                          ": rebuilt from the trees and written back");
+      pool->count_damage_.clear();
+    }
+  }
+  return Repaired{std::move(pool), std::move(what)};
+}
+
 absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
   std::lock_guard<std::mutex> lock(mu_);
   if (!failed_.ok()) return failed_;
@@ -140,28 +213,13 @@ absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
     }
   }
 
-  for (uint64_t id : catalog_nodes_) {
-    if (st.refs[NodeIndex(id)]++ > 0) {
-      st.Problem(absl::StrCat("catalog node ", id, " is linked twice"));
-    }
+  if (!count_damage_.empty()) {
+    st.Problem(absl::StrCat(
+        count_damage_,
+        ": the counts were rebuilt from the trees to read; write them back "
+        "with 'tandem pool check --repair'"));
   }
-  auto check_root = [&](const Entry& root, uint64_t size_bytes,
-                        const std::string& where) {
-    if (root.ptr == 0) return;
-    int depth = Depth(ChunkCount(size_bytes));
-    std::optional<Digest> d = CheckTree(
-        st, root.ptr, depth - 1, 0, ChunkCount(size_bytes), root.birth, where);
-    if (d.has_value() && *d != root.digest) {
-      st.Problem(absl::StrCat(where, ": root digest does not match its tree"));
-    }
-  };
-  for (const auto& [name, v] : volumes_) {
-    check_root(v.root, v.size_bytes, absl::StrCat("volume ", name));
-    for (const SnapshotRec& s : v.snapshots) {
-      check_root(s.root, s.size_bytes,
-                 absl::StrCat("snapshot ", name, "@", s.name));
-    }
-  }
+  CheckAllTrees(st);
 
   uint64_t used_nodes = 0;
   uint64_t used_chunks = 0;

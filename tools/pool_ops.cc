@@ -263,4 +263,16 @@ absl::StatusOr<std::unique_ptr<PoolOps>> OpenPoolOps(
   return std::unique_ptr<PoolOps>(new Local(std::move(*pool)));
 }
 
+absl::StatusOr<RepairedPool> RepairPoolFile(const std::string& path) {
+  blockstore::FileIoOptions options;
+  options.mode = blockstore::OpenMode::kReadWrite;
+  absl::StatusOr<std::unique_ptr<blockstore::Io>> io =
+      blockstore::OpenFileIo(path, options);
+  if (!io.ok()) return io.status();
+  absl::StatusOr<Pool::Repaired> r = Pool::Repair(std::move(*io));
+  if (!r.ok()) return r.status();
+  return RepairedPool{std::move(r->what),
+                      std::unique_ptr<PoolOps>(new Local(std::move(r->pool)))};
+}
+
 }  // namespace tools

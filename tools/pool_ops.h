@@ -77,6 +77,15 @@ std::unique_ptr<PoolOps> PoolOpsOver(blockstore::Pool& pool);
 absl::StatusOr<std::unique_ptr<PoolOps>> OpenPoolOps(const std::string& path,
                                                      blockstore::OpenMode mode);
 
+// `tandem pool check --repair`: rebuilds the damaged reference counts of the
+// pool at `path` from its trees and commits them (Pool::Repair). `what` says
+// what was done ("" when nothing needed it); `ops` work on the pool.
+struct RepairedPool {
+  std::string what;
+  std::unique_ptr<PoolOps> ops;
+};
+absl::StatusOr<RepairedPool> RepairPoolFile(const std::string& path);
+
 }  // namespace tools
 
 #endif  // TANDEM_TOOLS_POOL_OPS_H_

@@ -339,7 +339,25 @@ int Run(int argc, char** argv) {
   pool_check->add_option("POOL", pool_file, "path (with --daemon: name)")
       ->required();
   pool_check->add_flag("--data", data, "also re-hash every data chunk");
+  bool repair = false;
+  pool_check->add_flag(
+      "--repair", repair,
+      "rebuild damaged reference counts from the trees, then check");
   pool_check->callback([&] {
+    if (repair) {
+      if (!target.daemon.empty()) {
+        return act(absl::InvalidArgumentError(
+            "pool check --repair rewrites the pool file itself: stop the "
+            "daemon, run it without --daemon on the pool's path, start the "
+            "daemon again"));
+      }
+      absl::StatusOr<RepairedPool> r = RepairPoolFile(pool_file);
+      if (!r.ok()) return act(r.status());
+      std::printf("%s\n",
+                  r->what.empty() ? "nothing to repair" : r->what.c_str());
+      failure = PrintCheck(pool_file, r->ops->Check(data), data);
+      return;
+    }
     absl::StatusOr<std::unique_ptr<PoolOps>> o =
         target.Ops(pool_file, OpenMode::kReadOnly);
     if (!o.ok()) return act(o.status());
