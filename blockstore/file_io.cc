@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <deque>
 #include <mutex>
@@ -40,7 +41,10 @@ namespace {
 class FileIo : public Io {
  public:
   FileIo(int fd, std::string path, uint64_t size, bool direct)
-      : fd_(fd), path_(std::move(path)), size_(size), direct_(direct) {}
+      : fd_(fd), path_(std::move(path)), size_(size), direct_(direct) {
+    struct stat st {};
+    device_ = fstat(fd_, &st) == 0 && S_ISBLK(st.st_mode);
+  }
   ~FileIo() override { close(fd_); }
   FileIo(const FileIo&) = delete;
   FileIo& operator=(const FileIo&) = delete;
@@ -48,6 +52,37 @@ class FileIo : public Io {
   uint64_t size_bytes() const override { return size_; }
   std::string name() const override { return path_; }
   virtual std::string Describe() const = 0;
+
+  // A hole punched in a file, a discard on a device. A file system or
+  // device that cannot is asked once.
+  absl::Status Discard(std::span<const Extent> extents) override {
+    for (const Extent& e : extents) {
+      if (!can_discard_.load(std::memory_order_relaxed)) break;
+      if (absl::Status s =
+              Check("discard", e.offset_bytes, e.length_bytes, nullptr);
+          !s.ok()) {
+        return s;
+      }
+      int rc;
+      if (device_) {
+        uint64_t range[2] = {e.offset_bytes, e.length_bytes};
+        rc = ioctl(fd_, BLKDISCARD, &range);
+      } else {
+        rc = fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                       static_cast<off_t>(e.offset_bytes),
+                       static_cast<off_t>(e.length_bytes));
+      }
+      if (rc == 0) continue;
+      if (errno == EOPNOTSUPP || errno == ENOTTY || errno == ENOSYS) {
+        can_discard_.store(false, std::memory_order_relaxed);
+        break;
+      }
+      return ErrnoError(errno,
+                        absl::StrCat("discard ", path_, " at ", e.offset_bytes,
+                                     " length ", e.length_bytes));
+    }
+    return absl::OkStatus();
+  }
 
  protected:
   absl::Status Check(absl::string_view what, uint64_t off, uint64_t len,
@@ -58,6 +93,8 @@ class FileIo : public Io {
   const std::string path_;
   const uint64_t size_;
   const bool direct_;
+  bool device_ = false;  // a block device, else a regular file
+  std::atomic<bool> can_discard_{true};
 };
 
 class PosixIo final : public FileIo {

@@ -31,6 +31,11 @@ struct WriteOp {
   std::span<const std::byte> data;
 };
 
+struct Extent {
+  uint64_t offset_bytes;
+  uint64_t length_bytes;
+};
+
 class Io {
  public:
   virtual ~Io() = default;
@@ -47,6 +52,14 @@ class Io {
   virtual absl::Status Write(std::span<const WriteOp> ops) = 0;
 
   virtual absl::Status Flush() = 0;
+  // Gives the extents' space back to the file system (a hole punched in a
+  // file) or the device (a discard): what they held is gone, they read as
+  // zeros or as anything. Best effort: where the backend cannot, nothing
+  // happens and the result is OK.
+  virtual absl::Status Discard(std::span<const Extent> extents) {
+    (void)extents;
+    return absl::OkStatus();
+  }
 
   // A name for messages (the path, or "memory").
   virtual std::string name() const = 0;
@@ -74,6 +87,9 @@ class IoWrapper : public Io {
     return target_.Write(ops);
   }
   absl::Status Flush() override { return target_.Flush(); }
+  absl::Status Discard(std::span<const Extent> extents) override {
+    return target_.Discard(extents);
+  }
   std::string name() const override { return target_.name(); }
 
  protected:

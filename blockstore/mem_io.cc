@@ -73,6 +73,23 @@ absl::Status MemIo::Flush() {
   return absl::OkStatus();
 }
 
+absl::Status MemIo::Discard(std::span<const Extent> extents) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const Extent& e : extents) {
+    if (absl::Status s = CheckIoOp("discard", "memory", e.offset_bytes,
+                                   e.length_bytes, nullptr, size_);
+        !s.ok()) {
+      return s;
+    }
+    for (auto* image : {&current_, &durable_}) {
+      image->erase(
+          image->lower_bound(e.offset_bytes / kIoAlign),
+          image->lower_bound((e.offset_bytes + e.length_bytes) / kIoAlign));
+    }
+  }
+  return absl::OkStatus();
+}
+
 size_t MemIo::pending_writes() const {
   std::lock_guard<std::mutex> lock(mu_);
   return pending_.size();

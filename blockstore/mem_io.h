@@ -25,6 +25,9 @@ class MemIo final : public Io {
   absl::Status Read(std::span<const ReadOp> ops) override;
   absl::Status Write(std::span<const WriteOp> ops) override;
   absl::Status Flush() override;
+  // At once and durably: the pages go (they read as zeros, and hold no
+  // memory), as a file's punched hole.
+  absl::Status Discard(std::span<const Extent> extents) override;
   std::string name() const override { return "memory"; }
 
   // Number of writes (ops, not batches) since the last Flush.

@@ -1614,11 +1614,35 @@ absl::Status Pool::MaybeCommit() {
 // reaches are untouched, because space freed since then is held back until
 // the commit is durable.
 void Pool::ReleaseHeld() {
+  std::vector<uint64_t> freed;  // data chunks
   for (uint64_t i : held_list_) {
     held_[i] = false;
-    if (counts_[i] == 0) ++(i < sb_.meta_count ? free_nodes_ : free_chunks_);
+    if (counts_[i] != 0) continue;
+    if (i < sb_.meta_count) {
+      ++free_nodes_;
+    } else {
+      ++free_chunks_;
+      freed.push_back(sb_.data_start + (i - sb_.meta_count));
+    }
   }
   held_list_.clear();
+  // Nothing references them on disk any more: the space goes back, in as
+  // few extents as they make. Best effort: a disk that cannot, or fails to,
+  // keeps the space as before.
+  std::sort(freed.begin(), freed.end());
+  std::vector<Extent> extents;
+  for (uint64_t chunk : freed) {
+    const uint64_t at = chunk * sb_.chunk_size;
+    if (!extents.empty() &&
+        extents.back().offset_bytes + extents.back().length_bytes == at) {
+      extents.back().length_bytes += sb_.chunk_size;
+    } else {
+      extents.push_back({at, sb_.chunk_size});
+    }
+  }
+  if (!extents.empty() && io_.Discard(extents).ok()) {
+    stats_.data_bytes_discarded += freed.size() * sb_.chunk_size;
+  }
 }
 
 absl::Status Pool::CommitLocked() {

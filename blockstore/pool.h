@@ -292,6 +292,7 @@ class Pool {
     uint64_t commits = 0;
     uint64_t metadata_bytes_written = 0;  // nodes, refcount pages, superblocks
     uint64_t data_bytes_written = 0;
+    uint64_t data_bytes_discarded = 0;  // freed chunks given back to the disk
     uint64_t nodes_loaded = 0;
     uint64_t cached_nodes = 0;
   };
@@ -371,7 +372,8 @@ class Pool {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Hold(uint64_t index) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Space freed by the transaction that just became durable (or that ended
-  // where it began) becomes free.
+  // where it began) becomes free, its data chunks given back to the file
+  // system or device (Io::Discard) before anything can reuse them.
   void ReleaseHeld() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void TrimCache() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Digest NullEntryDigest(int node_level) const;

@@ -472,6 +472,44 @@ TEST(PoolTest, BadInputNamesWhatIsWrong) {
             absl::StatusCode::kAlreadyExists);
 }
 
+// Chunks freed by a durable commit go back to the disk (a punched hole, a
+// discard; MemIo drops the pages), and only those: what a snapshot still
+// holds stays, and reads as written.
+TEST(PoolTest, FreedChunksGoBackToTheDisk) {
+  MemIo io(32 << 20);
+  auto pool = MakePool(io);
+  const std::vector<std::byte> data = TestData(64 * kChunk, 6);
+  ASSERT_TRUE(pool->CreateVolume("v", 64 * kChunk).ok());
+  ASSERT_TRUE(pool->Write("v", 0, data).ok());
+  ASSERT_TRUE(pool->CreateSnapshot("v", "s").ok());
+  // Half of it rewritten: the old half is the snapshot's alone.
+  ASSERT_TRUE(pool->Write("v", 0, TestData(32 * kChunk, 7)).ok());
+  ASSERT_TRUE(pool->Flush().ok());
+  const uint64_t resident = io.resident_bytes();
+  EXPECT_EQ(pool->stats().data_bytes_discarded, 0u);
+
+  ASSERT_TRUE(pool->DeleteSnapshot("v", "s").ok());
+  EXPECT_EQ(pool->stats().data_bytes_discarded, 32 * kChunk);
+  // Less the few metadata pages the commit wrote anew.
+  EXPECT_LE(io.resident_bytes(), resident - 24 * kChunk);
+  std::vector<std::byte> want = TestData(32 * kChunk, 7);
+  want.insert(want.end(), data.begin() + 32 * kChunk, data.end());
+  EXPECT_EQ(ReadAll(*pool, "v"), want);
+  ExpectConsistent(*pool);
+
+  ASSERT_TRUE(pool->DeleteVolume("v", false).ok());
+  EXPECT_EQ(pool->stats().data_bytes_discarded, 96 * kChunk);
+  EXPECT_LE(io.resident_bytes(), resident - 80 * kChunk);
+  ExpectConsistent(*pool);
+  // The space is reused as before.
+  ASSERT_TRUE(pool->CreateVolume("w", 64 * kChunk).ok());
+  ASSERT_TRUE(pool->Write("w", 0, data).ok());
+  ASSERT_TRUE(pool->Flush().ok());
+  pool = Reopen(io);
+  EXPECT_EQ(ReadAll(*pool, "w"), data);
+  ExpectConsistent(*pool);
+}
+
 // Diff's base may be a snapshot of another volume, written OTHER@SNAPSHOT:
 // against a clone's origin only what the clone changed differs.
 TEST(PoolTest, DiffAgainstASnapshotOfAnotherVolume) {

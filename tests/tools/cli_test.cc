@@ -304,6 +304,41 @@ TEST_P(CliTest, DamagedCountsAreReadThroughAndRepaired) {
   EXPECT_THAT(Ok({"pool", "check", pool_, "--data"}), HasSubstr("consistent"));
 }
 
+// Deleting snapshots and volumes gives their space back to the file system
+// the pool file is on (a full one can be mended that way).
+TEST_P(CliTest, DeletingGivesTheSpaceBackToTheFileSystem) {
+  if (GetParam()) GTEST_SKIP() << "the file variant covers this";
+  {
+    const std::string probe = dir_ + "/probe";
+    testing_util::Spit(probe, std::string(1 << 20, 'x'));
+    int fd = open(probe.c_str(), O_RDWR);
+    ASSERT_GE(fd, 0);
+    const int rc =
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 1 << 20);
+    close(fd);
+    if (rc != 0) GTEST_SKIP() << "no hole punching on " << dir_;
+  }
+  auto allocated = [&] {
+    struct stat st {};
+    EXPECT_EQ(stat(pool_.c_str(), &st), 0);
+    return static_cast<uint64_t>(st.st_blocks) * 512;
+  };
+  Ok({"pool", "create", pool_, "--size", "256M"});
+  const uint64_t empty = allocated();
+  Ok({"volume", "create", "--pool", pool_, "v", "--size", "32M"});
+  Ok({"write", "--pool", pool_, "v"}, RandomBytes(32 << 20, 8));
+  Ok({"snapshot", "create", "--pool", pool_, "v@s"});
+  Ok({"write", "--pool", pool_, "v"}, RandomBytes(16 << 20, 9));
+  const uint64_t full = allocated();
+  EXPECT_GE(full, empty + (48 << 20));
+  // The snapshot alone held 16 MiB.
+  Ok({"snapshot", "delete", "--pool", pool_, "v@s"});
+  EXPECT_LE(allocated(), full - (15 << 20));
+  Ok({"volume", "delete", "--pool", pool_, "v"});
+  EXPECT_LE(allocated(), empty + (1 << 20));
+  EXPECT_THAT(Ok({"pool", "check", pool_, "--data"}), HasSubstr("consistent"));
+}
+
 TEST_P(CliTest, WhatIsNotAPoolIsNamed) {
   if (GetParam()) GTEST_SKIP() << "the file variant covers this";
   // A FIFO is refused at once (opening it would wait for a writer).
