@@ -1614,7 +1614,7 @@ absl::Status Pool::MaybeCommit() {
 // reaches are untouched, because space freed since then is held back until
 // the commit is durable.
 void Pool::ReleaseHeld() {
-  std::vector<uint64_t> freed;  // data chunks
+  std::vector<uint64_t> freed;  // indices into counts_
   for (uint64_t i : held_list_) {
     held_[i] = false;
     if (counts_[i] != 0) continue;
@@ -1622,26 +1622,49 @@ void Pool::ReleaseHeld() {
       ++free_nodes_;
     } else {
       ++free_chunks_;
-      freed.push_back(sb_.data_start + (i - sb_.meta_count));
+      freed.push_back(i);
     }
   }
   held_list_.clear();
-  // Nothing references them on disk any more: the space goes back, in as
-  // few extents as they make. Best effort: a disk that cannot, or fails to,
-  // keeps the space as before.
+  DiscardFreeRuns(freed);
+}
+
+void Pool::DiscardFreeRuns(std::vector<uint64_t>& freed) {
+  // Nothing references these chunks on disk any more: their space goes back
+  // to the file system or device, but only in runs of free chunks of at
+  // least kDiscardMinBytes (with their free neighbours). A lone chunk freed
+  // among live ones (an update's pruned snapshot) stays: punching it costs
+  // a metadata operation of the file system each and fragments the file,
+  // and it is soon reused; once its neighbours are free too, the run goes.
+  // Best effort: a disk that cannot, or fails to, keeps the space.
+  const uint64_t run = std::max<uint64_t>(1, kDiscardMinBytes / sb_.chunk_size);
+  const uint64_t first = sb_.meta_count, end = counts_.size();
+  auto is_free = [&](uint64_t i) { return counts_[i] == 0 && !held_[i]; };
   std::sort(freed.begin(), freed.end());
   std::vector<Extent> extents;
-  for (uint64_t chunk : freed) {
-    const uint64_t at = chunk * sb_.chunk_size;
+  uint64_t covered = first;  // indices below this are in `extents`
+  uint64_t bytes = 0;
+  for (uint64_t i : freed) {
+    if (i < covered) continue;
+    uint64_t lo = i, hi = i + 1;
+    while (lo > std::max(first, covered) && i - lo < run && is_free(lo - 1)) {
+      --lo;
+    }
+    while (hi < end && hi - i < run && is_free(hi)) ++hi;
+    if (hi - lo < run) continue;
+    const uint64_t at = (sb_.data_start + (lo - first)) * sb_.chunk_size;
+    const uint64_t len = (hi - lo) * sb_.chunk_size;
     if (!extents.empty() &&
         extents.back().offset_bytes + extents.back().length_bytes == at) {
-      extents.back().length_bytes += sb_.chunk_size;
+      extents.back().length_bytes += len;
     } else {
-      extents.push_back({at, sb_.chunk_size});
+      extents.push_back({at, len});
     }
+    bytes += len;
+    covered = hi;
   }
   if (!extents.empty() && io_.Discard(extents).ok()) {
-    stats_.data_bytes_discarded += freed.size() * sb_.chunk_size;
+    stats_.data_bytes_discarded += bytes;
   }
 }
 

@@ -372,9 +372,14 @@ class Pool {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Hold(uint64_t index) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Space freed by the transaction that just became durable (or that ended
-  // where it began) becomes free, its data chunks given back to the file
+  // where it began) becomes free; large free runs go back to the file
   // system or device (Io::Discard) before anything can reuse them.
   void ReleaseHeld() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Free runs of data chunks (indices into counts_) of at least this many
+  // bytes around `freed` go back to the disk.
+  static constexpr uint64_t kDiscardMinBytes = 1 << 20;
+  void DiscardFreeRuns(std::vector<uint64_t>& freed)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void TrimCache() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Digest NullEntryDigest(int node_level) const;
   absl::Status EnsureSpace(uint64_t chunks, uint64_t nodes)

@@ -473,41 +473,60 @@ TEST(PoolTest, BadInputNamesWhatIsWrong) {
 }
 
 // Chunks freed by a durable commit go back to the disk (a punched hole, a
-// discard; MemIo drops the pages), and only those: what a snapshot still
-// holds stays, and reads as written.
-TEST(PoolTest, FreedChunksGoBackToTheDisk) {
-  MemIo io(32 << 20);
-  auto pool = MakePool(io);
-  const std::vector<std::byte> data = TestData(64 * kChunk, 6);
-  ASSERT_TRUE(pool->CreateVolume("v", 64 * kChunk).ok());
+// discard; MemIo drops the pages) in free runs of 1 MiB or more, and only
+// free ones: what a snapshot still holds stays and reads as written. A lone
+// chunk freed among live ones stays until its neighbours are free too.
+TEST(PoolTest, FreedRunsGoBackToTheDisk) {
+  constexpr uint64_t kC = 64 << 10;  // 16 chunks make a 1 MiB run
+  MemIo io(64 << 20);
+  auto pool = MakePool(io, kC);
+  auto discarded = [&] { return pool->stats().data_bytes_discarded; };
+  const std::vector<std::byte> data = TestData(32 * kC, 6);
+  ASSERT_TRUE(pool->CreateVolume("v", 32 * kC).ok());
   ASSERT_TRUE(pool->Write("v", 0, data).ok());
   ASSERT_TRUE(pool->CreateSnapshot("v", "s").ok());
-  // Half of it rewritten: the old half is the snapshot's alone.
-  ASSERT_TRUE(pool->Write("v", 0, TestData(32 * kChunk, 7)).ok());
+  // The first half rewritten: the old half is the snapshot's alone.
+  const std::vector<std::byte> half = TestData(16 * kC, 7);
+  ASSERT_TRUE(pool->Write("v", 0, half).ok());
   ASSERT_TRUE(pool->Flush().ok());
-  const uint64_t resident = io.resident_bytes();
-  EXPECT_EQ(pool->stats().data_bytes_discarded, 0u);
-
+  EXPECT_EQ(discarded(), 0u);
+  uint64_t resident = io.resident_bytes();
   ASSERT_TRUE(pool->DeleteSnapshot("v", "s").ok());
-  EXPECT_EQ(pool->stats().data_bytes_discarded, 32 * kChunk);
-  // Less the few metadata pages the commit wrote anew.
-  EXPECT_LE(io.resident_bytes(), resident - 24 * kChunk);
-  std::vector<std::byte> want = TestData(32 * kChunk, 7);
-  want.insert(want.end(), data.begin() + 32 * kChunk, data.end());
+  EXPECT_EQ(discarded(), 16 * kC);
+  EXPECT_LE(io.resident_bytes(), resident - 15 * kC);  // less new metadata
+  std::vector<std::byte> want = half;
+  want.insert(want.end(), data.begin() + 16 * kC, data.end());
   EXPECT_EQ(ReadAll(*pool, "v"), want);
   ExpectConsistent(*pool);
 
-  ASSERT_TRUE(pool->DeleteVolume("v", false).ok());
-  EXPECT_EQ(pool->stats().data_bytes_discarded, 96 * kChunk);
-  EXPECT_LE(io.resident_bytes(), resident - 80 * kChunk);
+  // Every other chunk of w rewritten: its snapshot alone holds 16 chunks,
+  // each between two live ones. Deleting it gives nothing back...
+  ASSERT_TRUE(pool->CreateVolume("w", 32 * kC).ok());
+  ASSERT_TRUE(pool->Write("w", 0, TestData(32 * kC, 10)).ok());
+  ASSERT_TRUE(pool->CreateSnapshot("w", "t").ok());
+  for (uint64_t c = 0; c < 32; c += 2) {
+    ASSERT_TRUE(pool->Write("w", c * kC, TestData(kC, 11 + c)).ok());
+  }
+  ASSERT_TRUE(pool->Flush().ok());
+  const uint64_t before = discarded();
+  ASSERT_TRUE(pool->DeleteSnapshot("w", "t").ok());
+  EXPECT_EQ(discarded(), before);
   ExpectConsistent(*pool);
-  // The space is reused as before.
-  ASSERT_TRUE(pool->CreateVolume("w", 64 * kChunk).ok());
-  ASSERT_TRUE(pool->Write("w", 0, data).ok());
+  // ... until w goes too: then its old chunks and the new ones are free runs.
+  resident = io.resident_bytes();
+  ASSERT_TRUE(pool->DeleteVolume("w", false).ok());
+  EXPECT_GE(discarded(), before + 48 * kC);
+  EXPECT_LE(io.resident_bytes(), resident - 44 * kC);
+  ExpectConsistent(*pool);
+
+  // The space is reused as before, and v is untouched.
+  ASSERT_TRUE(pool->CreateVolume("x", 32 * kC).ok());
+  ASSERT_TRUE(pool->Write("x", 0, data).ok());
   ASSERT_TRUE(pool->Flush().ok());
   pool = Reopen(io);
-  EXPECT_EQ(ReadAll(*pool, "w"), data);
-  ExpectConsistent(*pool);
+  EXPECT_EQ(ReadAll(*pool, "x"), data);
+  EXPECT_EQ(ReadAll(*pool, "v"), want);
+  ExpectConsistent(*pool, true);
 }
 
 // Diff's base may be a snapshot of another volume, written OTHER@SNAPSHOT:
