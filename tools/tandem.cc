@@ -4,6 +4,7 @@
 // failed command commits nothing.
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -161,6 +162,19 @@ absl::Status PoolCreate(const std::string& path, const std::string& size_text,
               blockstore::FormatBytes(info.capacity_bytes).c_str(),
               blockstore::FormatBytes(info.chunk_size_bytes).c_str(),
               info.io.c_str());
+  // A sparse file takes space as it is written: one larger than what its
+  // file system has left runs out before the pool is full.
+  struct statvfs fs {};
+  if (!is_device && statvfs(path.c_str(), &fs) == 0) {
+    const uint64_t free_bytes = uint64_t{fs.f_bavail} * fs.f_frsize;
+    if (free_bytes < info.capacity_bytes) {
+      std::printf(
+          "note: its file system has %s free, less than the pool's %s: "
+          "writes will fail once that is used up\n",
+          blockstore::FormatBytes(free_bytes).c_str(),
+          blockstore::FormatBytes(info.capacity_bytes).c_str());
+    }
+  }
   return absl::OkStatus();
 }
 

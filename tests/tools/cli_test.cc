@@ -2,6 +2,7 @@
 // device (a stand-in for NVMe; skipped where loop devices are unavailable).
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -337,6 +338,19 @@ TEST_P(CliTest, DeletingGivesTheSpaceBackToTheFileSystem) {
   Ok({"volume", "delete", "--pool", pool_, "v"});
   EXPECT_LE(allocated(), empty + (1 << 20));
   EXPECT_THAT(Ok({"pool", "check", pool_, "--data"}), HasSubstr("consistent"));
+
+  // A sparse pool larger than the space its file system has left: said.
+  EXPECT_THAT(Ok({"pool", "create", dir_ + "/small", "--size", "64M"}),
+              ::testing::Not(HasSubstr("note:")));
+  struct statvfs fs {};
+  ASSERT_EQ(statvfs(dir_.c_str(), &fs), 0);
+  const uint64_t too_big = (uint64_t{fs.f_bavail} * fs.f_frsize / (1 << 30) + 8)
+                           << 30;
+  if (too_big < (uint64_t{8} << 40)) {  // within what ext4 files can be
+    EXPECT_THAT(Ok({"pool", "create", dir_ + "/big", "--size",
+                    absl::StrCat(too_big >> 30, "G")}),
+                HasSubstr("note: its file system has"));
+  }
 }
 
 TEST_P(CliTest, WhatIsNotAPoolIsNamed) {
