@@ -37,7 +37,7 @@ void MemIo::CopyOut(const std::map<uint64_t, Page>& image, uint64_t offset,
 }
 
 absl::Status MemIo::Read(std::span<const ReadOp> ops) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   for (const ReadOp& op : ops) {
     if (absl::Status s = CheckIoOp("read", "memory", op.offset_bytes,
                                    op.out.size(), op.out.data(), size_);
@@ -50,7 +50,7 @@ absl::Status MemIo::Read(std::span<const ReadOp> ops) {
 }
 
 absl::Status MemIo::Write(std::span<const WriteOp> ops) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   for (const WriteOp& op : ops) {
     if (absl::Status s = CheckIoOp("write", "memory", op.offset_bytes,
                                    op.data.size(), op.data.data(), size_);
@@ -67,14 +67,14 @@ absl::Status MemIo::Write(std::span<const WriteOp> ops) {
 }
 
 absl::Status MemIo::Flush() {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   for (const Pending& p : pending_) Apply(durable_, p.offset, p.data);
   pending_.clear();
   return absl::OkStatus();
 }
 
 absl::Status MemIo::Discard(std::span<const Extent> extents) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   for (const Extent& e : extents) {
     if (absl::Status s = CheckIoOp("discard", "memory", e.offset_bytes,
                                    e.length_bytes, nullptr, size_);
@@ -91,7 +91,7 @@ absl::Status MemIo::Discard(std::span<const Extent> extents) {
 }
 
 size_t MemIo::pending_writes() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   return pending_.size();
 }
 
@@ -104,7 +104,7 @@ void MemIo::Crash(size_t keep_writes, size_t tear_bytes) {
 }
 
 void MemIo::CrashKeeping(const std::function<size_t(size_t, size_t)>& kept) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   for (size_t i = 0; i < pending_.size(); ++i) {
     const Pending& p = pending_[i];
     size_t n = std::min(kept(i, p.data.size()), p.data.size());
@@ -116,9 +116,9 @@ void MemIo::CrashKeeping(const std::function<size_t(size_t, size_t)>& kept) {
 }
 
 std::unique_ptr<MemIo> MemIo::Clone() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   auto copy = std::make_unique<MemIo>(size_);
-  std::lock_guard<std::mutex> lock2(copy->mu_);
+  MutexLock lock2(copy->mu_);
   copy->current_ = current_;
   copy->durable_ = durable_;
   copy->pending_ = pending_;
@@ -126,7 +126,7 @@ std::unique_ptr<MemIo> MemIo::Clone() const {
 }
 
 void MemIo::FlipBit(uint64_t offset_bytes, int bit) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   for (auto* image : {&current_, &durable_}) {
     Page& p = (*image)[offset_bytes / kIoAlign];
     if (p.empty()) p.assign(kIoAlign, std::byte{0});
@@ -135,7 +135,7 @@ void MemIo::FlipBit(uint64_t offset_bytes, int bit) {
 }
 
 std::vector<std::byte> MemIo::Peek(uint64_t offset_bytes, size_t len) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   std::vector<std::byte> out(RoundUp(len + offset_bytes % kIoAlign, kIoAlign));
   CopyOut(current_, offset_bytes / kIoAlign * kIoAlign, out);
   out.erase(out.begin(), out.begin() + offset_bytes % kIoAlign);
@@ -144,7 +144,7 @@ std::vector<std::byte> MemIo::Peek(uint64_t offset_bytes, size_t len) const {
 }
 
 uint64_t MemIo::resident_bytes() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   return current_.size() * kIoAlign;
 }
 

@@ -14,6 +14,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "blockstore/io.h"
+#include "blockstore/mutex.h"
 
 namespace blockstore {
 
@@ -64,7 +65,7 @@ class MemIo final : public Io {
                       std::span<std::byte> out);
 
   const uint64_t size_;
-  mutable std::mutex mu_;
+  mutable Mutex mu_;
   std::map<uint64_t, Page> current_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, Page> durable_ ABSL_GUARDED_BY(mu_);
   std::vector<Pending> pending_ ABSL_GUARDED_BY(mu_);

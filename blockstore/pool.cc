@@ -132,7 +132,7 @@ Pool::~Pool() = default;
 absl::StatusOr<std::unique_ptr<Pool>> Pool::Create(
     Io& io, const CreatePoolOptions& options) {
   std::unique_ptr<Pool> pool(new Pool(io, nullptr, OpenMode::kReadWrite));
-  std::lock_guard<std::mutex> lock(pool->mu_);
+  MutexLock lock(pool->mu_);
   if (absl::Status s = pool->FormatLocked(options); !s.ok()) return s;
   return pool;
 }
@@ -142,14 +142,14 @@ absl::StatusOr<std::unique_ptr<Pool>> Pool::Create(
   Io& ref = *io;
   std::unique_ptr<Pool> pool(
       new Pool(ref, std::move(io), OpenMode::kReadWrite));
-  std::lock_guard<std::mutex> lock(pool->mu_);
+  MutexLock lock(pool->mu_);
   if (absl::Status s = pool->FormatLocked(options); !s.ok()) return s;
   return pool;
 }
 
 absl::StatusOr<std::unique_ptr<Pool>> Pool::Open(Io& io, OpenMode mode) {
   std::unique_ptr<Pool> pool(new Pool(io, nullptr, mode));
-  std::lock_guard<std::mutex> lock(pool->mu_);
+  MutexLock lock(pool->mu_);
   if (absl::Status s = pool->LoadLocked(); !s.ok()) return s;
   return pool;
 }
@@ -158,7 +158,7 @@ absl::StatusOr<std::unique_ptr<Pool>> Pool::Open(std::unique_ptr<Io> io,
                                                  OpenMode mode) {
   Io& ref = *io;
   std::unique_ptr<Pool> pool(new Pool(ref, std::move(io), mode));
-  std::lock_guard<std::mutex> lock(pool->mu_);
+  MutexLock lock(pool->mu_);
   if (absl::Status s = pool->LoadLocked(); !s.ok()) return s;
   return pool;
 }
@@ -167,11 +167,11 @@ absl::StatusOr<std::unique_ptr<Pool>> Pool::Open(std::unique_ptr<Io> io,
 // Shape and digests
 
 uint64_t Pool::BatchChunks() const {
-  return std::max<uint64_t>(1, kBatchBytes / sb_.chunk_size);
+  return std::max<uint64_t>(1, kBatchBytes / shape_.chunk_size);
 }
 
 uint64_t Pool::ChunkCount(uint64_t size_bytes) const {
-  return DivRoundUp(size_bytes, sb_.chunk_size);
+  return DivRoundUp(size_bytes, shape_.chunk_size);
 }
 
 int Pool::Depth(uint64_t chunk_count) {
@@ -192,7 +192,7 @@ Digest Pool::VolumeDigest(const Entry& root, uint64_t size_bytes) const {
   std::byte buf[16 + 8 + 4];
   std::memcpy(buf, sub.bytes.data(), 16);
   PutLe64(buf + 16, size_bytes);
-  PutLe32(buf + 24, sb_.chunk_size);
+  PutLe32(buf + 24, shape_.chunk_size);
   return Hash128(buf);
 }
 
@@ -204,6 +204,7 @@ absl::Status Pool::FormatLocked(const CreatePoolOptions& options) {
       LayOut(io_.size_bytes(), options.chunk_size_bytes);
   if (!sb.ok()) return sb.status();
   sb_ = *sb;
+  shape_ = *sb;
   sb_.pool_guid = RandomGuid();
   sb_.create_time_ns = NowNs();
   sb_.generation = 0;
@@ -274,6 +275,7 @@ absl::Status Pool::LoadLocked(bool repair) {
         "; B: ", why[1], ")"));
   }
   sb_ = cand[best];
+  shape_ = sb_;
 
   AlignedBuffer zero_chunk(sb_.chunk_size);
   empty_digests_.push_back(Hash128(zero_chunk.span()));
@@ -439,8 +441,8 @@ absl::Status Pool::ParseCatalog(absl::string_view bytes) {
   const uint32_t version = r.U32();
   if (version < 1 || version > kCatalogVersion) return bad("version");
   auto root_ok = [&](const Entry& e) {
-    return e.ptr == 0 ||
-           (e.ptr >= sb_.meta_start && e.ptr < sb_.meta_start + sb_.meta_count);
+    return e.ptr == 0 || (e.ptr >= shape_.meta_start &&
+                          e.ptr < shape_.meta_start + shape_.meta_count);
   };
   uint32_t nvol = r.U32();
   for (uint32_t i = 0; i < nvol && r.ok(); ++i) {
@@ -675,10 +677,14 @@ absl::StatusOr<Pool::Node*> Pool::Load(uint64_t id, int level) {
 absl::Status Pool::Prefetch(std::vector<uint64_t>& ids, int level) {
   std::sort(ids.begin(), ids.end());
   ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-  std::erase_if(ids, [&](uint64_t id) {
-    return id < sb_.meta_start || id >= sb_.meta_start + sb_.meta_count ||
-           cache_.contains(id);
-  });
+  size_t kept = 0;
+  for (uint64_t id : ids) {
+    if (id >= sb_.meta_start && id < sb_.meta_start + sb_.meta_count &&
+        !cache_.contains(id)) {
+      ids[kept++] = id;
+    }
+  }
+  ids.resize(kept);
   if (ids.empty()) return absl::OkStatus();
   AlignedBuffer buf(ids.size() * kNodeSize);
   std::vector<ReadOp> ops;
@@ -829,7 +835,7 @@ absl::StatusOr<const Pool::SnapshotRec*> Pool::FindSnapshot(
 }
 
 PoolInfo Pool::Info() {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   PoolInfo info;
   info.device = io_.name();
   info.io = DescribeFileIo(device_);
@@ -849,19 +855,19 @@ PoolInfo Pool::Info() {
 }
 
 void Pool::SetTuning(const PoolTuning& tuning) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   tuning_ = tuning;
 }
 
 Pool::Stats Pool::stats() {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   Stats s = stats_;
   s.cached_nodes = cache_.size();
   return s;
 }
 
 absl::Status Pool::CreateVolume(absl::string_view name, uint64_t size_bytes) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   if (absl::Status s = ValidName(name, "volume"); !s.ok()) return s;
   if (volumes_.contains(name)) {
@@ -886,7 +892,7 @@ absl::Status Pool::CreateVolume(absl::string_view name, uint64_t size_bytes) {
 }
 
 absl::StatusOr<std::vector<VolumeInfo>> Pool::ListVolumes() {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   std::vector<VolumeInfo> out;
   for (const auto& [name, v] : volumes_) {
     if (IsStaging(name)) continue;
@@ -897,7 +903,7 @@ absl::StatusOr<std::vector<VolumeInfo>> Pool::ListVolumes() {
 }
 
 absl::StatusOr<VolumeInfo> Pool::GetVolume(absl::string_view name) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   absl::StatusOr<VolumeRec*> v = FindVolume(name);
   if (!v.ok()) return v.status();
   return VolumeInfo{(*v)->name,
@@ -909,7 +915,7 @@ absl::StatusOr<VolumeInfo> Pool::GetVolume(absl::string_view name) {
 }
 
 absl::Status Pool::SetVolumeReadOnly(absl::string_view name, bool read_only) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> v = FindVolume(name);
   if (!v.ok()) return v.status();
@@ -921,7 +927,7 @@ absl::Status Pool::SetVolumeReadOnly(absl::string_view name, bool read_only) {
 }
 
 absl::Status Pool::SetProperty(absl::string_view key, absl::string_view value) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   if (key.empty() || key.size() > kMaxPropertyKeyBytes ||
       value.size() > kMaxPropertyValueBytes) {
@@ -948,12 +954,12 @@ absl::Status Pool::SetProperty(absl::string_view key, absl::string_view value) {
 }
 
 std::map<std::string, std::string> Pool::Properties() {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   return {properties_.begin(), properties_.end()};
 }
 
 absl::Status Pool::ResizeVolume(absl::string_view name, uint64_t size_bytes) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> v = FindWritableVolume(name);
   if (!v.ok()) return v.status();
@@ -1017,7 +1023,7 @@ absl::Status Pool::ResizeLocked(VolumeRec& v, uint64_t size_bytes) {
 }
 
 absl::Status Pool::DeleteVolume(absl::string_view name, bool with_snapshots) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> v = FindWritableVolume(name);
   if (!v.ok()) return v.status();
@@ -1047,7 +1053,7 @@ absl::Status Pool::DeleteVolume(absl::string_view name, bool with_snapshots) {
 
 absl::Status Pool::Write(absl::string_view volume, uint64_t offset_bytes,
                          std::span<const std::byte> data) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> v = FindWritableVolume(volume);
   if (!v.ok()) return v.status();
@@ -1108,7 +1114,7 @@ absl::Status Pool::PlaceChunk(VolumeRec& v, uint64_t c,
 
 absl::Status Pool::WriteChunks(absl::string_view volume,
                                std::span<const ChunkWrite> writes) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> found = FindWritableVolume(volume);
   if (!found.ok()) return found.status();
@@ -1233,7 +1239,7 @@ absl::Status Pool::WriteLocked(VolumeRec& v, uint64_t offset_bytes,
 
 absl::Status Pool::Read(absl::string_view volume, absl::string_view snapshot,
                         uint64_t offset_bytes, std::span<std::byte> out) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (!failed_.ok()) return failed_;
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
@@ -1329,7 +1335,7 @@ absl::Status Pool::ReadLocked(const Entry& root, uint64_t size_bytes,
 
 absl::Status Pool::Trim(absl::string_view volume, uint64_t offset_bytes,
                         uint64_t length_bytes) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> v = FindWritableVolume(volume);
   if (!v.ok()) return v.status();
@@ -1402,7 +1408,7 @@ absl::Status Pool::TrimChunks(Entry& ref, int level, uint64_t base,
 }
 
 absl::Status Pool::Flush() {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   return Fail(CommitLocked());
 }
@@ -1410,7 +1416,7 @@ absl::Status Pool::Flush() {
 absl::StatusOr<SnapshotInfo> Pool::CreateSnapshot(absl::string_view volume,
                                                   absl::string_view name,
                                                   absl::string_view owner) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   if (absl::Status s = ValidName(name, "snapshot"); !s.ok()) return s;
   if (owner.size() > kMaxSnapshotOwnerBytes) {
@@ -1457,7 +1463,7 @@ SnapshotInfo Pool::InfoOf(const VolumeRec& v, const SnapshotRec& s) const {
 
 absl::StatusOr<std::vector<SnapshotInfo>> Pool::ListSnapshots(
     absl::string_view volume) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
   std::vector<SnapshotInfo> out;
@@ -1467,7 +1473,7 @@ absl::StatusOr<std::vector<SnapshotInfo>> Pool::ListSnapshots(
 
 absl::StatusOr<SnapshotInfo> Pool::GetSnapshot(absl::string_view volume,
                                                absl::string_view name) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
   absl::StatusOr<const SnapshotRec*> s = FindSnapshot(**v, name);
@@ -1477,7 +1483,7 @@ absl::StatusOr<SnapshotInfo> Pool::GetSnapshot(absl::string_view volume,
 
 absl::Status Pool::DeleteSnapshot(absl::string_view volume,
                                   absl::string_view name) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
@@ -1499,7 +1505,7 @@ absl::Status Pool::DeleteSnapshot(absl::string_view volume,
 
 absl::Status Pool::Rollback(absl::string_view volume,
                             absl::string_view snapshot) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> v = FindWritableVolume(volume);
   if (!v.ok()) return v.status();
@@ -1522,7 +1528,7 @@ absl::Status Pool::Rollback(absl::string_view volume,
 
 absl::StatusOr<Digest> Pool::RootDigest(absl::string_view volume,
                                         absl::string_view snapshot) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (!failed_.ok()) return failed_;
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
@@ -1587,12 +1593,12 @@ absl::Status Pool::UpdateAllDigests() {
 }
 
 void Pool::BeginGroup() {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   grouped_ = true;
 }
 
 absl::Status Pool::EndGroup() {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   grouped_ = false;
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   return Fail(CommitLocked());
@@ -1639,7 +1645,6 @@ void Pool::DiscardFreeRuns(std::vector<uint64_t>& freed) {
   // Best effort: a disk that cannot, or fails to, keeps the space.
   const uint64_t run = std::max<uint64_t>(1, kDiscardMinBytes / sb_.chunk_size);
   const uint64_t first = sb_.meta_count, end = counts_.size();
-  auto is_free = [&](uint64_t i) { return counts_[i] == 0 && !held_[i]; };
   std::sort(freed.begin(), freed.end());
   std::vector<Extent> extents;
   uint64_t covered = first;  // indices below this are in `extents`
@@ -1647,10 +1652,10 @@ void Pool::DiscardFreeRuns(std::vector<uint64_t>& freed) {
   for (uint64_t i : freed) {
     if (i < covered) continue;
     uint64_t lo = i, hi = i + 1;
-    while (lo > std::max(first, covered) && i - lo < run && is_free(lo - 1)) {
+    while (lo > std::max(first, covered) && i - lo < run && ChunkFree(lo - 1)) {
       --lo;
     }
-    while (hi < end && hi - i < run && is_free(hi)) ++hi;
+    while (hi < end && hi - i < run && ChunkFree(hi)) ++hi;
     if (hi - lo < run) continue;
     const uint64_t at = (sb_.data_start + (lo - first)) * sb_.chunk_size;
     const uint64_t len = (hi - lo) * sb_.chunk_size;

@@ -34,6 +34,7 @@
 #include "blockstore/format.h"
 #include "blockstore/hash.h"
 #include "blockstore/io.h"
+#include "blockstore/mutex.h"
 #include "blockstore/util.h"
 
 namespace blockstore {
@@ -284,8 +285,12 @@ class Pool {
 
   void SetTuning(const PoolTuning& tuning);
 
-  uint32_t chunk_size() const { return sb_.chunk_size; }
-  const Superblock& superblock() const { return sb_; }
+  uint32_t chunk_size() const { return shape_.chunk_size; }
+  // As of the last commit.
+  Superblock superblock() const {
+    MutexLock lock(mu_);
+    return sb_;
+  }
 
   // Counters for tests and benchmarks.
   struct Stats {
@@ -356,9 +361,12 @@ class Pool {
   Digest VolumeDigest(const Entry& root, uint64_t size_bytes) const;
 
   // Refcounts and allocation.
-  uint64_t NodeIndex(uint64_t id) const { return id - sb_.meta_start; }
+  uint64_t NodeIndex(uint64_t id) const { return id - shape_.meta_start; }
   uint64_t ChunkIndex(uint64_t chunk) const {
-    return sb_.meta_count + (chunk - sb_.data_start);
+    return shape_.meta_count + (chunk - shape_.data_start);
+  }
+  bool ChunkFree(uint64_t index) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return counts_[index] == 0 && !held_[index];
   }
   void SetCount(uint64_t index, uint32_t count)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -447,6 +455,8 @@ class Pool {
   struct CheckState;
   // Walks the catalog and every tree into `st` (computed counts, problems).
   void CheckAllTrees(CheckState& st) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void CheckRoot(CheckState& st, const Entry& root, uint64_t size_bytes,
+                 const std::string& where) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Replaces the loaded counts by those of a walk of every tree.
   absl::Status RebuildCounts() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // free_/used_ nodes and chunks from counts_.
@@ -466,9 +476,12 @@ class Pool {
   Io& io_;                      // *tagged_: all pool I/O goes through it
   const OpenMode mode_;
 
-  // std::mutex rather than absl::Mutex: Debian's Abseil is not built for
-  // ThreadSanitizer, which then cannot see absl::Mutex's ordering.
-  std::mutex mu_;
+  // Checked by clang's -Wthread-safety (blockstore/mutex.h).
+  mutable Mutex mu_;
+  // The layout (chunk size, where metadata and data lie): fixed when the
+  // pool is formatted or opened, before anyone else sees it, so read
+  // without the lock. sb_ is the rest of the last commit's superblock.
+  Superblock shape_;
   absl::Status failed_ ABSL_GUARDED_BY(mu_);
   Superblock sb_ ABSL_GUARDED_BY(mu_);
   uint64_t gen_ ABSL_GUARDED_BY(mu_) = 0;  // open transaction

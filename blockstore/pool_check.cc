@@ -116,22 +116,23 @@ void Pool::CheckAllTrees(CheckState& st) {
       st.Problem(absl::StrCat("catalog node ", id, " is linked twice"));
     }
   }
-  auto check_root = [&](const Entry& root, uint64_t size_bytes,
-                        const std::string& where) {
-    if (root.ptr == 0) return;
-    int depth = Depth(ChunkCount(size_bytes));
-    std::optional<Digest> d = CheckTree(
-        st, root.ptr, depth - 1, 0, ChunkCount(size_bytes), root.birth, where);
-    if (d.has_value() && *d != root.digest) {
-      st.Problem(absl::StrCat(where, ": root digest does not match its tree"));
-    }
-  };
   for (const auto& [name, v] : volumes_) {
-    check_root(v.root, v.size_bytes, absl::StrCat("volume ", name));
+    CheckRoot(st, v.root, v.size_bytes, absl::StrCat("volume ", name));
     for (const SnapshotRec& s : v.snapshots) {
-      check_root(s.root, s.size_bytes,
-                 absl::StrCat("snapshot ", name, "@", s.name));
+      CheckRoot(st, s.root, s.size_bytes,
+                absl::StrCat("snapshot ", name, "@", s.name));
     }
+  }
+}
+
+void Pool::CheckRoot(CheckState& st, const Entry& root, uint64_t size_bytes,
+                     const std::string& where) {
+  if (root.ptr == 0) return;
+  int depth = Depth(ChunkCount(size_bytes));
+  std::optional<Digest> d = CheckTree(
+      st, root.ptr, depth - 1, 0, ChunkCount(size_bytes), root.birth, where);
+  if (d.has_value() && *d != root.digest) {
+    st.Problem(absl::StrCat(where, ": root digest does not match its tree"));
   }
 }
 
@@ -163,7 +164,7 @@ absl::StatusOr<Pool::Repaired> Pool::Repair(std::unique_ptr<Io> io) {
 absl::StatusOr<Pool::Repaired> Pool::RepairPool(std::unique_ptr<Pool> pool) {
   std::string what;
   {
-    std::lock_guard<std::mutex> lock(pool->mu_);
+    MutexLock lock(pool->mu_);
     if (absl::Status s = pool->LoadLocked(/*repair=*/true); !s.ok()) return s;
     if (!pool->count_damage_.empty()) {
       // Both copies of the table, whole: the next commit writes the other
@@ -184,7 +185,7 @@ absl::StatusOr<Pool::Repaired> Pool::RepairPool(std::unique_ptr<Pool> pool) {
 }
 
 absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (!failed_.ok()) return failed_;
   if (changed_ || dirty_nodes_ != 0 || !held_list_.empty()) {
     // The check reads what is on disk: commit first.

@@ -137,7 +137,7 @@ absl::StatusOr<DiffBatch> Pool::Diff(absl::string_view volume,
                                      absl::string_view target,
                                      uint64_t from_chunk,
                                      size_t max_data_chunks) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (!failed_.ok()) return failed_;
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
@@ -191,7 +191,7 @@ absl::StatusOr<DiffBatch> Pool::Diff(absl::string_view volume,
 
 absl::Status Pool::ReadChunks(std::span<const ChangedRun> runs,
                               std::span<std::byte> out) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (!failed_.ok()) return failed_;
   const uint64_t c_size = sb_.chunk_size;
   if (out.size() < runs.size() * c_size ||
@@ -227,7 +227,7 @@ absl::Status Pool::ReadChunks(std::span<const ChangedRun> runs,
 
 absl::StatusOr<bool> Pool::ChangedSince(absl::string_view volume,
                                         absl::string_view snapshot) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
   absl::StatusOr<const SnapshotRec*> s = FindSnapshot(**v, snapshot);
@@ -241,7 +241,7 @@ absl::Status Pool::BeginReceive(absl::string_view staging,
                                 absl::string_view volume,
                                 absl::string_view base_snapshot,
                                 uint64_t size_bytes) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   if (!IsStaging(staging)) {
     return absl::InvalidArgumentError("staging volume names start with '.'");
@@ -288,7 +288,7 @@ absl::StatusOr<SnapshotInfo> Pool::FinishReceive(
     absl::string_view staging, absl::string_view volume,
     const Guid& volume_guid, const SnapshotIdentity& identity,
     const Digest& expected) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   if (absl::Status s = ValidName(identity.name, "snapshot"); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> st = FindVolume(staging);

@@ -7,7 +7,8 @@
 #   scripts/test.sh --fault              # only the long fault runs (kill -9 x30)
 # The default run starts with 30-second libFuzzer runs of the delta reader
 # and of the peer protocol under ASan and UBSan (scripts/fuzz.sh; clang is
-# installed for it). The daemon tests check metrics with promtool (Debian's
+# installed for it), then clang's -Wthread-safety over every source file
+# (scripts/thread_safety.sh). The daemon tests check metrics with promtool (Debian's
 # prometheus package) and read them with curl: both are installed here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,7 @@ fi
 if [[ -z $sanitize && ${labels[0]} == -LE ]]; then
   echo "fuzz: the delta reader and the peer protocol, 30 s each under ASan/UBSan"
   scripts/fuzz.sh 30
+  scripts/thread_safety.sh "$BUILD_DIR"
 fi
 cd "$BUILD_DIR"
 ctest --output-on-failure -j"$(nproc)" "${labels[@]}"
