@@ -1,5 +1,6 @@
 #include "tools/control_client.h"
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -40,6 +41,9 @@ std::string UrlEncode(const std::string& text) {
 
 ControlClient::ControlClient(std::string socket)
     : http_(std::make_unique<UnixHttpClient>(socket)), socket_(socket) {
+  // A daemon that answered and closed before taking a whole upload must
+  // fail the write, not end this process by SIGPIPE without a word.
+  signal(SIGPIPE, SIG_IGN);
   http_->set_read_timeout(kLongTimeout, 0);
   http_->set_write_timeout(kLongTimeout, 0);
   http_->set_keep_alive(false);

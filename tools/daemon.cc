@@ -793,10 +793,22 @@ void Daemon::RegisterControl(httplib::Server& http) {
       written = (*o)->Write(req.matches[2], *off, *size, pipe.source());
       if (!written.ok()) pipe.AbortRead(written);
     });
+    // Refused part way (a read-only volume, say): the rest of the body is
+    // read and dropped, up to kDrainBytes, so that the client gets to read
+    // the reason rather than a connection closed under its upload.
+    constexpr uint64_t kDrainBytes = 64 << 20;
+    uint64_t drained = 0;
+    bool refused = false;
     const bool whole = reader([&](const char* data, size_t len) {
-      return pipe.sink()
-          .Write({reinterpret_cast<const std::byte*>(data), len})
-          .ok();
+      if (!refused &&
+          pipe.sink()
+              .Write({reinterpret_cast<const std::byte*>(data), len})
+              .ok()) {
+        return true;
+      }
+      refused = true;
+      drained += len;
+      return drained <= kDrainBytes;
     });
     // A body cut short must not commit what came of it.
     pipe.CloseWrite(whole ? absl::OkStatus()

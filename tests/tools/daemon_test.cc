@@ -55,9 +55,13 @@ TEST(DaemonTest, TheSeedProcedureAcrossTwoDaemons) {
   EXPECT_THAT(d.Ok("b", {"relationship", "initialize", kB}),
               HasSubstr("Mirrored, Idle"));
   EXPECT_EQ(d.Read("b", "vol"), d.Read("a", "vol"));
-  r = d.Via("b", {"write", "--pool", "p", "vol"}, "x");
-  EXPECT_EQ(r.code, 1);
-  EXPECT_THAT(r.err, HasSubstr("read-only"));
+  // Refused at once, however much is sent: the reason, not a connection
+  // closed under the upload.
+  for (const std::string& data : {std::string("x"), RandomBytes(8 << 20, 1)}) {
+    r = d.Via("b", {"write", "--pool", "p", "vol"}, data);
+    EXPECT_EQ(r.code, 1) << data.size();
+    EXPECT_THAT(r.err, HasSubstr("read-only")) << data.size();
+  }
 
   // Update through the source's daemon, with a user snapshot on the way.
   d.Ok("a", {"write", "--pool", "p", "vol", "--offset", "1M"},
