@@ -11,8 +11,9 @@
 
 namespace tools {
 
+// The pool file or device at `path`, opened (and locked) for `mode`.
 // InvalidArgument when no path was given (neither --pool nor TANDEM_POOL).
-inline absl::StatusOr<std::unique_ptr<blockstore::Pool>> OpenPool(
+inline absl::StatusOr<std::unique_ptr<blockstore::Io>> OpenPoolIo(
     const std::string& path, blockstore::OpenMode mode) {
   if (path.empty()) {
     return absl::InvalidArgumentError(
@@ -20,8 +21,12 @@ inline absl::StatusOr<std::unique_ptr<blockstore::Pool>> OpenPool(
   }
   blockstore::FileIoOptions options;
   options.mode = mode;
-  absl::StatusOr<std::unique_ptr<blockstore::Io>> io =
-      blockstore::OpenFileIo(path, options);
+  return blockstore::OpenFileIo(path, options);
+}
+
+inline absl::StatusOr<std::unique_ptr<blockstore::Pool>> OpenPool(
+    const std::string& path, blockstore::OpenMode mode) {
+  absl::StatusOr<std::unique_ptr<blockstore::Io>> io = OpenPoolIo(path, mode);
   if (!io.ok()) return io.status();
   return blockstore::Pool::Open(std::move(*io), mode);
 }

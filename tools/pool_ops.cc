@@ -264,10 +264,8 @@ absl::StatusOr<std::unique_ptr<PoolOps>> OpenPoolOps(
 }
 
 absl::StatusOr<RepairedPool> RepairPoolFile(const std::string& path) {
-  blockstore::FileIoOptions options;
-  options.mode = blockstore::OpenMode::kReadWrite;
   absl::StatusOr<std::unique_ptr<blockstore::Io>> io =
-      blockstore::OpenFileIo(path, options);
+      OpenPoolIo(path, blockstore::OpenMode::kReadWrite);
   if (!io.ok()) return io.status();
   absl::StatusOr<Pool::Repaired> r = Pool::Repair(std::move(*io));
   if (!r.ok()) return r.status();
