@@ -13,6 +13,8 @@
 # 4 GiB at the same time (O_DIRECT, io_uring, 1 MiB, QD8), run first and last,
 # the faster counting. Caches are dropped before every timed step. Each
 # daemon's peak RSS comes from /usr/bin/time.
+# With TANDEM_BENCH_STRACE=1, strace -c counts each daemon's socket reads and
+# writes during the baseline (they slow it: its time is then not a figure).
 # Usage (root: drop_caches, loop devices, mounts):
 #   bench/run_daemons.sh [BUILD_DIR]
 set -euo pipefail
@@ -22,7 +24,7 @@ T=$build/tools/tandem
 TD=$build/tools/tandemd
 P=$build/bench/prep
 for tool in mkfs.btrfs:btrfs-progs rsync:rsync fio:fio socat:socat openssl:openssl \
-  /usr/bin/time:time; do
+  /usr/bin/time:time strace:strace; do
   command -v "${tool%%:*}" >/dev/null ||
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${tool##*:}" >/dev/null
 done
@@ -143,9 +145,28 @@ for mode in tls plain; do
   start b
   $T --daemon "$work/a.sock" relationship create --source a/p:v --destination b/p:v >/dev/null
   drop
+  tracers=()
+  if [[ ${TANDEM_BENCH_STRACE:-0} == 1 ]]; then
+    for site in a b; do
+      eval "p=\$pid_$site"
+      strace -f -c -e trace=read,write,recvfrom,sendto -o "$work/$site.strace" \
+        -p "$(pgrep -P "$p")" 2>/dev/null &
+      tracers+=($!)
+    done
+    sleep 1
+  fi
   s=$(now)
   $T --daemon "$work/b.sock" relationship initialize b/p:v >/dev/null
   base[$mode]=$(elapsed "$s")
+  if ((${#tracers[@]})); then
+    kill -INT "${tracers[@]}"
+    wait "${tracers[@]}" 2>/dev/null || true
+    for site in a b; do
+      echo "site $site, syscalls during the baseline:"
+      awk '$NF ~ /^(read|write|recvfrom|sendto)$/ { print "  " $NF, $4 }' \
+        "$work/$site.strace"
+    done
+  fi
   # Each change: written with the daemon of site a stopped (prep opens the
   # pool file itself), the same seeds as every other tool gets.
   times=()
