@@ -1,5 +1,5 @@
-// Io backends over a file descriptor: io_uring (batched submits, one ring per
-// pool) and pread/pwrite. Both take the advisory pool lock at open.
+// Io backends over a file descriptor: io_uring (batched submits, a ring per
+// caller in flight) and pread/pwrite. Both take the advisory pool lock at open.
 #include <fcntl.h>
 #include <liburing.h>
 #include <linux/fs.h>
@@ -15,6 +15,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "blockstore/io.h"
+#include "blockstore/mutex.h"
 #include "blockstore/util.h"
 
 namespace blockstore {
@@ -162,16 +163,32 @@ class PosixIo final : public FileIo {
   }
 };
 
-// One ring per pool, guarded by a mutex: a batch is submitted in as few
-// io_uring_submit calls as the ring depth allows, and short transfers are
-// resubmitted for their remainder.
+// io_uring with a ring per caller in flight: a call takes an idle ring from
+// the pool's set (making a new one when none is idle, up to kMaxRings),
+// submits its whole batch and waits on that ring alone, then gives it back.
+// No lock is held while requests are in flight, so many threads keep many
+// requests on the device at once; the set's mutex guards only the idle list.
+// A batch larger than the ring depth is fed as completions free slots, and
+// short transfers are resubmitted for their remainder.
 class UringIo final : public FileIo {
  public:
   static constexpr unsigned kDepth = 128;
+  // Rings beyond this wait for an idle one: callers past it would only queue
+  // in the device anyway, and each ring pins a little kernel memory.
+  static constexpr size_t kMaxRings = 64;
 
-  UringIo(int fd, std::string path, uint64_t size, bool direct, io_uring ring)
-      : FileIo(fd, std::move(path), size, direct), ring_(ring) {}
-  ~UringIo() override { io_uring_queue_exit(&ring_); }
+  UringIo(int fd, std::string path, uint64_t size, bool direct,
+          std::unique_ptr<io_uring> first)
+      : FileIo(fd, std::move(path), size, direct) {
+    MutexLock lock(mu_);
+    idle_.push_back(std::move(first));
+    rings_ = 1;
+  }
+  // Every ring is idle by now: no call is in progress.
+  ~UringIo() override {
+    MutexLock lock(mu_);
+    for (Ring& ring : idle_) io_uring_queue_exit(ring.get());
+  }
 
   absl::Status Read(std::span<const ReadOp> ops) override {
     std::vector<Piece> pieces;
@@ -203,18 +220,26 @@ class UringIo final : public FileIo {
   }
 
   absl::Status Flush() override {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!broken_.ok()) return broken_;
-    io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+    absl::StatusOr<Ring> ring = Acquire();
+    if (!ring.ok()) return ring.status();
+    io_uring_sqe* sqe = io_uring_get_sqe(ring->get());
     io_uring_prep_fsync(sqe, fd_, IORING_FSYNC_DATASYNC);
     io_uring_sqe_set_data(sqe, nullptr);
-    int rc = io_uring_submit_and_wait(&ring_, 1);
-    if (rc < 0) return ErrnoError(-rc, absl::StrCat("flush ", path_));
+    int rc = io_uring_submit_and_wait(ring->get(), 1);
+    if (rc < 0) {
+      // Whether the entry went out is unknown: this ring is not reused.
+      DropRing(std::move(*ring));
+      return ErrnoError(-rc, absl::StrCat("flush ", path_));
+    }
     io_uring_cqe* cqe = nullptr;
-    rc = io_uring_wait_cqe(&ring_, &cqe);
-    if (rc < 0) return ErrnoError(-rc, absl::StrCat("flush ", path_));
+    rc = io_uring_wait_cqe(ring->get(), &cqe);
+    if (rc < 0) {
+      DropRing(std::move(*ring));
+      return ErrnoError(-rc, absl::StrCat("flush ", path_));
+    }
     int res = cqe->res;
-    io_uring_cqe_seen(&ring_, cqe);
+    io_uring_cqe_seen(ring->get(), cqe);
+    Release(std::move(*ring));
     if (res < 0) return ErrnoError(-res, absl::StrCat("flush ", path_));
     return absl::OkStatus();
   }
@@ -224,6 +249,7 @@ class UringIo final : public FileIo {
   }
 
  private:
+  using Ring = std::unique_ptr<io_uring>;
   struct Piece {
     uint64_t offset;
     std::byte* buf;
@@ -231,20 +257,67 @@ class UringIo final : public FileIo {
     bool write;
   };
 
+  absl::StatusOr<Ring> Acquire() {
+    MutexLock lock(mu_);
+    for (;;) {
+      if (!idle_.empty()) {
+        Ring ring = std::move(idle_.back());
+        idle_.pop_back();
+        return ring;
+      }
+      if (rings_ < kMaxRings) {
+        auto ring = std::make_unique<io_uring>();
+        int rc = io_uring_queue_init(kDepth, ring.get(), 0);
+        if (rc == 0) {
+          ++rings_;
+          return ring;
+        }
+        // Out of memory for another ring (locked-memory limit): wait for
+        // one of those that exist, unless none does.
+        if (rings_ == 0) {
+          return ErrnoError(-rc, absl::StrCat("io_uring setup for ", path_));
+        }
+      }
+      idle_cv_.wait(mu_, [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return !idle_.empty() || rings_ < kMaxRings;
+      });
+    }
+  }
+  void Release(Ring ring) {
+    {
+      MutexLock lock(mu_);
+      idle_.push_back(std::move(ring));
+    }
+    idle_cv_.notify_one();
+  }
+  // A ring whose submission failed may still hold entries that point into
+  // a caller's buffers: it is dropped (its requests die with it), and a
+  // fresh one takes its place when needed.
+  void DropRing(Ring ring) {
+    io_uring_queue_exit(ring.get());
+    {
+      MutexLock lock(mu_);
+      --rings_;
+    }
+    idle_cv_.notify_one();
+  }
+
   absl::Status Run(std::vector<Piece>& pieces) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!broken_.ok()) return broken_;
     std::deque<Piece*> todo;
     for (Piece& p : pieces) {
       if (p.len > 0) todo.push_back(&p);
     }
+    if (todo.empty()) return absl::OkStatus();
+    absl::StatusOr<Ring> acquired = Acquire();
+    if (!acquired.ok()) return acquired.status();
+    io_uring* ring = acquired->get();
     absl::Status first_error;
     unsigned in_flight = 0;
     while (!todo.empty() || in_flight > 0) {
       unsigned queued = 0;
       while (!todo.empty() && in_flight + queued < kDepth) {
         Piece* p = todo.front();
-        io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+        io_uring_sqe* sqe = io_uring_get_sqe(ring);
         if (sqe == nullptr) break;
         todo.pop_front();
         // Split huge pieces: a single SQE moves at most 1 GiB here.
@@ -258,19 +331,17 @@ class UringIo final : public FileIo {
         io_uring_sqe_set_data(sqe, p);
         ++queued;
       }
-      int rc = io_uring_submit_and_wait(&ring_, 1);
+      int rc = io_uring_submit_and_wait(ring, 1);
       if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) {
-        // The ring refused the batch for a reason retrying will not mend;
-        // queued entries may still go out later and point into `pieces`,
-        // so this ring is done for good.
-        broken_ = ErrnoError(-rc, absl::StrCat("io_uring submit on ", path_));
-        return broken_;
+        // The ring refused the batch for a reason retrying will not mend.
+        DropRing(std::move(*acquired));
+        return ErrnoError(-rc, absl::StrCat("io_uring submit on ", path_));
       }
       in_flight += queued;
       io_uring_cqe* cqe = nullptr;
       unsigned head;
       unsigned seen = 0;
-      io_uring_for_each_cqe(&ring_, head, cqe) {
+      io_uring_for_each_cqe(ring, head, cqe) {
         ++seen;
         --in_flight;
         Piece* p = static_cast<Piece*>(io_uring_cqe_get_data(cqe));
@@ -299,15 +370,17 @@ class UringIo final : public FileIo {
           if (p->len > 0 && first_error.ok()) todo.push_back(p);
         }
       }
-      io_uring_cq_advance(&ring_, seen);
+      io_uring_cq_advance(ring, seen);
       if (!first_error.ok()) todo.clear();
     }
+    Release(std::move(*acquired));
     return first_error;
   }
 
-  std::mutex mu_;
-  io_uring ring_;
-  absl::Status broken_;
+  Mutex mu_;
+  CondVar idle_cv_;
+  std::vector<Ring> idle_ ABSL_GUARDED_BY(mu_);
+  size_t rings_ ABSL_GUARDED_BY(mu_) = 0;  // idle and in use
 };
 
 absl::Status Lock(int fd, absl::string_view path, OpenMode mode) {
@@ -407,10 +480,10 @@ absl::StatusOr<std::unique_ptr<Io>> OpenFileIo(absl::string_view path_view,
   size = size / kIoAlign * kIoAlign;
 
   if (options.use_uring) {
-    io_uring ring;
-    int rc = io_uring_queue_init(UringIo::kDepth, &ring, 0);
+    auto ring = std::make_unique<io_uring>();
+    int rc = io_uring_queue_init(UringIo::kDepth, ring.get(), 0);
     if (rc == 0) {
-      return std::make_unique<UringIo>(fd, path, size, direct, ring);
+      return std::make_unique<UringIo>(fd, path, size, direct, std::move(ring));
     }
     // ENOSYS/EPERM (seccomp) or ENOMEM (locked-memory limit): fall back.
   }

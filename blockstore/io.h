@@ -5,8 +5,9 @@
 // memory (tests, with crash simulation).
 //
 // Alignment: every offset, length and buffer address is a multiple of
-// kIoAlign; backends return InvalidArgument otherwise. A backend may be
-// called from several threads; it serializes internally.
+// kIoAlign; backends return InvalidArgument otherwise. Every backend may be
+// called from many threads at once: io_uring and pread/pwrite calls run in
+// parallel (each io_uring call on a ring of its own), memory serializes.
 #ifndef TANDEM_BLOCKSTORE_IO_H_
 #define TANDEM_BLOCKSTORE_IO_H_
 

@@ -1,3 +1,7 @@
+// Pool: the facade (validation, locking, the sticky failure) and the data
+// paths. The trees are in pool_tree.cc, opening and committing in
+// pool_commit.cc, Diff and the receive side in pool_diff.cc, the check in
+// pool_check.cc.
 #include "blockstore/pool.h"
 
 #include <sys/random.h>
@@ -5,13 +9,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <limits>
 
-#include "absl/strings/ascii.h"
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "blockstore/byte_codec.h"
 #include "blockstore/pool_internal.h"
 #include "blockstore/util.h"
 
@@ -22,35 +24,6 @@ using internal::kMaxVolumeBytes;
 using internal::NowNs;
 using internal::RandomGuid;
 using internal::ValidName;
-
-namespace {
-
-// Bytes handled per I/O batch in Read/Write (bounds the bounce buffers).
-constexpr uint64_t kBatchBytes = 16 << 20;
-void PutEntry(ByteWriter& w, const Entry& e) {
-  w.U64(e.ptr);
-  w.U64(e.birth);
-  w.Bytes(e.digest.bytes);
-}
-
-Entry GetEntry(ByteReader& r) {
-  Entry e;
-  e.ptr = r.U64();
-  e.birth = r.U64();
-  r.Bytes(e.digest.bytes);
-  return e;
-}
-
-constexpr uint32_t kCatalogMagic = 0x54414354;  // "TCAT"
-// Version 2 added a flags word per volume (bit 0: read-only) and the pool's
-// properties after the volumes. Version 1 catalogs are read as such.
-constexpr uint32_t kCatalogVersion = 3;
-constexpr uint32_t kVolumeReadOnly = 1;
-constexpr size_t kMaxPropertyKeyBytes = 200;
-constexpr size_t kMaxSnapshotOwnerBytes = 64;
-constexpr size_t kMaxPropertyValueBytes = 60000;
-
-}  // namespace
 
 namespace internal {
 
@@ -129,659 +102,8 @@ Pool::Pool(Io& io, std::unique_ptr<Io> owned, OpenMode mode)
 
 Pool::~Pool() = default;
 
-absl::StatusOr<std::unique_ptr<Pool>> Pool::Create(
-    Io& io, const CreatePoolOptions& options) {
-  std::unique_ptr<Pool> pool(new Pool(io, nullptr, OpenMode::kReadWrite));
-  MutexLock lock(pool->mu_);
-  if (absl::Status s = pool->FormatLocked(options); !s.ok()) return s;
-  return pool;
-}
-
-absl::StatusOr<std::unique_ptr<Pool>> Pool::Create(
-    std::unique_ptr<Io> io, const CreatePoolOptions& options) {
-  Io& ref = *io;
-  std::unique_ptr<Pool> pool(
-      new Pool(ref, std::move(io), OpenMode::kReadWrite));
-  MutexLock lock(pool->mu_);
-  if (absl::Status s = pool->FormatLocked(options); !s.ok()) return s;
-  return pool;
-}
-
-absl::StatusOr<std::unique_ptr<Pool>> Pool::Open(Io& io, OpenMode mode) {
-  std::unique_ptr<Pool> pool(new Pool(io, nullptr, mode));
-  MutexLock lock(pool->mu_);
-  if (absl::Status s = pool->LoadLocked(); !s.ok()) return s;
-  return pool;
-}
-
-absl::StatusOr<std::unique_ptr<Pool>> Pool::Open(std::unique_ptr<Io> io,
-                                                 OpenMode mode) {
-  Io& ref = *io;
-  std::unique_ptr<Pool> pool(new Pool(ref, std::move(io), mode));
-  MutexLock lock(pool->mu_);
-  if (absl::Status s = pool->LoadLocked(); !s.ok()) return s;
-  return pool;
-}
-
 // ---------------------------------------------------------------------------
-// Shape and digests
-
-uint64_t Pool::BatchChunks() const {
-  return std::max<uint64_t>(1, kBatchBytes / shape_.chunk_size);
-}
-
-uint64_t Pool::ChunkCount(uint64_t size_bytes) const {
-  return DivRoundUp(size_bytes, shape_.chunk_size);
-}
-
-int Pool::Depth(uint64_t chunk_count) {
-  int depth = 1;
-  while (depth < kMaxDepth && Span(depth) < chunk_count) ++depth;
-  return depth;
-}
-
-Digest Pool::EmptyDigest(int level) const { return empty_digests_[level + 1]; }
-
-Digest Pool::NullEntryDigest(int node_level) const {
-  return empty_digests_[node_level];  // level 0: the zero chunk
-}
-
-Digest Pool::VolumeDigest(const Entry& root, uint64_t size_bytes) const {
-  int depth = Depth(ChunkCount(size_bytes));
-  Digest sub = root.ptr == 0 ? EmptyDigest(depth - 1) : root.digest;
-  std::byte buf[16 + 8 + 4];
-  std::memcpy(buf, sub.bytes.data(), 16);
-  PutLe64(buf + 16, size_bytes);
-  PutLe32(buf + 24, shape_.chunk_size);
-  return Hash128(buf);
-}
-
-// ---------------------------------------------------------------------------
-// Open and format
-
-absl::Status Pool::FormatLocked(const CreatePoolOptions& options) {
-  absl::StatusOr<Superblock> sb =
-      LayOut(io_.size_bytes(), options.chunk_size_bytes);
-  if (!sb.ok()) return sb.status();
-  sb_ = *sb;
-  shape_ = *sb;
-  sb_.pool_guid = RandomGuid();
-  sb_.create_time_ns = NowNs();
-  sb_.generation = 0;
-  // Whatever superblocks were there before (an old pool) must not win.
-  AlignedBuffer zeros(2 * kSuperblockSize);
-  if (absl::Status s = io_.WriteAt(0, zeros.span()); !s.ok()) return s;
-  if (absl::Status s = io_.Flush(); !s.ok()) return s;
-
-  AlignedBuffer zero_chunk(sb_.chunk_size);
-  empty_digests_.push_back(Hash128(zero_chunk.span()));
-  for (int l = 0; l <= kMaxDepth; ++l) {
-    std::vector<Digest> parts(kFanout, empty_digests_.back());
-    empty_digests_.push_back(Hash128Digests(parts));
-  }
-  uint64_t total = sb_.meta_count + sb_.data_count;
-  counts_.assign(total, 0);
-  held_.assign(total, false);
-  free_nodes_ = sb_.meta_count;
-  free_chunks_ = sb_.data_count;
-  gen_ = 1;
-  changed_ = true;
-  full_table_writes_ = 2;
-  return CommitLocked();
-}
-
-absl::Status Pool::LoadLocked(bool repair) {
-  AlignedBuffer sbs(2 * kSuperblockSize);
-  if (absl::Status s = io_.ReadAt(0, sbs.span()); !s.ok()) {
-    if (absl::IsOutOfRange(s)) {
-      return absl::DataLossError(absl::StrCat(
-          io_.name(), " is not a tandem pool (too small to hold one)"));
-    }
-    return s;
-  }
-  Superblock cand[2];
-  std::string why[2];
-  SuperblockState state[2];
-  for (int i = 0; i < 2; ++i) {
-    state[i] = DecodeSuperblock(
-        std::span<const std::byte, kSuperblockSize>(
-            sbs.data() + i * kSuperblockSize, kSuperblockSize),
-        i * kSuperblockSize, io_.size_bytes(), &cand[i], &why[i]);
-  }
-  int best = -1;
-  for (int i = 0; i < 2; ++i) {
-    if (state[i] != SuperblockState::kValid) continue;
-    if (best < 0 || cand[i].generation > cand[best].generation) best = i;
-  }
-  if (best < 0) {
-    if (state[0] == SuperblockState::kNoMagic &&
-        state[1] == SuperblockState::kNoMagic) {
-      return absl::DataLossError(absl::StrCat(
-          io_.name(),
-          " is not a tandem pool (no pool superblock found); create one with "
-          "'tandem pool create'"));
-    }
-    for (int i = 0; i < 2; ++i) {
-      if (state[i] != SuperblockState::kTooSmall) continue;
-      return absl::DataLossError(absl::StrCat(
-          io_.name(), " is ", io_.size_bytes(), " bytes but its pool is ",
-          cand[i].device_bytes,
-          ": the file was truncated or the device shrank; give it back its "
-          "size (a file: truncate -s ",
-          cand[i].device_bytes, ") and open it again"));
-    }
-    return absl::DataLossError(absl::StrCat(
-        io_.name(), ": both pool superblocks are damaged (A: ", why[0],
-        "; B: ", why[1], ")"));
-  }
-  sb_ = cand[best];
-  shape_ = sb_;
-
-  AlignedBuffer zero_chunk(sb_.chunk_size);
-  empty_digests_.push_back(Hash128(zero_chunk.span()));
-  for (int l = 0; l <= kMaxDepth; ++l) {
-    std::vector<Digest> parts(kFanout, empty_digests_.back());
-    empty_digests_.push_back(Hash128Digests(parts));
-  }
-
-  // Reference counts of this commit.
-  uint64_t total = sb_.meta_count + sb_.data_count;
-  // Both table copies in one device batch: this commit's, and the other
-  // one, compared below.
-  AlignedBuffer table(sb_.refcount_pages * 4096);
-  AlignedBuffer other(sb_.refcount_pages * 4096);
-  const ReadOp table_reads[] = {
-      {sb_.refcount_copy_offset(sb_.generation), table.span()},
-      {sb_.refcount_copy_offset(sb_.generation + 1), other.span()}};
-  if (absl::Status s = io_.Read(table_reads); !s.ok()) return s;
-  counts_.assign(total, 0);
-  held_.assign(total, false);
-  std::vector<uint64_t> damaged;  // pages; rebuilt below from the trees
-  for (uint64_t p = 0; p < sb_.refcount_pages; ++p) {
-    std::span<const std::byte, 4096> page(table.data() + p * 4096, 4096);
-    if (!RefcountPageValid(p, page)) {
-      damaged.push_back(p);
-      continue;
-    }
-    for (uint64_t i = 0; i < kCountsPerPage; ++i) {
-      uint64_t index = p * kCountsPerPage + i;
-      if (index >= total) break;
-      counts_[index] = GetLe32(page.data() + 16 + 4 * i);
-    }
-  }
-
-  // The catalog: a chain of nodes holding volume and snapshot records.
-  // Without it no volume can be found: said so, with what is left to do.
-  auto catalog_damaged = [&](absl::string_view what) {
-    return absl::DataLossError(
-        absl::StrCat(io_.name(),
-                     ": the catalog (its list of volumes and snapshots) is "
-                     "damaged: ",
-                     what,
-                     "; restore the pool from a copy, or replicate its "
-                     "volumes again"));
-  };
-  std::string catalog;
-  uint64_t id = sb_.catalog_head;
-  AlignedBuffer node(kNodeSize);
-  while (id != 0) {
-    if (id < sb_.meta_start || id >= sb_.meta_start + sb_.meta_count ||
-        catalog_nodes_.size() > sb_.meta_count) {
-      return catalog_damaged(absl::StrCat("node id ", id, " out of range"));
-    }
-    if (absl::Status s = io_.ReadAt(id * kNodeSize, node.span()); !s.ok()) {
-      return s;
-    }
-    absl::StatusOr<NodeHeader> h = OpenNode(
-        std::span<const std::byte, kNodeSize>(node.data(), kNodeSize), id);
-    if (!h.ok()) return catalog_damaged(h.status().message());
-    if (h->kind != NodeKind::kCatalog) {
-      return catalog_damaged(
-          absl::StrCat("metadata node ", id, " is not a catalog node"));
-    }
-    catalog.append(reinterpret_cast<const char*>(node.data() + kNodeHeaderSize),
-                   h->payload_bytes);
-    catalog_nodes_.push_back(id);
-    id = h->next;
-  }
-  if (catalog.size() != sb_.catalog_bytes) {
-    return catalog_damaged(absl::StrCat("it holds ", catalog.size(),
-                                        " bytes, the superblock says ",
-                                        sb_.catalog_bytes));
-  }
-  if (absl::Status s = ParseCatalog(catalog); !s.ok()) {
-    return catalog_damaged(s.message());
-  }
-  committed_catalog_ = std::move(catalog);
-  gen_ = sb_.generation + 1;
-  if (!damaged.empty()) {
-    count_damage_ = absl::StrCat(
-        "reference count page", damaged.size() > 1 ? "s " : " ",
-        absl::StrJoin(damaged, ", "), " of generation ", sb_.generation,
-        damaged.size() > 1 ? " are" : " is", " damaged (checksum mismatch)");
-    if (mode_ == OpenMode::kReadWrite && !repair) {
-      return absl::DataLossError(absl::StrCat(
-          io_.name(), ": ", count_damage_,
-          "; the volumes are intact and open read-only; rebuild the counts "
-          "with 'tandem pool check --repair ",
-          io_.name(), "'"));
-    }
-    // Counts are not needed to read: rebuilt from the trees, the pool
-    // serves everything they reach.
-    if (absl::Status s = RebuildCounts(); !s.ok()) {
-      return absl::DataLossError(
-          absl::StrCat(io_.name(), ": ", count_damage_, " and ", s.message()));
-    }
-  }
-  CountSpace();
-  // The next commit writes the other table copy, which must then equal this
-  // one wherever that commit changes nothing. It may be older, or torn by a
-  // crash: compare it page by page and have the first commit rewrite the
-  // pages that differ (after a clean shutdown: usually none).
-  for (uint64_t p = 0; p < sb_.refcount_pages; ++p) {
-    if (std::memcmp(table.data() + p * 4096, other.data() + p * 4096, 4096) !=
-        0) {
-      prev_dirty_pages_.insert(p);
-    }
-  }
-  full_table_writes_ = 0;
-  return absl::OkStatus();
-}
-
-void Pool::CountSpace() {
-  free_nodes_ = free_chunks_ = used_nodes_ = used_chunks_ = 0;
-  for (uint64_t i = 0; i < counts_.size(); ++i) {
-    bool is_node = i < sb_.meta_count;
-    if (counts_[i] == 0) {
-      ++(is_node ? free_nodes_ : free_chunks_);
-    } else {
-      ++(is_node ? used_nodes_ : used_chunks_);
-    }
-  }
-}
-
-std::string Pool::SerializeCatalog() const {
-  ByteWriter w;
-  w.U32(kCatalogMagic);
-  w.U32(kCatalogVersion);
-  w.U32(static_cast<uint32_t>(volumes_.size()));
-  for (const auto& [name, v] : volumes_) {
-    w.Str(v.name);
-    w.Bytes(v.guid);
-    w.U64(static_cast<uint64_t>(v.create_time_ns));
-    w.U64(v.size_bytes);
-    PutEntry(w, v.root);
-    w.U32(static_cast<uint32_t>(v.snapshots.size()));
-    for (const SnapshotRec& s : v.snapshots) {
-      w.Str(s.name);
-      w.Bytes(s.guid);
-      w.U64(static_cast<uint64_t>(s.create_time_ns));
-      w.U64(s.generation);
-      w.U64(s.size_bytes);
-      PutEntry(w, s.root);
-      w.Str(s.owner);
-    }
-    w.U32(v.read_only ? kVolumeReadOnly : 0);
-  }
-  w.U32(static_cast<uint32_t>(properties_.size()));
-  for (const auto& [key, value] : properties_) {
-    w.Str(key);
-    w.Str(value);
-  }
-  return w.Take();
-}
-
-absl::Status Pool::ParseCatalog(absl::string_view bytes) {
-  auto bad = [&](absl::string_view what) {
-    return absl::DataLossError(absl::StrCat("malformed (", what, ")"));
-  };
-  if (bytes.empty()) return absl::OkStatus();
-  ByteReader r(bytes);
-  if (r.U32() != kCatalogMagic) return bad("magic");
-  const uint32_t version = r.U32();
-  if (version < 1 || version > kCatalogVersion) return bad("version");
-  auto root_ok = [&](const Entry& e) {
-    return e.ptr == 0 || (e.ptr >= shape_.meta_start &&
-                          e.ptr < shape_.meta_start + shape_.meta_count);
-  };
-  uint32_t nvol = r.U32();
-  for (uint32_t i = 0; i < nvol && r.ok(); ++i) {
-    VolumeRec v;
-    v.name = r.Str();
-    r.Bytes(v.guid);
-    v.create_time_ns = static_cast<int64_t>(r.U64());
-    v.size_bytes = r.U64();
-    v.root = GetEntry(r);
-    uint32_t nsnap = r.U32();
-    if (!r.ok() || nsnap > bytes.size()) return bad("volume record");
-    if (v.size_bytes > kMaxVolumeBytes || !root_ok(v.root)) {
-      return bad(absl::StrCat("volume ", v.name, " size or root"));
-    }
-    for (uint32_t j = 0; j < nsnap && r.ok(); ++j) {
-      SnapshotRec s;
-      s.name = r.Str();
-      r.Bytes(s.guid);
-      s.create_time_ns = static_cast<int64_t>(r.U64());
-      s.generation = r.U64();
-      s.size_bytes = r.U64();
-      s.root = GetEntry(r);
-      if (version >= 3) s.owner = r.Str();
-      if (s.size_bytes > kMaxVolumeBytes || !root_ok(s.root) ||
-          s.owner.size() > kMaxSnapshotOwnerBytes) {
-        return bad(absl::StrCat("snapshot ", v.name, "@", s.name));
-      }
-      v.snapshots.push_back(std::move(s));
-    }
-    if (version >= 2) {
-      uint32_t flags = r.U32();
-      if (flags & ~kVolumeReadOnly) return bad("volume flags");
-      v.read_only = (flags & kVolumeReadOnly) != 0;
-    }
-    if (!r.ok()) return bad("truncated");
-    std::string name = v.name;
-    volumes_.emplace(std::move(name), std::move(v));
-  }
-  if (version >= 2) {
-    uint32_t nprop = r.U32();
-    if (!r.ok() || nprop > bytes.size()) return bad("property count");
-    for (uint32_t i = 0; i < nprop && r.ok(); ++i) {
-      std::string key = r.Str();
-      properties_[std::move(key)] = r.Str();
-    }
-  }
-  if (!r.ok() || !r.done()) return bad("length");
-  return absl::OkStatus();
-}
-
-// ---------------------------------------------------------------------------
-// Reference counts and allocation
-
-void Pool::SetCount(uint64_t index, uint32_t count) {
-  uint32_t old = counts_[index];
-  counts_[index] = count;
-  bool is_node = index < sb_.meta_count;
-  if (old == 0 && count != 0) ++(is_node ? used_nodes_ : used_chunks_);
-  if (old != 0 && count == 0) --(is_node ? used_nodes_ : used_chunks_);
-  dirty_pages_.insert(index / kCountsPerPage);
-}
-
-void Pool::Hold(uint64_t index) {
-  held_[index] = true;
-  held_list_.push_back(index);
-}
-
-absl::StatusOr<uint64_t> Pool::AllocNode() {
-  if (free_nodes_ == 0) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "pool ", io_.name(), " has no free metadata space (", sb_.meta_count,
-        " nodes in use); delete snapshots or volumes"));
-  }
-  for (uint64_t n = 0; n < sb_.meta_count; ++n) {
-    uint64_t i = (node_cursor_ + n) % sb_.meta_count;
-    if (counts_[i] == 0 && !held_[i]) {
-      node_cursor_ = i + 1;
-      SetCount(i, 1);
-      --free_nodes_;
-      return sb_.meta_start + i;
-    }
-  }
-  return absl::InternalError("free node count is wrong");
-}
-
-absl::StatusOr<uint64_t> Pool::AllocChunk() {
-  if (free_chunks_ == 0) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("pool ", io_.name(), " is full"));
-  }
-  for (uint64_t n = 0; n < sb_.data_count; ++n) {
-    uint64_t c = (chunk_cursor_ + n) % sb_.data_count;
-    uint64_t i = sb_.meta_count + c;
-    if (counts_[i] == 0 && !held_[i]) {
-      chunk_cursor_ = c + 1;
-      SetCount(i, 1);
-      --free_chunks_;
-      return sb_.data_start + c;
-    }
-  }
-  return absl::InternalError("free chunk count is wrong");
-}
-
-absl::Status Pool::EnsureSpace(uint64_t chunks, uint64_t nodes) {
-  // The catalog is rewritten at every commit: keep room for it.
-  // (A transaction adds at most a few records to it; 4 KiB of slack.)
-  nodes += DivRoundUp(sb_.catalog_bytes + 4096, kCatalogPayload) + 1;
-  if ((free_chunks_ < chunks || free_nodes_ < nodes) && !held_list_.empty()) {
-    // Space freed by the open transaction becomes usable once it commits.
-    if (absl::Status s = CommitLocked(); !s.ok()) return s;
-  }
-  if (free_chunks_ < chunks) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "pool ", io_.name(), " is out of space: need ", chunks, " chunks, ",
-        free_chunks_, " free; delete snapshots or volumes"));
-  }
-  if (free_nodes_ < nodes) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "pool ", io_.name(), " is out of metadata space: need ", nodes,
-        " nodes, ", free_nodes_, " free; delete snapshots or volumes"));
-  }
-  return absl::OkStatus();
-}
-
-void Pool::IncRef(uint64_t ptr, int level) {
-  if (level == 0) {
-    if (IsDataPtr(ptr)) {
-      uint64_t i = ChunkIndex(ptr);
-      SetCount(i, counts_[i] + 1);
-    }
-  } else if (ptr != 0) {
-    uint64_t i = NodeIndex(ptr);
-    SetCount(i, counts_[i] + 1);
-  }
-}
-
-absl::Status Pool::DecRef(uint64_t ptr, int level) {
-  if (level == 0) {
-    if (!IsDataPtr(ptr)) return absl::OkStatus();
-    uint64_t i = ChunkIndex(ptr);
-    if (counts_[i] == 0) {
-      return absl::DataLossError(
-          absl::StrCat("data chunk ", ptr, " freed twice (refcount 0)"));
-    }
-    SetCount(i, counts_[i] - 1);
-    if (counts_[i] == 0) Hold(i);
-    return absl::OkStatus();
-  }
-  if (ptr == 0) return absl::OkStatus();
-  return DecRefNode(ptr, level - 1);
-}
-
-absl::Status Pool::DecRefNode(uint64_t id, int level) {
-  uint64_t i = NodeIndex(id);
-  if (counts_[i] == 0) {
-    return absl::DataLossError(
-        absl::StrCat("metadata node ", id, " freed twice (refcount 0)"));
-  }
-  if (counts_[i] > 1) {
-    SetCount(i, counts_[i] - 1);
-    return absl::OkStatus();
-  }
-  absl::StatusOr<Node*> node = Load(id, level);
-  if (!node.ok()) return node.status();
-  for (const Entry& e : (*node)->e) {
-    if (absl::Status s = DecRef(e.ptr, level); !s.ok()) return s;
-  }
-  if ((*node)->dirty) --dirty_nodes_;
-  cache_.erase(id);
-  SetCount(i, 0);
-  Hold(i);
-  return absl::OkStatus();
-}
-
-// ---------------------------------------------------------------------------
-// Tree access
-
-absl::StatusOr<std::unique_ptr<Pool::Node>> Pool::DecodeNode(
-    uint64_t id, int level, std::span<const std::byte, kNodeSize> raw) {
-  absl::StatusOr<NodeHeader> h = OpenNode(raw, id);
-  if (!h.ok()) return h.status();
-  if (h->kind != NodeKind::kTree || h->level != level) {
-    return absl::DataLossError(absl::StrCat(
-        "metadata node ", id, ": expected a tree node at level ", level));
-  }
-  auto node = std::make_unique<Node>();
-  node->id = id;
-  node->birth = h->birth;
-  node->level = level;
-  DecodeEntries(raw, node->e);
-  for (const Entry& e : node->e) {
-    bool ok =
-        level == 0
-            ? (!IsDataPtr(e.ptr) || (e.ptr >= sb_.data_start &&
-                                     e.ptr < sb_.data_start + sb_.data_count))
-            : (e.ptr == 0 || (e.ptr >= sb_.meta_start &&
-                              e.ptr < sb_.meta_start + sb_.meta_count));
-    if (!ok) {
-      return absl::DataLossError(absl::StrCat(
-          "metadata node ", id, ": pointer ", e.ptr, " out of range"));
-    }
-  }
-  ++stats_.nodes_loaded;
-  return node;
-}
-
-absl::StatusOr<Pool::Node*> Pool::Load(uint64_t id, int level) {
-  if (auto it = cache_.find(id); it != cache_.end()) {
-    if (it->second->level != level) {
-      return absl::DataLossError(absl::StrCat("metadata node ", id,
-                                              " is level ", it->second->level,
-                                              ", expected ", level));
-    }
-    return it->second.get();
-  }
-  if (id < sb_.meta_start || id >= sb_.meta_start + sb_.meta_count) {
-    return absl::DataLossError(
-        absl::StrCat("metadata node id ", id, " out of range"));
-  }
-  AlignedBuffer buf(kNodeSize);
-  if (absl::Status s = io_.ReadAt(id * kNodeSize, buf.span()); !s.ok()) {
-    return s;
-  }
-  absl::StatusOr<std::unique_ptr<Node>> node = DecodeNode(
-      id, level, std::span<const std::byte, kNodeSize>(buf.data(), kNodeSize));
-  if (!node.ok()) return node.status();
-  Node* out = node->get();
-  cache_.emplace(id, std::move(*node));
-  return out;
-}
-
-absl::Status Pool::Prefetch(std::vector<uint64_t>& ids, int level) {
-  std::sort(ids.begin(), ids.end());
-  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-  size_t kept = 0;
-  for (uint64_t id : ids) {
-    if (id >= sb_.meta_start && id < sb_.meta_start + sb_.meta_count &&
-        !cache_.contains(id)) {
-      ids[kept++] = id;
-    }
-  }
-  ids.resize(kept);
-  if (ids.empty()) return absl::OkStatus();
-  AlignedBuffer buf(ids.size() * kNodeSize);
-  std::vector<ReadOp> ops;
-  for (size_t i = 0; i < ids.size(); ++i) {
-    ops.push_back(
-        {ids[i] * kNodeSize, {buf.data() + i * kNodeSize, kNodeSize}});
-  }
-  if (absl::Status s = io_.Read(ops); !s.ok()) return s;
-  for (size_t i = 0; i < ids.size(); ++i) {
-    absl::StatusOr<std::unique_ptr<Node>> node =
-        DecodeNode(ids[i], level,
-                   std::span<const std::byte, kNodeSize>(
-                       buf.data() + i * kNodeSize, kNodeSize));
-    // A bad node is left for Load to report when (if) it is really needed.
-    if (node.ok()) cache_.emplace(ids[i], std::move(*node));
-  }
-  return absl::OkStatus();
-}
-
-void Pool::TrimCache() {
-  if (cache_.size() <= tuning_.max_cached_nodes) return;
-  for (auto it = cache_.begin(); it != cache_.end();) {
-    if (!it->second->dirty) {
-      it = cache_.erase(it);
-    } else {
-      ++it;
-    }
-  }
-}
-
-absl::StatusOr<Pool::Node*> Pool::Cow(Entry& ref, int level) {
-  if (ref.ptr == 0) {
-    // Materialize an empty subtree. Its entries inherit the birth of the
-    // empty pointer, so a later diff still sees when the range was emptied.
-    absl::StatusOr<uint64_t> id = AllocNode();
-    if (!id.ok()) return id.status();
-    auto node = std::make_unique<Node>();
-    node->id = *id;
-    node->birth = gen_;
-    node->level = level;
-    node->dirty = node->stale = true;
-    for (Entry& e : node->e) e = {0, ref.birth, NullEntryDigest(level)};
-    ++dirty_nodes_;
-    ref.ptr = *id;
-    ref.birth = gen_;
-    Node* out = node.get();
-    cache_.emplace(*id, std::move(node));
-    return out;
-  }
-  absl::StatusOr<Node*> old = Load(ref.ptr, level);
-  if (!old.ok()) return old.status();
-  if ((*old)->dirty && counts_[NodeIndex(ref.ptr)] == 1) {
-    (*old)->stale = true;
-    ref.birth = gen_;
-    return *old;
-  }
-  absl::StatusOr<uint64_t> id = AllocNode();
-  if (!id.ok()) return id.status();
-  auto node = std::make_unique<Node>(**old);
-  node->id = *id;
-  node->birth = gen_;
-  node->dirty = node->stale = true;
-  for (const Entry& e : node->e) IncRef(e.ptr, level);
-  ++dirty_nodes_;
-  uint64_t old_id = ref.ptr;
-  ref.ptr = *id;
-  ref.birth = gen_;
-  Node* out = node.get();
-  cache_.emplace(*id, std::move(node));
-  if (absl::Status s = DecRefNode(old_id, level); !s.ok()) return s;
-  return out;
-}
-
-absl::StatusOr<Entry*> Pool::LeafEntryForWrite(VolumeRec& v, uint64_t chunk) {
-  Entry* ref = &v.root;
-  for (int level = Depth(ChunkCount(v.size_bytes)) - 1;; --level) {
-    absl::StatusOr<Node*> n = Cow(*ref, level);
-    if (!n.ok()) return n.status();
-    ref = &(*n)->e[(chunk / Span(level)) % kFanout];
-    if (level == 0) return ref;
-  }
-}
-
-absl::StatusOr<Entry> Pool::LookupChunk(const Entry& root, int depth,
-                                        uint64_t chunk) {
-  Entry e = root;
-  for (int level = depth - 1; level >= 0; --level) {
-    if (e.ptr == 0) return Entry{kPhysUnmapped, e.birth, NullEntryDigest(0)};
-    absl::StatusOr<Node*> n = Load(e.ptr, level);
-    if (!n.ok()) return n.status();
-    e = (*n)->e[(chunk / Span(level)) % kFanout];
-  }
-  return e;
-}
-
-// ---------------------------------------------------------------------------
-// Public API
+// Validation and the sticky failure
 
 absl::Status Pool::CheckWritable() const {
   if (!failed_.ok()) return failed_;
@@ -805,8 +127,8 @@ absl::Status Pool::Fail(absl::Status s) {
 }
 
 absl::StatusOr<Pool::VolumeRec*> Pool::FindVolume(absl::string_view name) {
-  auto it = volumes_.find(name);
-  if (it == volumes_.end()) {
+  auto it = catalog_.volumes.find(name);
+  if (it == catalog_.volumes.end()) {
     return absl::NotFoundError(
         absl::StrCat("no volume '", name, "' in pool ", io_.name()));
   }
@@ -834,21 +156,35 @@ absl::StatusOr<const Pool::SnapshotRec*> Pool::FindSnapshot(
                                           "' in pool ", io_.name()));
 }
 
+SnapshotInfo Pool::InfoOf(const VolumeRec& v, const SnapshotRec& s) const {
+  return SnapshotInfo{v.name,
+                      s.name,
+                      s.guid,
+                      s.create_time_ns,
+                      s.size_bytes,
+                      s.generation,
+                      VolumeDigest(s.root, s.size_bytes),
+                      s.owner};
+}
+
+// ---------------------------------------------------------------------------
+// The pool
+
 PoolInfo Pool::Info() {
   MutexLock lock(mu_);
   PoolInfo info;
   info.device = io_.name();
   info.io = DescribeFileIo(device_);
   info.pool_guid = sb_.pool_guid;
-  info.chunk_size_bytes = sb_.chunk_size;
-  info.capacity_bytes = sb_.data_count * sb_.chunk_size;
-  info.used_bytes = used_chunks_ * sb_.chunk_size;
+  info.chunk_size_bytes = shape_.chunk_size;
+  info.capacity_bytes = shape_.data_count * shape_.chunk_size;
+  info.used_bytes = space_.used_chunks() * shape_.chunk_size;
   info.free_bytes = info.capacity_bytes - info.used_bytes;
-  info.metadata_capacity_bytes = sb_.meta_count * kNodeSize;
-  info.metadata_used_bytes = used_nodes_ * kNodeSize;
+  info.metadata_capacity_bytes = shape_.meta_count * kNodeSize;
+  info.metadata_used_bytes = space_.used_nodes() * kNodeSize;
   info.generation = sb_.generation;
-  info.volume_count = volumes_.size();
-  for (const auto& [name, v] : volumes_) {
+  info.volume_count = catalog_.volumes.size();
+  for (const auto& [name, v] : catalog_.volumes) {
     info.snapshot_count += v.snapshots.size();
   }
   return info;
@@ -866,27 +202,78 @@ Pool::Stats Pool::stats() {
   return s;
 }
 
+absl::Status Pool::Flush() {
+  MutexLock lock(mu_);
+  if (absl::Status s = CheckWritable(); !s.ok()) return s;
+  return Fail(CommitLocked());
+}
+
+absl::Status Pool::SetProperty(absl::string_view key, absl::string_view value,
+                               const Group* group) {
+  MutexLock lock(mu_);
+  if (absl::Status s = CheckWritable(); !s.ok()) return s;
+  if (key.empty() || key.size() > kMaxPropertyKeyBytes ||
+      value.size() > kMaxPropertyValueBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pool property '", key.substr(0, 40),
+                     "': the key must be 1-", kMaxPropertyKeyBytes,
+                     " bytes and the value at most ", kMaxPropertyValueBytes));
+  }
+  auto& properties = catalog_.properties;
+  auto unchanged = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto it = properties.find(key);
+    return value.empty() ? it == properties.end()
+                         : it != properties.end() && it->second == value;
+  };
+  if (unchanged()) return absl::OkStatus();
+  // Before the change: EnsureSpace may commit, and a refused call must
+  // commit nothing of its own.
+  if (absl::Status s = EnsureSpace(0, 0); !s.ok()) return s;
+  if (unchanged()) return absl::OkStatus();
+  auto it = properties.find(key);
+  if (value.empty()) {
+    properties.erase(it);
+  } else {
+    properties[std::string(key)] = std::string(value);
+  }
+  changed_ = true;
+  if (InGroup(group)) return absl::OkStatus();
+  return Fail(CommitLocked(CommitLock::kRelease, group));
+}
+
+std::map<std::string, std::string> Pool::Properties() {
+  MutexLock lock(mu_);
+  return {catalog_.properties.begin(), catalog_.properties.end()};
+}
+
+// ---------------------------------------------------------------------------
+// Volumes
+
 absl::Status Pool::CreateVolume(absl::string_view name, uint64_t size_bytes) {
   MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   if (absl::Status s = ValidName(name, "volume"); !s.ok()) return s;
-  if (volumes_.contains(name)) {
-    return absl::AlreadyExistsError(absl::StrCat(
-        "volume '", name, "' already exists in pool ", io_.name()));
-  }
+  auto exists = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return catalog_.volumes.contains(name)
+               ? absl::AlreadyExistsError(absl::StrCat(
+                     "volume '", name, "' already exists in pool ", io_.name()))
+               : absl::OkStatus();
+  };
+  if (absl::Status s = exists(); !s.ok()) return s;
   if (size_bytes == 0 || size_bytes > kMaxVolumeBytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("bad size ", size_bytes, " for volume '", name,
                      "': must be from 1 byte to 1 EiB"));
   }
   if (absl::Status s = EnsureSpace(0, 1); !s.ok()) return s;
+  if (absl::Status s = exists(); !s.ok()) return s;
   VolumeRec v;
   v.name = std::string(name);
   v.guid = RandomGuid();
   v.create_time_ns = NowNs();
   v.size_bytes = size_bytes;
   v.root = {0, gen_, {}};
-  volumes_.emplace(v.name, std::move(v));
+  catalog_.volumes.emplace(v.name, std::move(v));
   changed_ = true;
   return Fail(CommitLocked());
 }
@@ -894,7 +281,7 @@ absl::Status Pool::CreateVolume(absl::string_view name, uint64_t size_bytes) {
 absl::StatusOr<std::vector<VolumeInfo>> Pool::ListVolumes() {
   MutexLock lock(mu_);
   std::vector<VolumeInfo> out;
-  for (const auto& [name, v] : volumes_) {
+  for (const auto& [name, v] : catalog_.volumes) {
     if (IsStaging(name)) continue;
     out.push_back({v.name, v.guid, v.create_time_ns, v.size_bytes,
                    v.snapshots.size(), v.read_only});
@@ -914,61 +301,52 @@ absl::StatusOr<VolumeInfo> Pool::GetVolume(absl::string_view name) {
                     (*v)->read_only};
 }
 
-absl::Status Pool::SetVolumeReadOnly(absl::string_view name, bool read_only) {
+absl::Status Pool::SetVolumeReadOnly(absl::string_view name, bool read_only,
+                                     const Group* group) {
   MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
+  // No write in flight may land after the volume turned read-only.
+  WriteGuard guard(*this, name, 0, internal::kWholeVolume);
   absl::StatusOr<VolumeRec*> v = FindVolume(name);
   if (!v.ok()) return v.status();
   if ((*v)->read_only == read_only) return absl::OkStatus();
   if (absl::Status s = EnsureSpace(0, 0); !s.ok()) return s;
+  v = FindVolume(name);
+  if (!v.ok()) return v.status();
   (*v)->read_only = read_only;
   changed_ = true;
-  return Fail(CommitUnlessGrouped());
-}
-
-absl::Status Pool::SetProperty(absl::string_view key, absl::string_view value) {
-  MutexLock lock(mu_);
-  if (absl::Status s = CheckWritable(); !s.ok()) return s;
-  if (key.empty() || key.size() > kMaxPropertyKeyBytes ||
-      value.size() > kMaxPropertyValueBytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("pool property '", key.substr(0, 40),
-                     "': the key must be 1-", kMaxPropertyKeyBytes,
-                     " bytes and the value at most ", kMaxPropertyValueBytes));
-  }
-  auto it = properties_.find(key);
-  if (value.empty() ? it == properties_.end()
-                    : it != properties_.end() && it->second == value) {
-    return absl::OkStatus();
-  }
-  // Before the change: EnsureSpace may commit, and a refused call must
-  // commit nothing of its own.
-  if (absl::Status s = EnsureSpace(0, 0); !s.ok()) return s;
-  if (value.empty()) {
-    properties_.erase(it);
-  } else {
-    properties_[std::string(key)] = std::string(value);
-  }
-  changed_ = true;
-  return Fail(CommitUnlessGrouped());
-}
-
-std::map<std::string, std::string> Pool::Properties() {
-  MutexLock lock(mu_);
-  return {properties_.begin(), properties_.end()};
+  if (InGroup(group)) return absl::OkStatus();
+  return Fail(CommitLocked(CommitLock::kRelease, group));
 }
 
 absl::Status Pool::ResizeVolume(absl::string_view name, uint64_t size_bytes) {
   MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
-  absl::StatusOr<VolumeRec*> v = FindWritableVolume(name);
-  if (!v.ok()) return v.status();
   if (size_bytes == 0 || size_bytes > kMaxVolumeBytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("bad size ", size_bytes, " for volume '", name,
                      "': must be from 1 byte to 1 EiB"));
   }
-  if (absl::Status s = ResizeLocked(**v, size_bytes); !s.ok()) return Fail(s);
+  absl::Status s;
+  {
+    WriteGuard guard(*this, name, 0, internal::kWholeVolume);
+    ReadTicket ticket(*this);
+    absl::StatusOr<VolumeRec*> v = FindWritableVolume(name);
+    if (!v.ok()) return v.status();
+    const uint64_t old_size = (*v)->size_bytes;
+    if (size_bytes == old_size) return absl::OkStatus();
+    if (s = EnsureSpace(1, kMaxDepth * 2 + 2); !s.ok()) return s;
+    // Everything past the new end must read as zeros should the volume grow
+    // again (and the digest stays canonical): trim it first.
+    if (size_bytes < old_size) {
+      s = TrimLocked(name, size_bytes, old_size - size_bytes);
+    }
+    if (s.ok()) {
+      absl::StatusOr<VolumeRec*> found = FindVolume(name);
+      s = found.ok() ? ResizeLocked(**found, size_bytes) : found.status();
+    }
+  }
+  if (!s.ok()) return Fail(s);
   // A receive's staging volume reaches the disk with its data (automatic
   // commits) or with FinishReceive, like its writes: a refused receive then
   // leaves nothing to undo.
@@ -976,55 +354,11 @@ absl::Status Pool::ResizeVolume(absl::string_view name, uint64_t size_bytes) {
   return Fail(CommitLocked());
 }
 
-absl::Status Pool::ResizeLocked(VolumeRec& v, uint64_t size_bytes) {
-  uint64_t old_size = v.size_bytes;
-  if (size_bytes == old_size) return absl::OkStatus();
-  int depth = Depth(ChunkCount(old_size));
-  int new_depth = Depth(ChunkCount(size_bytes));
-  if (absl::Status s = EnsureSpace(1, kMaxDepth * 2 + 2); !s.ok()) return s;
-  if (size_bytes < old_size) {
-    // Everything past the new end must read as zeros should the volume grow
-    // again (and the digest stays canonical): trim it first.
-    if (absl::Status s = TrimLocked(v, size_bytes, old_size - size_bytes);
-        !s.ok()) {
-      return s;
-    }
-    for (; depth > new_depth; --depth) {
-      if (v.root.ptr == 0) continue;
-      absl::StatusOr<Node*> root = Load(v.root.ptr, depth - 1);
-      if (!root.ok()) return root.status();
-      Entry child = (*root)->e[0];
-      IncRef(child.ptr, depth - 1);
-      if (absl::Status s = DecRefNode(v.root.ptr, depth - 1); !s.ok()) return s;
-      v.root = child;
-    }
-  } else {
-    for (; depth < new_depth; ++depth) {
-      if (v.root.ptr == 0) continue;
-      absl::StatusOr<uint64_t> id = AllocNode();
-      if (!id.ok()) return id.status();
-      auto node = std::make_unique<Node>();
-      node->id = *id;
-      node->birth = gen_;
-      node->level = depth;
-      node->dirty = node->stale = true;
-      node->e[0] = v.root;
-      for (int i = 1; i < kFanout; ++i) {
-        node->e[i] = {0, gen_, NullEntryDigest(depth)};
-      }
-      ++dirty_nodes_;
-      cache_.emplace(*id, std::move(node));
-      v.root = {*id, gen_, {}};
-    }
-  }
-  v.size_bytes = size_bytes;
-  changed_ = true;
-  return absl::OkStatus();
-}
-
-absl::Status Pool::DeleteVolume(absl::string_view name, bool with_snapshots) {
+absl::Status Pool::DeleteVolume(absl::string_view name, bool with_snapshots,
+                                const Group* group) {
   MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
+  WriteGuard guard(*this, name, 0, internal::kWholeVolume);
   absl::StatusOr<VolumeRec*> v = FindWritableVolume(name);
   if (!v.ok()) return v.status();
   if (!(*v)->snapshots.empty() && !with_snapshots) {
@@ -1046,195 +380,37 @@ absl::Status Pool::DeleteVolume(absl::string_view name, bool with_snapshots) {
       !st.ok()) {
     return Fail(st);
   }
-  volumes_.erase(volumes_.find(name));
+  catalog_.volumes.erase(catalog_.volumes.find(name));
   changed_ = true;
-  return Fail(CommitLocked());
+  return Fail(CommitLocked(CommitLock::kRelease, group));
 }
 
-absl::Status Pool::Write(absl::string_view volume, uint64_t offset_bytes,
-                         std::span<const std::byte> data) {
-  MutexLock lock(mu_);
-  if (absl::Status s = CheckWritable(); !s.ok()) return s;
-  absl::StatusOr<VolumeRec*> v = FindWritableVolume(volume);
-  if (!v.ok()) return v.status();
-  if (offset_bytes > (*v)->size_bytes ||
-      data.size() > (*v)->size_bytes - offset_bytes) {
-    return absl::OutOfRangeError(
-        absl::StrCat("write of ", data.size(), " bytes at offset ",
-                     offset_bytes, " is past the end of volume '", volume,
-                     "' (", (*v)->size_bytes, " bytes)"));
-  }
-  absl::Status s = WriteLocked(**v, offset_bytes, data);
-  if (s.ok()) s = MaybeCommit();
-  TrimCache();
-  return Fail(s);
-}
+// ---------------------------------------------------------------------------
+// Reads
 
-// Points chunk `c` of `v` at the content `src` (one whole chunk): a zero
-// entry for zeros, else the chunk itself if this transaction wrote it and
-// nobody shares it, else a newly allocated one; appends the device write to
-// `ops`, merged with the previous one when adjacent on disk and in memory.
-absl::Status Pool::PlaceChunk(VolumeRec& v, uint64_t c,
-                              std::span<const std::byte> src,
-                              std::vector<WriteOp>& ops) {
-  const uint64_t c_size = sb_.chunk_size;
-  bool zero = IsAllZero(src);
-  Digest digest = zero ? NullEntryDigest(0) : Hash128(src);
-  absl::StatusOr<Entry*> e = LeafEntryForWrite(v, c);
-  if (!e.ok()) return e.status();
-  Entry& entry = **e;
-  if (zero) {
-    if (absl::Status s = DecRef(entry.ptr, 0); !s.ok()) return s;
-    entry.ptr = kPhysZero;
-  } else {
-    bool in_place = IsDataPtr(entry.ptr) && entry.birth == gen_ &&
-                    counts_[ChunkIndex(entry.ptr)] == 1;
-    if (!in_place) {
-      absl::StatusOr<uint64_t> phys = AllocChunk();
-      if (!phys.ok()) return phys.status();
-      if (absl::Status s = DecRef(entry.ptr, 0); !s.ok()) return s;
-      entry.ptr = *phys;
-    }
-    if (!ops.empty() &&
-        ops.back().offset_bytes + ops.back().data.size() ==
-            entry.ptr * c_size &&
-        ops.back().data.data() + ops.back().data.size() == src.data()) {
-      ops.back().data = {ops.back().data.data(),
-                         ops.back().data.size() + c_size};
+absl::Status Pool::ResolveLocked(absl::string_view volume, const Entry* root,
+                                 uint64_t size_bytes,
+                                 std::span<const uint64_t> chunks,
+                                 Loaded& loaded, std::vector<Entry>& out) {
+  std::vector<Missing> missing;
+  for (;;) {
+    Entry now;
+    uint64_t size = size_bytes;
+    if (root != nullptr) {
+      now = *root;
     } else {
-      ops.push_back({entry.ptr * c_size, src});
+      // The live volume: its tree may have changed while the lock was out.
+      absl::StatusOr<VolumeRec*> v = FindVolume(volume);
+      if (!v.ok()) return v.status();
+      now = (*v)->root;
+      size = (*v)->size_bytes;
     }
-    stats_.data_bytes_written += c_size;
+    absl::StatusOr<bool> complete =
+        WalkCached(now, size, chunks, loaded, out, missing);
+    if (!complete.ok()) return complete.status();
+    if (*complete) return absl::OkStatus();
+    if (absl::Status s = LoadMissing(missing, loaded); !s.ok()) return s;
   }
-  entry.birth = gen_;
-  entry.digest = digest;
-  changed_ = true;
-  return absl::OkStatus();
-}
-
-absl::Status Pool::WriteChunks(absl::string_view volume,
-                               std::span<const ChunkWrite> writes) {
-  MutexLock lock(mu_);
-  if (absl::Status s = CheckWritable(); !s.ok()) return s;
-  absl::StatusOr<VolumeRec*> found = FindWritableVolume(volume);
-  if (!found.ok()) return found.status();
-  VolumeRec& v = **found;
-  const uint64_t c_size = sb_.chunk_size;
-  const uint64_t chunks = ChunkCount(v.size_bytes);
-  for (const ChunkWrite& w : writes) {
-    if (w.chunk >= chunks) {
-      return absl::OutOfRangeError(
-          absl::StrCat("chunk ", w.chunk, " is past the end of volume '",
-                       volume, "' (", chunks, " chunks)"));
-    }
-    if (w.data.size() != c_size ||
-        reinterpret_cast<uintptr_t>(w.data.data()) % kIoAlign != 0) {
-      return absl::InvalidArgumentError(
-          "WriteChunks takes whole, aligned chunks");
-    }
-    // The volume's bytes past its end must stay zero.
-    uint64_t tail = (w.chunk + 1) * c_size;
-    if (tail > v.size_bytes &&
-        !IsAllZero(w.data.subspan(c_size - (tail - v.size_bytes)))) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("chunk ", w.chunk, " has data past the end of volume '",
-                       volume, "'"));
-    }
-  }
-  const int depth = Depth(chunks);
-  if (absl::Status s =
-          EnsureSpace(writes.size(), depth * (writes.size() / kFanout + 2));
-      !s.ok()) {
-    return s;
-  }
-  // Read every node on the way to these chunks, one batch per level.
-  std::vector<uint64_t> level_ids;
-  if (v.root.ptr != 0) level_ids.push_back(v.root.ptr);
-  for (int level = depth - 1; level >= 0 && !level_ids.empty(); --level) {
-    if (absl::Status s = Prefetch(level_ids, level); !s.ok()) return Fail(s);
-    if (level == 0) break;
-    std::vector<uint64_t> next;
-    for (const ChunkWrite& w : writes) {
-      // Walk down to `level` through cached nodes only.
-      Entry e = v.root;
-      for (int l = depth - 1; l >= level && e.ptr != 0; --l) {
-        auto it = cache_.find(e.ptr);
-        if (it == cache_.end()) {
-          e.ptr = 0;
-          break;
-        }
-        e = it->second->e[(w.chunk / Span(l)) % kFanout];
-      }
-      if (e.ptr != 0) next.push_back(e.ptr);
-    }
-    level_ids = std::move(next);
-  }
-  std::vector<WriteOp> ops;
-  for (const ChunkWrite& w : writes) {
-    if (absl::Status s = PlaceChunk(v, w.chunk, w.data, ops); !s.ok()) {
-      return Fail(s);
-    }
-  }
-  absl::Status s = io_.Write(ops);
-  if (s.ok()) s = MaybeCommit();
-  TrimCache();
-  return Fail(s);
-}
-
-absl::Status Pool::WriteLocked(VolumeRec& v, uint64_t offset_bytes,
-                               std::span<const std::byte> data) {
-  const uint64_t c_size = sb_.chunk_size;
-  const int depth = Depth(ChunkCount(v.size_bytes));
-  const uint64_t size_bytes = v.size_bytes;
-  const uint64_t end = offset_bytes + data.size();
-  AlignedBuffer& buf = write_scratch_;
-  std::vector<WriteOp> ops;
-  for (uint64_t pos = offset_bytes; pos < end;) {
-    uint64_t first = pos / c_size;
-    uint64_t last = std::min((end - 1) / c_size, first + BatchChunks() - 1);
-    uint64_t n = last - first + 1;
-    uint64_t batch_end = std::min(end, (last + 1) * c_size);
-    if (absl::Status s = EnsureSpace(n, depth * (n / kFanout + 2)); !s.ok()) {
-      return s;
-    }
-    if (buf.size() < n * c_size) buf = AlignedBuffer(n * c_size);
-    ops.clear();
-    for (uint64_t c = first; c <= last; ++c) {
-      const uint64_t cb = c * c_size;
-      const uint64_t ce = std::min(cb + c_size, size_bytes);  // volume end
-      std::span<const std::byte> src;
-      const std::byte* user = data.data() + (std::max(cb, pos) - offset_bytes);
-      if (pos <= cb && cb + c_size <= batch_end &&
-          reinterpret_cast<uintptr_t>(user) % kIoAlign == 0) {
-        // The caller's buffer covers the chunk and is aligned: write it as
-        // it is, without a copy.
-        src = {user, c_size};
-      } else {
-        std::span<std::byte> slot(buf.data() + (c - first) * c_size, c_size);
-        if (pos > cb || batch_end < ce) {
-          // Partial chunk: read-modify-write. Bytes past the volume end
-          // stay zero.
-          std::memset(slot.data(), 0, c_size);
-          if (absl::Status s = ReadLocked(v.root, size_bytes, v.name, cb,
-                                          slot.first(ce - cb));
-              !s.ok()) {
-            return s;
-          }
-        } else if (ce < cb + c_size) {
-          std::memset(slot.data() + (ce - cb), 0, cb + c_size - ce);
-        }
-        uint64_t from = std::max(cb, pos);
-        uint64_t to = std::min(cb + c_size, batch_end);
-        std::memcpy(slot.data() + (from - cb), user, to - from);
-        src = slot;
-      }
-      if (absl::Status s = PlaceChunk(v, c, src, ops); !s.ok()) return s;
-    }
-    changed_ = true;
-    if (absl::Status s = io_.Write(ops); !s.ok()) return s;
-    pos = batch_end;
-  }
-  return absl::OkStatus();
 }
 
 absl::Status Pool::Read(absl::string_view volume, absl::string_view snapshot,
@@ -1258,160 +434,422 @@ absl::Status Pool::Read(absl::string_view volume, absl::string_view snapshot,
         absl::StrCat("read of ", out.size(), " bytes at offset ", offset_bytes,
                      " is past the end of '", what, "' (", size, " bytes)"));
   }
-  absl::Status s = ReadLocked(root, size, what, offset_bytes, out);
+  absl::Status s;
+  {
+    ReadTicket ticket(*this);
+    s = ReadLocked(volume, snapshot.empty() ? nullptr : &root, size, what,
+                   offset_bytes, out);
+  }
   TrimCache();
   return s;
 }
 
-absl::Status Pool::ReadLocked(const Entry& root, uint64_t size_bytes,
-                              absl::string_view what, uint64_t offset_bytes,
-                              std::span<std::byte> out) {
-  const uint64_t c_size = sb_.chunk_size;
-  const int depth = Depth(ChunkCount(size_bytes));
+absl::Status Pool::ReadLocked(absl::string_view volume, const Entry* root,
+                              uint64_t size_bytes, absl::string_view what,
+                              uint64_t offset_bytes, std::span<std::byte> out) {
+  const uint64_t c_size = shape_.chunk_size;
   const uint64_t end = offset_bytes + out.size();
-  AlignedBuffer& buf = read_scratch_;
+  Loaded loaded;
+  std::vector<uint64_t> chunks;
+  std::vector<Entry> entries;
   std::vector<ReadOp> ops;
-  struct Mapped {
-    uint64_t chunk;
-    Entry entry;
-    std::byte* dst;
-  };
-  std::vector<Mapped> mapped;
+  AlignedBuffer bounce;  // for chunks the caller's buffer cannot take whole
   for (uint64_t pos = offset_bytes; pos < end;) {
-    uint64_t first = pos / c_size;
-    uint64_t last = std::min((end - 1) / c_size, first + BatchChunks() - 1);
-    uint64_t n = last - first + 1;
-    uint64_t batch_end = std::min(end, (last + 1) * c_size);
-    if (buf.size() < n * c_size) buf = AlignedBuffer(n * c_size);
+    const uint64_t first = pos / c_size;
+    const uint64_t last =
+        std::min((end - 1) / c_size, first + BatchChunks() - 1);
+    const uint64_t n = last - first + 1;
+    const uint64_t batch_end = std::min(end, (last + 1) * c_size);
+    chunks.clear();
+    for (uint64_t c = first; c <= last; ++c) chunks.push_back(c);
+    if (absl::Status s =
+            ResolveLocked(volume, root, size_bytes, chunks, loaded, entries);
+        !s.ok()) {
+      return s;
+    }
+    // Whole chunks land straight in an aligned caller buffer; the rest go
+    // through the bounce buffer.
+    auto direct = [&](uint64_t c) {
+      const uint64_t cb = c * c_size;
+      const std::byte* user = out.data() + (std::max(cb, pos) - offset_bytes);
+      return pos <= cb && cb + c_size <= batch_end &&
+             reinterpret_cast<uintptr_t>(user) % kIoAlign == 0;
+    };
+    bool any_bounced = false;
+    for (uint64_t c = first; c <= last; ++c) any_bounced |= !direct(c);
+    if (any_bounced && bounce.size() < n * c_size) {
+      bounce = AlignedBuffer::Uninitialized(n * c_size);
+    }
+    auto dst_of = [&](uint64_t c) {
+      return direct(c) ? out.data() + (c * c_size - offset_bytes)
+                       : bounce.data() + (c - first) * c_size;
+    };
+
+    // Outside the lock: the device read, the digest check, the copies.
+    // What the entries point at stays until the read ticket is given back.
+    mu_.unlock();
+    absl::Status s;
     ops.clear();
-    mapped.clear();
     uint64_t prev_phys = 0;
     for (uint64_t c = first; c <= last; ++c) {
-      const uint64_t cb = c * c_size;
-      std::byte* user = out.data() + (std::max(cb, pos) - offset_bytes);
-      // Whole chunks land straight in an aligned caller buffer; the rest go
-      // through the bounce buffer.
-      bool direct = pos <= cb && cb + c_size <= batch_end &&
-                    reinterpret_cast<uintptr_t>(user) % kIoAlign == 0;
-      std::byte* dst = direct ? user : buf.data() + (c - first) * c_size;
-      absl::StatusOr<Entry> e = LookupChunk(root, depth, c);
-      if (!e.ok()) return e.status();
-      if (!IsDataPtr(e->ptr)) {
+      const Entry& e = entries[c - first];
+      std::byte* dst = dst_of(c);
+      if (!IsDataPtr(e.ptr)) {
         std::memset(dst, 0, c_size);
+        continue;
+      }
+      if (!ops.empty() && e.ptr == prev_phys + 1 &&
+          ops.back().out.data() + ops.back().out.size() == dst) {
+        ops.back().out = {ops.back().out.data(),
+                          ops.back().out.size() + c_size};
       } else {
-        mapped.push_back({c, *e, dst});
-        if (!ops.empty() && e->ptr == prev_phys + 1 &&
-            ops.back().out.data() + ops.back().out.size() == dst) {
-          ops.back().out = {ops.back().out.data(),
-                            ops.back().out.size() + c_size};
-        } else {
-          ops.push_back({e->ptr * c_size, {dst, c_size}});
-        }
-        prev_phys = e->ptr;
+        ops.push_back({e.ptr * c_size, {dst, c_size}});
+      }
+      prev_phys = e.ptr;
+    }
+    s = io_.Read(ops);
+    for (uint64_t c = first; c <= last && s.ok(); ++c) {
+      const Entry& e = entries[c - first];
+      if (IsDataPtr(e.ptr) && Hash128({dst_of(c), c_size}) != e.digest) {
+        s = absl::DataLossError(
+            absl::StrCat("'", what, "' chunk ", c, " (pool chunk ", e.ptr,
+                         "): data does not match its digest"));
       }
     }
-    if (absl::Status s = io_.Read(ops); !s.ok()) return s;
-    for (const Mapped& m : mapped) {
-      if (Hash128({m.dst, c_size}) != m.entry.digest) {
-        return absl::DataLossError(
-            absl::StrCat("'", what, "' chunk ", m.chunk, " (pool chunk ",
-                         m.entry.ptr, "): data does not match its digest"));
-      }
-    }
-    for (uint64_t c = first; c <= last; ++c) {
+    for (uint64_t c = first; c <= last && s.ok(); ++c) {
+      if (direct(c)) continue;
       const uint64_t cb = c * c_size;
-      uint64_t from = std::max(cb, pos);
-      uint64_t to = std::min(cb + c_size, batch_end);
-      std::byte* user = out.data() + (from - offset_bytes);
-      const std::byte* slot = buf.data() + (c - first) * c_size + (from - cb);
-      bool direct = from == cb && to == cb + c_size &&
-                    reinterpret_cast<uintptr_t>(user) % kIoAlign == 0;
-      if (!direct) std::memcpy(user, slot, to - from);
+      const uint64_t from = std::max(cb, pos);
+      const uint64_t to = std::min(cb + c_size, batch_end);
+      std::memcpy(out.data() + (from - offset_bytes), dst_of(c) + (from - cb),
+                  to - from);
     }
+    mu_.lock();
+    if (!s.ok()) return s;
     pos = batch_end;
   }
   return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------
+// Writes
+
+absl::Status Pool::PlaceLocked(absl::string_view volume,
+                               std::vector<Placement>& places) {
+  const uint64_t c_size = shape_.chunk_size;
+  // 1. Outside the lock: which chunks are zeros, and the others' digests.
+  mu_.unlock();
+  for (Placement& p : places) {
+    p.zero = IsAllZero(p.data);
+    p.digest = p.zero ? NullEntryDigest(0) : Hash128(p.data);
+  }
+  mu_.lock();
+
+  // 2. Room, and a reserved chunk for each that is not zeros.
+  uint64_t data_chunks = 0;
+  for (const Placement& p : places) data_chunks += p.zero ? 0 : 1;
+  {
+    absl::StatusOr<VolumeRec*> v = FindVolume(volume);
+    if (!v.ok()) return v.status();
+    const int depth = Depth(ChunkCount((*v)->size_bytes));
+    if (absl::Status s =
+            EnsureSpace(data_chunks, depth * (places.size() / kFanout + 2));
+        !s.ok()) {
+      return s;
+    }
+  }
+  size_t reserved = 0;
+  auto unreserve = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (size_t i = 0; i < places.size(); ++i) {
+      if (!places[i].zero && places[i].phys != 0) {
+        space_.Unreserve(places[i].phys);
+        places[i].phys = 0;
+      }
+    }
+  };
+  for (Placement& p : places) {
+    if (p.zero) continue;
+    std::optional<uint64_t> phys = space_.ReserveChunk();
+    if (!phys) {
+      unreserve();
+      return absl::ResourceExhaustedError(
+          absl::StrCat("pool ", io_.name(), " is full"));
+    }
+    p.phys = *phys;
+    ++reserved;
+  }
+
+  // 3. Outside the lock: the data goes to its new chunks. Nothing points
+  // at them yet, so no reader sees them half written.
+  std::vector<WriteOp> ops;
+  for (const Placement& p : places) {
+    if (p.zero) continue;
+    if (!ops.empty() &&
+        ops.back().offset_bytes + ops.back().data.size() == p.phys * c_size &&
+        ops.back().data.data() + ops.back().data.size() == p.data.data()) {
+      ops.back().data = {ops.back().data.data(),
+                         ops.back().data.size() + c_size};
+    } else {
+      ops.push_back({p.phys * c_size, p.data});
+    }
+  }
+  mu_.unlock();
+  absl::Status written = io_.Write(ops);
+  mu_.lock();
+  if (!written.ok()) {
+    unreserve();
+    return written;
+  }
+  stats_.data_bytes_written += reserved * c_size;
+
+  // 4. The tree: read the nodes on the way (outside the lock, a batch per
+  // level), then copy-on-write the paths and install the entries.
+  std::vector<uint64_t> chunks;
+  for (const Placement& p : places) chunks.push_back(p.chunk);
+  Loaded loaded;
+  std::vector<Entry> old;
+  std::vector<Missing> missing;
+  absl::StatusOr<VolumeRec*> v = FindVolume(volume);
+  for (;;) {
+    if (!v.ok()) break;
+    absl::StatusOr<bool> complete =
+        WalkCached((*v)->root, (*v)->size_bytes, chunks, loaded, old, missing);
+    if (!complete.ok()) {
+      v = complete.status();
+      break;
+    }
+    if (*complete) break;
+    if (absl::Status s = LoadMissing(missing, loaded); !s.ok()) {
+      v = s;
+      break;
+    }
+    v = FindVolume(volume);
+  }
+  if (!v.ok()) {
+    unreserve();
+    return v.status();
+  }
+  for (size_t i = 0; i < places.size(); ++i) {
+    Placement& p = places[i];
+    absl::StatusOr<Entry*> e = LeafEntryForWrite(**v, p.chunk, &loaded);
+    absl::Status s = e.ok() ? DecRef((*e)->ptr, 0) : e.status();
+    if (!s.ok()) {
+      unreserve();
+      return s;
+    }
+    Entry& entry = **e;
+    if (p.zero) {
+      entry.ptr = kPhysZero;
+    } else {
+      space_.Install(p.phys);
+      entry.ptr = p.phys;
+      p.phys = 0;  // installed: no longer this call's to give back
+    }
+    entry.birth = gen_;
+    entry.digest = p.digest;
+  }
+  changed_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status Pool::WriteLocked(absl::string_view volume, uint64_t offset_bytes,
+                               std::span<const std::byte> data) {
+  const uint64_t c_size = shape_.chunk_size;
+  const uint64_t end = offset_bytes + data.size();
+  std::vector<Placement> places;
+  AlignedBuffer bounce;  // partial or unaligned chunks
+  for (uint64_t pos = offset_bytes; pos < end;) {
+    absl::StatusOr<VolumeRec*> v = FindVolume(volume);
+    if (!v.ok()) return v.status();
+    const uint64_t size_bytes = (*v)->size_bytes;
+    const uint64_t first = pos / c_size;
+    const uint64_t last =
+        std::min((end - 1) / c_size, first + BatchChunks() - 1);
+    const uint64_t n = last - first + 1;
+    const uint64_t batch_end = std::min(end, (last + 1) * c_size);
+    if (bounce.size() < n * c_size) {
+      bounce = AlignedBuffer::Uninitialized(n * c_size);
+    }
+    places.clear();
+    for (uint64_t c = first; c <= last; ++c) {
+      const uint64_t cb = c * c_size;
+      const uint64_t ce = std::min(cb + c_size, size_bytes);  // volume end
+      const std::byte* user = data.data() + (std::max(cb, pos) - offset_bytes);
+      if (pos <= cb && cb + c_size <= batch_end &&
+          reinterpret_cast<uintptr_t>(user) % kIoAlign == 0) {
+        // The caller's buffer covers the chunk and is aligned: write it as
+        // it is, without a copy.
+        places.push_back({c, {user, c_size}});
+        continue;
+      }
+      std::span<std::byte> slot(bounce.data() + (c - first) * c_size, c_size);
+      std::memset(slot.data(), 0, c_size);
+      if (pos > cb || batch_end < ce) {
+        // Partial chunk: read-modify-write (this call owns the chunk: no
+        // other write changes it meanwhile). Bytes past the volume end stay
+        // zero.
+        if (absl::Status s = ReadLocked(volume, nullptr, size_bytes, volume, cb,
+                                        slot.first(ce - cb));
+            !s.ok()) {
+          return s;
+        }
+      }
+      const uint64_t from = std::max(cb, pos);
+      const uint64_t to = std::min(cb + c_size, batch_end);
+      std::memcpy(slot.data() + (from - cb), user, to - from);
+      places.push_back({c, slot});
+    }
+    if (absl::Status s = PlaceLocked(volume, places); !s.ok()) return s;
+    pos = batch_end;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Pool::Write(absl::string_view volume, uint64_t offset_bytes,
+                         std::span<const std::byte> data) {
+  MutexLock lock(mu_);
+  if (absl::Status s = CheckWritable(); !s.ok()) return s;
+  const uint64_t c_size = shape_.chunk_size;
+  absl::Status s;
+  {
+    WriteGuard guard(
+        *this, volume, offset_bytes / c_size,
+        (offset_bytes + std::max<uint64_t>(data.size(), 1) - 1) / c_size);
+    if (s = CheckWritable(); !s.ok()) return s;
+    absl::StatusOr<VolumeRec*> v = FindWritableVolume(volume);
+    if (!v.ok()) return v.status();
+    if (offset_bytes > (*v)->size_bytes ||
+        data.size() > (*v)->size_bytes - offset_bytes) {
+      return absl::OutOfRangeError(
+          absl::StrCat("write of ", data.size(), " bytes at offset ",
+                       offset_bytes, " is past the end of volume '", volume,
+                       "' (", (*v)->size_bytes, " bytes)"));
+    }
+    ReadTicket ticket(*this);
+    s = WriteLocked(volume, offset_bytes, data);
+  }
+  if (s.ok()) s = MaybeCommit();
+  TrimCache();
+  return Fail(s);
+}
+
+absl::Status Pool::WriteChunks(absl::string_view volume,
+                               std::span<const ChunkWrite> writes) {
+  MutexLock lock(mu_);
+  if (absl::Status s = CheckWritable(); !s.ok()) return s;
+  if (writes.empty()) return absl::OkStatus();
+  uint64_t lo = writes.front().chunk, hi = writes.front().chunk;
+  for (const ChunkWrite& w : writes) {
+    lo = std::min(lo, w.chunk);
+    hi = std::max(hi, w.chunk);
+  }
+  const uint64_t c_size = shape_.chunk_size;
+  absl::Status s;
+  {
+    WriteGuard guard(*this, volume, lo, hi);
+    if (s = CheckWritable(); !s.ok()) return s;
+    absl::StatusOr<VolumeRec*> found = FindWritableVolume(volume);
+    if (!found.ok()) return found.status();
+    const uint64_t size_bytes = (*found)->size_bytes;
+    const uint64_t chunks = ChunkCount(size_bytes);
+    for (const ChunkWrite& w : writes) {
+      if (w.chunk >= chunks) {
+        return absl::OutOfRangeError(
+            absl::StrCat("chunk ", w.chunk, " is past the end of volume '",
+                         volume, "' (", chunks, " chunks)"));
+      }
+      if (w.data.size() != c_size ||
+          reinterpret_cast<uintptr_t>(w.data.data()) % kIoAlign != 0) {
+        return absl::InvalidArgumentError(
+            "WriteChunks takes whole, aligned chunks");
+      }
+      // The volume's bytes past its end must stay zero.
+      uint64_t tail = (w.chunk + 1) * c_size;
+      if (tail > size_bytes &&
+          !IsAllZero(w.data.subspan(c_size - (tail - size_bytes)))) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("chunk ", w.chunk,
+                         " has data past the end of volume '", volume, "'"));
+      }
+    }
+    std::vector<Placement> places;
+    places.reserve(writes.size());
+    for (const ChunkWrite& w : writes) places.push_back({w.chunk, w.data});
+    ReadTicket ticket(*this);
+    s = PlaceLocked(volume, places);
+  }
+  if (s.ok()) s = MaybeCommit();
+  TrimCache();
+  return Fail(s);
 }
 
 absl::Status Pool::Trim(absl::string_view volume, uint64_t offset_bytes,
                         uint64_t length_bytes) {
   MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
-  absl::StatusOr<VolumeRec*> v = FindWritableVolume(volume);
-  if (!v.ok()) return v.status();
-  if (offset_bytes > (*v)->size_bytes ||
-      length_bytes > (*v)->size_bytes - offset_bytes) {
-    return absl::OutOfRangeError(
-        absl::StrCat("trim of ", length_bytes, " bytes at offset ",
-                     offset_bytes, " is past the end of volume '", volume,
-                     "' (", (*v)->size_bytes, " bytes)"));
+  const uint64_t c_size = shape_.chunk_size;
+  absl::Status s;
+  {
+    WriteGuard guard(
+        *this, volume, offset_bytes / c_size,
+        (offset_bytes + std::max<uint64_t>(length_bytes, 1) - 1) / c_size);
+    if (s = CheckWritable(); !s.ok()) return s;
+    absl::StatusOr<VolumeRec*> v = FindWritableVolume(volume);
+    if (!v.ok()) return v.status();
+    if (offset_bytes > (*v)->size_bytes ||
+        length_bytes > (*v)->size_bytes - offset_bytes) {
+      return absl::OutOfRangeError(
+          absl::StrCat("trim of ", length_bytes, " bytes at offset ",
+                       offset_bytes, " is past the end of volume '", volume,
+                       "' (", (*v)->size_bytes, " bytes)"));
+    }
+    ReadTicket ticket(*this);
+    s = TrimLocked(volume, offset_bytes, length_bytes);
   }
-  absl::Status s = TrimLocked(**v, offset_bytes, length_bytes);
   if (s.ok()) s = MaybeCommit();
   TrimCache();
   return Fail(s);
 }
 
-absl::Status Pool::TrimLocked(VolumeRec& v, uint64_t offset_bytes,
+absl::Status Pool::TrimLocked(absl::string_view volume, uint64_t offset_bytes,
                               uint64_t length_bytes) {
   if (length_bytes == 0) return absl::OkStatus();
-  const uint64_t c_size = sb_.chunk_size;
+  absl::StatusOr<VolumeRec*> v = FindVolume(volume);
+  if (!v.ok()) return v.status();
+  const uint64_t c_size = shape_.chunk_size;
+  const uint64_t size_bytes = (*v)->size_bytes;
   uint64_t end = offset_bytes + length_bytes;
   uint64_t first_full = DivRoundUp(offset_bytes, c_size);
   // A range reaching the volume end covers its last partial chunk whole.
-  uint64_t end_full =
-      end == v.size_bytes ? ChunkCount(v.size_bytes) : end / c_size;
+  uint64_t end_full = end == size_bytes ? ChunkCount(size_bytes) : end / c_size;
   if (first_full >= end_full) {
     AlignedBuffer zeros(length_bytes);
-    return WriteLocked(v, offset_bytes, zeros.span());
+    return WriteLocked(volume, offset_bytes, zeros.span());
   }
   if (offset_bytes < first_full * c_size) {
     AlignedBuffer zeros(first_full * c_size - offset_bytes);
-    if (absl::Status s = WriteLocked(v, offset_bytes, zeros.span()); !s.ok()) {
-      return s;
-    }
-  }
-  if (end_full * c_size < end && end != v.size_bytes) {
-    AlignedBuffer zeros(end - end_full * c_size);
-    if (absl::Status s = WriteLocked(v, end_full * c_size, zeros.span());
+    if (absl::Status s = WriteLocked(volume, offset_bytes, zeros.span());
         !s.ok()) {
       return s;
     }
   }
-  int depth = Depth(ChunkCount(v.size_bytes));
-  if (absl::Status s = EnsureSpace(0, 2 * depth + 2); !s.ok()) return s;
-  changed_ = true;
-  return TrimChunks(v.root, depth - 1, 0, first_full, end_full);
-}
-
-absl::Status Pool::TrimChunks(Entry& ref, int level, uint64_t base,
-                              uint64_t first, uint64_t end) {
-  if (ref.ptr == 0) return absl::OkStatus();
-  absl::StatusOr<Node*> node = Cow(ref, level);
-  if (!node.ok()) return node.status();
-  const uint64_t span = Span(level);
-  for (int i = 0; i < kFanout; ++i) {
-    uint64_t cb = base + i * span;
-    uint64_t ce = cb + span;
-    if (ce <= first || cb >= end) continue;
-    Entry& e = (*node)->e[i];
-    if (first <= cb && ce <= end) {
-      if (e.ptr == 0) continue;
-      if (absl::Status s = DecRef(e.ptr, level); !s.ok()) return s;
-      e = {0, gen_, NullEntryDigest(level)};
-    } else if (absl::Status s = TrimChunks(e, level - 1, cb, first, end);
-               !s.ok()) {
+  if (end_full * c_size < end && end != size_bytes) {
+    AlignedBuffer zeros(end - end_full * c_size);
+    if (absl::Status s = WriteLocked(volume, end_full * c_size, zeros.span());
+        !s.ok()) {
       return s;
     }
   }
-  return absl::OkStatus();
+  int depth = Depth(ChunkCount(size_bytes));
+  if (absl::Status s = EnsureSpace(0, 2 * depth + 2); !s.ok()) return s;
+  v = FindVolume(volume);
+  if (!v.ok()) return v.status();
+  changed_ = true;
+  return TrimChunks((*v)->root, depth - 1, 0, first_full, end_full);
 }
 
-absl::Status Pool::Flush() {
-  MutexLock lock(mu_);
-  if (absl::Status s = CheckWritable(); !s.ok()) return s;
-  return Fail(CommitLocked());
-}
+// ---------------------------------------------------------------------------
+// Snapshots
 
 absl::StatusOr<SnapshotInfo> Pool::CreateSnapshot(absl::string_view volume,
                                                   absl::string_view name,
@@ -1424,13 +862,19 @@ absl::StatusOr<SnapshotInfo> Pool::CreateSnapshot(absl::string_view volume,
         absl::StrCat("snapshot owner is ", owner.size(), " bytes; at most ",
                      kMaxSnapshotOwnerBytes));
   }
-  absl::StatusOr<VolumeRec*> v = FindWritableVolume(volume);
-  if (!v.ok()) return v.status();
-  if (FindSnapshot(**v, name).ok()) {
-    return absl::AlreadyExistsError(
-        absl::StrCat("snapshot '", volume, "@", name, "' already exists"));
-  }
+  auto find =
+      [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) -> absl::StatusOr<VolumeRec*> {
+    absl::StatusOr<VolumeRec*> v = FindWritableVolume(volume);
+    if (v.ok() && FindSnapshot(**v, name).ok()) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("snapshot '", volume, "@", name, "' already exists"));
+    }
+    return v;
+  };
+  if (absl::Status s = find().status(); !s.ok()) return s;
   if (absl::Status s = EnsureSpace(0, 1); !s.ok()) return s;
+  absl::StatusOr<VolumeRec*> v = find();
+  if (!v.ok()) return v.status();
   int depth = Depth(ChunkCount((*v)->size_bytes));
   if (absl::Status s = UpdateDigests((*v)->root, depth - 1); !s.ok()) {
     return Fail(s);
@@ -1446,19 +890,9 @@ absl::StatusOr<SnapshotInfo> Pool::CreateSnapshot(absl::string_view volume,
   IncRef(rec.root.ptr, depth);
   (*v)->snapshots.push_back(rec);
   changed_ = true;
+  SnapshotInfo info = InfoOf(**v, rec);
   if (absl::Status s = Fail(CommitLocked()); !s.ok()) return s;
-  return InfoOf(**v, rec);
-}
-
-SnapshotInfo Pool::InfoOf(const VolumeRec& v, const SnapshotRec& s) const {
-  return SnapshotInfo{v.name,
-                      s.name,
-                      s.guid,
-                      s.create_time_ns,
-                      s.size_bytes,
-                      s.generation,
-                      VolumeDigest(s.root, s.size_bytes),
-                      s.owner};
+  return info;
 }
 
 absl::StatusOr<std::vector<SnapshotInfo>> Pool::ListSnapshots(
@@ -1482,23 +916,31 @@ absl::StatusOr<SnapshotInfo> Pool::GetSnapshot(absl::string_view volume,
 }
 
 absl::Status Pool::DeleteSnapshot(absl::string_view volume,
-                                  absl::string_view name) {
+                                  absl::string_view name, const Group* group) {
   MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
+  auto find = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    absl::StatusOr<VolumeRec*> v = FindVolume(volume);
+    if (!v.ok()) return v.status();
+    return FindSnapshot(**v, name).status();
+  };
+  if (absl::Status s = find(); !s.ok()) return s;
+  if (absl::Status s = EnsureSpace(0, 0); !s.ok()) return s;
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
   auto& snaps = (*v)->snapshots;
   auto it = std::find_if(snaps.begin(), snaps.end(),
                          [&](const SnapshotRec& s) { return s.name == name; });
   if (it == snaps.end()) return FindSnapshot(**v, name).status();
-  if (absl::Status s = EnsureSpace(0, 0); !s.ok()) return s;
   if (absl::Status s = DecRef(it->root.ptr, Depth(ChunkCount(it->size_bytes)));
       !s.ok()) {
     return Fail(s);
   }
   snaps.erase(it);
   changed_ = true;
-  absl::Status s = Fail(CommitUnlessGrouped());
+  absl::Status s = InGroup(group)
+                       ? absl::OkStatus()
+                       : Fail(CommitLocked(CommitLock::kRelease, group));
   TrimCache();
   return s;
 }
@@ -1507,22 +949,30 @@ absl::Status Pool::Rollback(absl::string_view volume,
                             absl::string_view snapshot) {
   MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
-  absl::StatusOr<VolumeRec*> v = FindWritableVolume(volume);
-  if (!v.ok()) return v.status();
-  absl::StatusOr<const SnapshotRec*> snap = FindSnapshot(**v, snapshot);
-  if (!snap.ok()) return snap.status();
-  if (absl::Status s = EnsureSpace(0, 0); !s.ok()) return s;
-  Entry root = (*snap)->root;
-  uint64_t size = (*snap)->size_bytes;
-  IncRef(root.ptr, Depth(ChunkCount(size)));
-  if (absl::Status s =
-          DecRef((*v)->root.ptr, Depth(ChunkCount((*v)->size_bytes)));
-      !s.ok()) {
-    return Fail(s);
+  {
+    WriteGuard guard(*this, volume, 0, internal::kWholeVolume);
+    absl::StatusOr<VolumeRec*> v = FindWritableVolume(volume);
+    if (!v.ok()) return v.status();
+    if (absl::Status s = FindSnapshot(**v, snapshot).status(); !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = EnsureSpace(0, 0); !s.ok()) return s;
+    v = FindWritableVolume(volume);
+    if (!v.ok()) return v.status();
+    absl::StatusOr<const SnapshotRec*> snap = FindSnapshot(**v, snapshot);
+    if (!snap.ok()) return snap.status();
+    Entry root = (*snap)->root;
+    uint64_t size = (*snap)->size_bytes;
+    IncRef(root.ptr, Depth(ChunkCount(size)));
+    if (absl::Status s =
+            DecRef((*v)->root.ptr, Depth(ChunkCount((*v)->size_bytes)));
+        !s.ok()) {
+      return Fail(s);
+    }
+    (*v)->root = root;
+    (*v)->size_bytes = size;
+    changed_ = true;
   }
-  (*v)->root = root;
-  (*v)->size_bytes = size;
-  changed_ = true;
   return Fail(CommitLocked());
 }
 
@@ -1543,269 +993,6 @@ absl::StatusOr<Digest> Pool::RootDigest(absl::string_view volume,
     return Fail(s);
   }
   return VolumeDigest((*v)->root, (*v)->size_bytes);
-}
-
-// ---------------------------------------------------------------------------
-// Commit
-
-absl::Status Pool::UpdateDigests(Entry& ref, int level) {
-  if (ref.ptr == 0) {
-    ref.digest = EmptyDigest(level);
-    return absl::OkStatus();
-  }
-  auto it = cache_.find(ref.ptr);
-  if (it == cache_.end() || !it->second->stale) return absl::OkStatus();
-  Node& node = *it->second;
-  std::array<Digest, kFanout> digests;
-  bool empty = true;
-  for (int i = 0; i < kFanout; ++i) {
-    Entry& e = node.e[i];
-    if (level > 0 && e.ptr != 0) {
-      if (absl::Status s = UpdateDigests(e, level - 1); !s.ok()) return s;
-    }
-    if (level > 0 ? e.ptr == 0 : !IsDataPtr(e.ptr)) {
-      e.digest = NullEntryDigest(level);
-    }
-    if (e.ptr != 0) empty = false;
-    digests[i] = e.digest;
-  }
-  if (empty && node.dirty && counts_[NodeIndex(node.id)] == 1) {
-    // Nothing below: fold the node into an empty pointer, so trimmed ranges
-    // cost no metadata.
-    if (absl::Status s = DecRefNode(node.id, level); !s.ok()) return s;
-    ref = {0, gen_, EmptyDigest(level)};
-    return absl::OkStatus();
-  }
-  ref.digest = Hash128Digests(digests);
-  node.stale = false;
-  return absl::OkStatus();
-}
-
-absl::Status Pool::UpdateAllDigests() {
-  for (auto& [name, v] : volumes_) {
-    if (absl::Status s =
-            UpdateDigests(v.root, Depth(ChunkCount(v.size_bytes)) - 1);
-        !s.ok()) {
-      return s;
-    }
-  }
-  return absl::OkStatus();
-}
-
-void Pool::BeginGroup() {
-  MutexLock lock(mu_);
-  grouped_ = true;
-}
-
-absl::Status Pool::EndGroup() {
-  MutexLock lock(mu_);
-  grouped_ = false;
-  if (absl::Status s = CheckWritable(); !s.ok()) return s;
-  return Fail(CommitLocked());
-}
-
-absl::Status Pool::CommitUnlessGrouped() {
-  return grouped_ ? absl::OkStatus() : CommitLocked();
-}
-
-absl::Status Pool::MaybeCommit() {
-  if (dirty_nodes_ < tuning_.auto_commit_dirty_nodes) return absl::OkStatus();
-  return CommitLocked();
-}
-
-// Commit protocol: (1) write every dirty node, the new catalog and the
-// changed reference-count pages (into the table copy of this generation),
-// then flush; (2) write the superblock slot of this generation, then flush.
-// Until (2) is durable the previous superblock, table copy and every node it
-// reaches are untouched, because space freed since then is held back until
-// the commit is durable.
-void Pool::ReleaseHeld() {
-  std::vector<uint64_t> freed;  // indices into counts_
-  for (uint64_t i : held_list_) {
-    held_[i] = false;
-    if (counts_[i] != 0) continue;
-    if (i < sb_.meta_count) {
-      ++free_nodes_;
-    } else {
-      ++free_chunks_;
-      freed.push_back(i);
-    }
-  }
-  held_list_.clear();
-  DiscardFreeRuns(freed);
-}
-
-void Pool::DiscardFreeRuns(std::vector<uint64_t>& freed) {
-  // Nothing references these chunks on disk any more: their space goes back
-  // to the file system or device, but only in runs of free chunks of at
-  // least kDiscardMinBytes (with their free neighbours). A lone chunk freed
-  // among live ones (an update's pruned snapshot) stays: punching it costs
-  // a metadata operation of the file system each and fragments the file,
-  // and it is soon reused; once its neighbours are free too, the run goes.
-  // Best effort: a disk that cannot, or fails to, keeps the space.
-  const uint64_t run = std::max<uint64_t>(1, kDiscardMinBytes / sb_.chunk_size);
-  const uint64_t first = sb_.meta_count, end = counts_.size();
-  std::sort(freed.begin(), freed.end());
-  std::vector<Extent> extents;
-  uint64_t covered = first;  // indices below this are in `extents`
-  uint64_t bytes = 0;
-  for (uint64_t i : freed) {
-    if (i < covered) continue;
-    uint64_t lo = i, hi = i + 1;
-    while (lo > std::max(first, covered) && i - lo < run && ChunkFree(lo - 1)) {
-      --lo;
-    }
-    while (hi < end && hi - i < run && ChunkFree(hi)) ++hi;
-    if (hi - lo < run) continue;
-    const uint64_t at = (sb_.data_start + (lo - first)) * sb_.chunk_size;
-    const uint64_t len = (hi - lo) * sb_.chunk_size;
-    if (!extents.empty() &&
-        extents.back().offset_bytes + extents.back().length_bytes == at) {
-      extents.back().length_bytes += len;
-    } else {
-      extents.push_back({at, len});
-    }
-    bytes += len;
-    covered = hi;
-  }
-  if (!extents.empty() && io_.Discard(extents).ok()) {
-    stats_.data_bytes_discarded += bytes;
-  }
-}
-
-absl::Status Pool::CommitLocked() {
-  if (!changed_ && dirty_nodes_ == 0) return absl::OkStatus();
-  if (absl::Status s = UpdateAllDigests(); !s.ok()) return s;
-  std::string catalog = SerializeCatalog();
-  if (dirty_nodes_ == 0 && full_table_writes_ == 0 &&
-      catalog == committed_catalog_) {
-    // Back where the last commit left it: every tree is the committed one
-    // (roots and sizes are in the catalog, committed nodes are never
-    // changed in place), so every reference count is too, and what this
-    // transaction freed was free on disk already.
-    ReleaseHeld();
-    changed_ = false;
-    return absl::OkStatus();
-  }
-
-  // Replace the catalog.
-  for (uint64_t id : catalog_nodes_) {
-    SetCount(NodeIndex(id), 0);
-    Hold(NodeIndex(id));
-  }
-  catalog_nodes_.clear();
-  uint64_t catalog_count = DivRoundUp(catalog.size(), kCatalogPayload);
-  for (uint64_t i = 0; i < catalog_count; ++i) {
-    absl::StatusOr<uint64_t> id = AllocNode();
-    if (!id.ok()) return id.status();
-    catalog_nodes_.push_back(*id);
-  }
-
-  // Every node to write, in id order so adjacent ones go out as one write.
-  std::vector<std::pair<uint64_t, Node*>> nodes;
-  for (auto& [id, node] : cache_) {
-    if (node->dirty) nodes.emplace_back(id, node.get());
-  }
-  for (uint64_t id : catalog_nodes_) nodes.emplace_back(id, nullptr);
-  std::sort(nodes.begin(), nodes.end());
-  AlignedBuffer node_buf(nodes.size() * kNodeSize);
-  std::vector<WriteOp> ops;
-  for (size_t i = 0; i < nodes.size(); ++i) {
-    auto [id, node] = nodes[i];
-    std::span<std::byte, kNodeSize> out(node_buf.data() + i * kNodeSize,
-                                        kNodeSize);
-    NodeHeader h;
-    h.id = id;
-    if (node != nullptr) {
-      h.kind = NodeKind::kTree;
-      h.level = static_cast<uint8_t>(node->level);
-      h.birth = node->birth;
-      EncodeEntries(node->e, out);
-    } else {
-      size_t k = std::find(catalog_nodes_.begin(), catalog_nodes_.end(), id) -
-                 catalog_nodes_.begin();
-      size_t from = k * kCatalogPayload;
-      size_t len = std::min<size_t>(kCatalogPayload, catalog.size() - from);
-      std::memset(out.data() + kNodeHeaderSize, 0, kCatalogPayload);
-      std::memcpy(out.data() + kNodeHeaderSize, catalog.data() + from, len);
-      h.kind = NodeKind::kCatalog;
-      h.birth = gen_;
-      h.payload_bytes = static_cast<uint32_t>(len);
-      h.next = k + 1 < catalog_nodes_.size() ? catalog_nodes_[k + 1] : 0;
-    }
-    SealNode(h, out);
-    if (!ops.empty() && i > 0 && nodes[i - 1].first + 1 == id) {
-      ops.back().data = {ops.back().data.data(),
-                         ops.back().data.size() + kNodeSize};
-    } else {
-      ops.push_back({id * kNodeSize, out});
-    }
-  }
-
-  // Reference-count pages. This generation's copy was last complete two
-  // commits ago, so it needs the pages changed in this and the previous one.
-  std::vector<uint64_t> pages;
-  if (full_table_writes_ > 0) {
-    for (uint64_t p = 0; p < sb_.refcount_pages; ++p) pages.push_back(p);
-  } else {
-    pages.assign(dirty_pages_.begin(), dirty_pages_.end());
-    pages.insert(pages.end(), prev_dirty_pages_.begin(),
-                 prev_dirty_pages_.end());
-    std::sort(pages.begin(), pages.end());
-    pages.erase(std::unique(pages.begin(), pages.end()), pages.end());
-  }
-  AlignedBuffer page_buf(pages.size() * 4096);
-  const uint64_t table_at = sb_.refcount_copy_offset(gen_);
-  const uint64_t total = counts_.size();
-  for (size_t i = 0; i < pages.size(); ++i) {
-    std::span<std::byte, 4096> page(page_buf.data() + i * 4096, 4096);
-    for (uint64_t k = 0; k < kCountsPerPage; ++k) {
-      uint64_t index = pages[i] * kCountsPerPage + k;
-      PutLe32(page.data() + 16 + 4 * k, index < total ? counts_[index] : 0);
-    }
-    SealRefcountPage(pages[i], page);
-    if (!ops.empty() && i > 0 && pages[i - 1] + 1 == pages[i]) {
-      ops.back().data = {ops.back().data.data(), ops.back().data.size() + 4096};
-    } else {
-      ops.push_back({table_at + pages[i] * 4096, page});
-    }
-  }
-
-  Superblock next = sb_;
-  next.generation = gen_;
-  next.catalog_head = catalog_nodes_.empty() ? 0 : catalog_nodes_.front();
-  next.catalog_bytes = catalog.size();
-  next.used_nodes = used_nodes_;
-  next.used_chunks = used_chunks_;
-  const uint64_t slot = (gen_ % 2) * kSuperblockSize;
-  AlignedBuffer sb_buf(kSuperblockSize);
-  EncodeSuperblock(
-      next, slot,
-      std::span<std::byte, kSuperblockSize>(sb_buf.data(), kSuperblockSize));
-
-  if (absl::Status s = io_.Write(ops); !s.ok()) return s;
-  if (absl::Status s = io_.Flush(); !s.ok()) return s;
-  if (absl::Status s = io_.WriteAt(slot, sb_buf.span()); !s.ok()) return s;
-  if (absl::Status s = io_.Flush(); !s.ok()) return s;
-
-  // Durable. Held space becomes free; the next transaction begins.
-  sb_ = next;
-  for (auto& [id, node] : nodes) {
-    if (node != nullptr) node->dirty = false;
-  }
-  dirty_nodes_ = 0;
-  prev_dirty_pages_ = std::move(dirty_pages_);
-  dirty_pages_.clear();
-  if (full_table_writes_ > 0) --full_table_writes_;
-  ReleaseHeld();
-  committed_catalog_ = std::move(catalog);
-  ++gen_;
-  changed_ = false;
-  ++stats_.commits;
-  stats_.metadata_bytes_written +=
-      node_buf.size() + page_buf.size() + kSuperblockSize;
-  TrimCache();
-  return absl::OkStatus();
 }
 
 }  // namespace blockstore

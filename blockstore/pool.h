@@ -5,8 +5,21 @@
 // enough metadata is dirty. A crash at any point leaves the pool exactly as of
 // the last commit.
 //
-// Threads: every method may be called from any thread; one pool-wide mutex
-// serializes them. The Io passed in must outlive the Pool.
+// Threads: every method may be called from any thread, and calls run
+// concurrently: a pool-wide mutex guards the bookkeeping (catalog, trees,
+// space map, node cache), never device I/O or the hashing of data. Reads
+// resolve their chunks under it and read and verify them outside it;
+// writes hash and write their data outside it and install the new entries
+// under it; a commit freezes the transaction under it and writes it outside
+// it while new writes fill the next one. Writes overlapping the same chunk
+// are applied one after the other, in the order they took the lock. The Io
+// passed in must outlive the Pool.
+//
+// The parts: the space map (space_map.h: reference counts, holds,
+// allocation), the node cache (node_cache.h), the catalog codec
+// (catalog.h); the trees, the commit and the data paths are here, in
+// pool.cc (facade, data paths), pool_tree.cc (copy-on-write tree),
+// pool_commit.cc (open and commit), pool_diff.cc and pool_check.cc.
 //
 // Errors: NotFound (no such volume/snapshot), AlreadyExists, InvalidArgument
 // (bad name, size or offset), OutOfRange (I/O past the end of a volume),
@@ -25,16 +38,20 @@
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "blockstore/catalog.h"
 #include "blockstore/format.h"
 #include "blockstore/hash.h"
 #include "blockstore/io.h"
 #include "blockstore/mutex.h"
+#include "blockstore/node_cache.h"
+#include "blockstore/space_map.h"
 #include "blockstore/util.h"
 
 namespace blockstore {
@@ -124,6 +141,8 @@ struct CreatePoolOptions {
 
 class Pool {
  public:
+  class Group;  // below: changes of several calls committed as one
+
   // Formats `io` as an empty pool, committed and durable on return.
   static absl::StatusOr<std::unique_ptr<Pool>> Create(
       Io& io, const CreatePoolOptions& options);
@@ -165,11 +184,14 @@ class Pool {
   // A read-only volume refuses Write, Trim, ResizeVolume, CreateSnapshot,
   // Rollback and DeleteVolume (FailedPrecondition); a receive may still
   // replace its content and snapshots may be deleted. Committed on return.
-  absl::Status SetVolumeReadOnly(absl::string_view name, bool read_only);
+  // Waits for the volume's writes in flight: none is pending on return.
+  absl::Status SetVolumeReadOnly(absl::string_view name, bool read_only,
+                                 const Group* group = nullptr);
   // Shrinking discards data past the new end; snapshots keep theirs.
   absl::Status ResizeVolume(absl::string_view name, uint64_t size_bytes);
   // FailedPrecondition if the volume has snapshots, unless `with_snapshots`.
-  absl::Status DeleteVolume(absl::string_view name, bool with_snapshots);
+  absl::Status DeleteVolume(absl::string_view name, bool with_snapshots,
+                            const Group* group = nullptr);
 
   // I/O at any byte offset and length within the volume. Partial chunks are
   // read-modify-written. Durable after the next commit.
@@ -205,7 +227,8 @@ class Pool {
       absl::string_view volume);
   absl::StatusOr<SnapshotInfo> GetSnapshot(absl::string_view volume,
                                            absl::string_view name);
-  absl::Status DeleteSnapshot(absl::string_view volume, absl::string_view name);
+  absl::Status DeleteSnapshot(absl::string_view volume, absl::string_view name,
+                              const Group* group = nullptr);
   // The live volume becomes the snapshot's content and size (metadata only).
   absl::Status Rollback(absl::string_view volume, absl::string_view snapshot);
 
@@ -246,7 +269,8 @@ class Pool {
                                              absl::string_view volume,
                                              const Guid& volume_guid,
                                              const SnapshotIdentity& identity,
-                                             const Digest& expected);
+                                             const Digest& expected,
+                                             const Group* group = nullptr);
 
   // True if the live volume differs from `snapshot` in size or tree root
   // (it was written, trimmed or resized since).
@@ -272,16 +296,35 @@ class Pool {
 
   // Pool properties: small named strings kept in the catalog, for the layers
   // above (replication keeps its relationship records here). An empty value
-  // removes the key. Committed on return.
-  absl::Status SetProperty(absl::string_view key, absl::string_view value);
+  // removes the key. Committed on return (unless `group`, see Group).
+  absl::Status SetProperty(absl::string_view key, absl::string_view value,
+                           const Group* group = nullptr);
   std::map<std::string, std::string> Properties();
 
-  // Between BeginGroup() and EndGroup(), DeleteSnapshot, SetProperty and
-  // SetVolumeReadOnly do not commit one by one: EndGroup() commits them
-  // together (atomically, and once). Any other mutating call commits as
-  // usual, taking the group's changes with it. Not nested.
-  void BeginGroup();
-  absl::Status EndGroup();
+  // Changes of several calls committed together, atomically and once. One
+  // caller owns it: DeleteSnapshot, SetProperty and SetVolumeReadOnly given
+  // the group do not commit one by one, Commit() commits them; DeleteVolume
+  // and FinishReceive given it commit as usual, taking the group's changes
+  // with them. While a group is open, every other caller's commit waits for
+  // it to end (a commit forced by a full pool excepted), so nothing of the
+  // group reaches the disk half done; a second BeginGroup waits too. Ending
+  // without Commit (destruction) leaves its changes to the next commit.
+  class Group {
+   public:
+    Group(Group&& other) noexcept
+        : pool_(std::exchange(other.pool_, nullptr)), id_(other.id_) {}
+    Group& operator=(Group&&) = delete;
+    Group(const Group&) = delete;
+    ~Group();
+    absl::Status Commit();
+
+   private:
+    friend class Pool;
+    Group(Pool* pool, uint64_t id) : pool_(pool), id_(id) {}
+    Pool* pool_;
+    uint64_t id_;
+  };
+  Group BeginGroup();
 
   void SetTuning(const PoolTuning& tuning);
 
@@ -304,31 +347,34 @@ class Pool {
   Stats stats();
 
  private:
-  struct Node {
-    uint64_t id = 0;
-    uint64_t birth = 0;
-    int level = 0;
-    bool dirty = false;  // not yet written; modifiable in place if rc == 1
-    bool stale = false;  // entry digests below may be out of date
-    std::array<Entry, kFanout> e;
+  using VolumeRec = CatalogVolume;
+  using SnapshotRec = CatalogSnapshot;
+
+  // Nodes an operation read from disk outside the lock, by id: used where
+  // the shared cache no longer holds them (it may have evicted them since).
+  // Valid while the operation holds its read ticket: ids it reached are not
+  // reused before it ends, and a node on disk never changes in place.
+  using Loaded = std::unordered_map<uint64_t, std::unique_ptr<Node>>;
+  // A node the walk needs that is in neither the cache nor `Loaded`.
+  struct Missing {
+    uint64_t id;
+    int level;
   };
-  struct SnapshotRec {
-    std::string name;
-    Guid guid{};
-    int64_t create_time_ns = 0;
-    uint64_t generation = 0;
-    uint64_t size_bytes = 0;
-    Entry root;
-    std::string owner;
+  // A read ticket (SpaceMap::BeginRead) held by one operation.
+  class ReadTicket;
+  // Chunks of a volume that a write in flight owns (see WriteGuard).
+  struct InFlightWrite {
+    std::string volume;
+    uint64_t first = 0;
+    uint64_t last = 0;
   };
-  struct VolumeRec {
-    std::string name;
-    Guid guid{};
-    int64_t create_time_ns = 0;
-    uint64_t size_bytes = 0;
-    Entry root;                          // digest valid after a commit
-    std::vector<SnapshotRec> snapshots;  // in creation order
-    bool read_only = false;
+  class WriteGuard;
+  // How a commit treats the lock while it writes.
+  enum class CommitLock {
+    kRelease,  // written outside the lock; the caller looks everything up
+               // again afterwards
+    kHold,     // written with the lock held throughout (the check, a
+               // commit forced by a full pool in the middle of a call)
   };
 
   Pool(Io& io, std::unique_ptr<Io> owned, OpenMode mode);
@@ -339,8 +385,8 @@ class Pool {
   static absl::StatusOr<Repaired> RepairPool(std::unique_ptr<Pool> pool);
   absl::Status FormatLocked(const CreatePoolOptions& options)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void InitDigests();
   absl::Status CheckWritable() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status CommitUnlessGrouped() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Fail(absl::Status s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<VolumeRec*> FindVolume(absl::string_view name)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -350,94 +396,132 @@ class Pool {
   absl::StatusOr<const SnapshotRec*> FindSnapshot(const VolumeRec& v,
                                                   absl::string_view name)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  SnapshotInfo InfoOf(const VolumeRec& v, const SnapshotRec& s) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  SnapshotInfo InfoOf(const VolumeRec& v, const SnapshotRec& s) const;
+  // A group other than `group` is open.
+  bool OtherGroupOpen(const Group* group) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return open_group_ != 0 && (group == nullptr || group->id_ != open_group_);
+  }
+  bool InGroup(const Group* group) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return group != nullptr && group->id_ == open_group_;
+  }
+  void EndGroup(uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Tree shape.
   uint64_t ChunkCount(uint64_t size_bytes) const;
   uint64_t BatchChunks() const;
   static int Depth(uint64_t chunk_count);
   Digest EmptyDigest(int level) const;  // an empty subtree at `level`
+  Digest NullEntryDigest(int node_level) const;
   Digest VolumeDigest(const Entry& root, uint64_t size_bytes) const;
+  bool ValidNodeId(uint64_t id) const {
+    return id >= shape_.meta_start &&
+           id < shape_.meta_start + shape_.meta_count;
+  }
 
-  // Refcounts and allocation.
-  uint64_t NodeIndex(uint64_t id) const { return id - shape_.meta_start; }
-  uint64_t ChunkIndex(uint64_t chunk) const {
-    return shape_.meta_count + (chunk - shape_.data_start);
-  }
-  bool ChunkFree(uint64_t index) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return counts_[index] == 0 && !held_[index];
-  }
-  void SetCount(uint64_t index, uint32_t count)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // References (the space map, through tree pointers).
   absl::StatusOr<uint64_t> AllocNode() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<uint64_t> AllocChunk() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void IncRef(uint64_t ptr, int level) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // `level` is the level of the node holding the pointer: 0 = data chunk.
   absl::Status DecRef(uint64_t ptr, int level)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status DecRefNode(uint64_t id, int level)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void Hold(uint64_t index) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Space freed by the transaction that just became durable (or that ended
-  // where it began) becomes free; large free runs go back to the file
-  // system or device (Io::Discard) before anything can reuse them.
-  void ReleaseHeld() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Free runs of data chunks (indices into counts_) of at least this many
-  // bytes around `freed` go back to the disk.
-  static constexpr uint64_t kDiscardMinBytes = 1 << 20;
-  void DiscardFreeRuns(std::vector<uint64_t>& freed)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void TrimCache() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  Digest NullEntryDigest(int node_level) const;
+  // Room for `chunks` new chunks and `nodes` new nodes, committing (lock
+  // held) first if space the open transaction freed would make it.
   absl::Status EnsureSpace(uint64_t chunks, uint64_t nodes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Free runs of data chunks of at least this many bytes go back to the disk
+  // (Io::Discard) once freed.
+  static constexpr uint64_t kDiscardMinBytes = 1 << 20;
+  // Discards free runs around the chunks freed since the last call; the
+  // lock is dropped while the disk works.
+  void DiscardFreed(CommitLock lock) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void TrimCache() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  // Nodes.
-  absl::StatusOr<Node*> Load(uint64_t id, int level)
+  // Nodes (pool_tree.cc).
+  // The node `id` at `level`: from the cache, else from `loaded` (moved
+  // into the cache), else read from disk with the lock held (a path the
+  // data paths avoid by walking first).
+  absl::StatusOr<Node*> Load(uint64_t id, int level, Loaded* loaded = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<std::unique_ptr<Node>> DecodeNode(
-      uint64_t id, int level, std::span<const std::byte, kNodeSize> raw)
+  // Reads `missing` from disk with the lock dropped, decoding and checking
+  // them outside it too, into `loaded`. The caller holds a read ticket.
+  absl::Status LoadMissing(std::vector<Missing>& missing, Loaded& loaded)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Reads the nodes `ids` (all at `level`) that are not cached in one batch,
-  // so a walk pays one round trip per tree level rather than per node.
-  absl::Status Prefetch(std::vector<uint64_t>& ids, int level)
+  // Leaf entries of `chunks` of the tree `root` of a volume of `size_bytes`
+  // (chunks past its end read as unmapped), through the cache and `loaded`
+  // only: what is in neither is added to `missing`, its entries left unset.
+  // True if nothing was missing.
+  absl::StatusOr<bool> WalkCached(const Entry& root, uint64_t size_bytes,
+                                  std::span<const uint64_t> chunks,
+                                  Loaded& loaded, std::vector<Entry>& out,
+                                  std::vector<Missing>& missing)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Reads the nodes `ids` (all at `level`) that are not cached in one batch:
+  // into `loaded` with the lock dropped, or, without `loaded`, into the
+  // cache with the lock held (a walk over nodes that may change meanwhile).
+  absl::Status Prefetch(std::vector<uint64_t>& ids, int level, Loaded* loaded)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Makes the node `ref` points at (at `level`) writable, copying it if it
   // is shared or already on disk, materializing it if empty; updates `ref`.
-  absl::StatusOr<Node*> Cow(Entry& ref, int level)
+  absl::StatusOr<Node*> Cow(Entry& ref, int level, Loaded* loaded)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<Entry*> LeafEntryForWrite(VolumeRec& v, uint64_t chunk)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<Entry> LookupChunk(const Entry& root, int depth,
-                                    uint64_t chunk)
+  absl::StatusOr<Entry*> LeafEntryForWrite(VolumeRec& v, uint64_t chunk,
+                                           Loaded* loaded)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status TrimChunks(Entry& ref, int level, uint64_t base, uint64_t first,
                           uint64_t end) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status ReadLocked(const Entry& root, uint64_t size_bytes,
-                          absl::string_view what, uint64_t offset_bytes,
-                          std::span<std::byte> out)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status PlaceChunk(VolumeRec& v, uint64_t chunk,
-                          std::span<const std::byte> src,
-                          std::vector<WriteOp>& ops)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status WriteLocked(VolumeRec& v, uint64_t offset_bytes,
-                           std::span<const std::byte> data)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status TrimLocked(VolumeRec& v, uint64_t offset_bytes,
-                          uint64_t length_bytes)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status ResizeLocked(VolumeRec& v, uint64_t size_bytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-
-  // Commit.
   // Recomputes digests below `ref` and folds empty dirty nodes into empty
   // pointers.
   absl::Status UpdateDigests(Entry& ref, int level)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status UpdateAllDigests() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status CommitLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // Data paths (pool.cc). The lock is held on entry and exit and dropped
+  // inside for device I/O and hashing.
+  // Resolves `chunks` of `volume` (live, or the snapshot whose root and
+  // size are given) to their leaf entries, walking the tree in rounds: each
+  // round walks from the root under the lock, and reads what it lacked
+  // outside it. The caller holds a read ticket.
+  absl::Status ResolveLocked(absl::string_view volume, const Entry* root,
+                             uint64_t size_bytes,
+                             std::span<const uint64_t> chunks, Loaded& loaded,
+                             std::vector<Entry>& out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status ReadLocked(absl::string_view volume, const Entry* root,
+                          uint64_t size_bytes, absl::string_view what,
+                          uint64_t offset_bytes, std::span<std::byte> out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Writes `data` at `offset_bytes` of `volume`, whose chunks in the range
+  // the caller's WriteGuard owns.
+  absl::Status WriteLocked(absl::string_view volume, uint64_t offset_bytes,
+                           std::span<const std::byte> data)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // One chunk to place: its new content, hashed outside the lock.
+  struct Placement {
+    uint64_t chunk = 0;
+    std::span<const std::byte> data;  // one whole chunk
+    bool zero = false;
+    Digest digest = {};
+    uint64_t phys = 0;  // reserved chunk (not zero)
+  };
+  // Hashes `p` (outside the lock), reserves chunks, writes them (outside),
+  // walks and installs the entries: the write path's common part.
+  absl::Status PlaceLocked(absl::string_view volume, std::vector<Placement>& p)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status TrimLocked(absl::string_view volume, uint64_t offset_bytes,
+                          uint64_t length_bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // Commit (pool_commit.cc). Waits for a commit in flight, and unless `by`
+  // is the open group or `lock` is kHold for a group to end, then commits
+  // the open transaction (no-op when nothing changed).
+  absl::Status CommitLocked(CommitLock lock = CommitLock::kRelease,
+                            const Group* by = nullptr)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status MaybeCommit() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   struct DiffState;
   struct WalkRef {
@@ -459,15 +543,10 @@ class Pool {
                  const std::string& where) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Replaces the loaded counts by those of a walk of every tree.
   absl::Status RebuildCounts() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // free_/used_ nodes and chunks from counts_.
-  void CountSpace() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::optional<Digest> CheckTree(CheckState& st, uint64_t id, int level,
                                   uint64_t base, uint64_t chunk_count,
                                   uint64_t parent_birth,
                                   const std::string& where)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  std::string SerializeCatalog() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status ParseCatalog(absl::string_view bytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   std::unique_ptr<Io> owned_io_;
@@ -478,18 +557,18 @@ class Pool {
 
   // Checked by clang's -Wthread-safety (blockstore/mutex.h).
   mutable Mutex mu_;
+  // Signalled when a commit ends, a group ends or a write in flight ends.
+  CondVar cv_;
   // The layout (chunk size, where metadata and data lie): fixed when the
   // pool is formatted or opened, before anyone else sees it, so read
   // without the lock. sb_ is the rest of the last commit's superblock.
   Superblock shape_;
+  std::vector<Digest> empty_digests_;  // [0] = zero chunk, [1+l] = level l
   absl::Status failed_ ABSL_GUARDED_BY(mu_);
   Superblock sb_ ABSL_GUARDED_BY(mu_);
   uint64_t gen_ ABSL_GUARDED_BY(mu_) = 0;  // open transaction
   bool changed_ ABSL_GUARDED_BY(mu_) = false;
-  std::map<std::string, VolumeRec, std::less<>> volumes_ ABSL_GUARDED_BY(mu_);
-  std::map<std::string, std::string, std::less<>> properties_
-      ABSL_GUARDED_BY(mu_);
-  bool grouped_ ABSL_GUARDED_BY(mu_) = false;
+  Catalog catalog_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> catalog_nodes_ ABSL_GUARDED_BY(mu_);
   // The catalog as of the last commit (none before the first): a
   // transaction that ends where it began (a refused receive dropping its
@@ -498,32 +577,21 @@ class Pool {
   // What LoadLocked found damaged in the reference-count table (the counts
   // were rebuilt from the trees); empty when none was.
   std::string count_damage_ ABSL_GUARDED_BY(mu_);
+  uint64_t open_group_ ABSL_GUARDED_BY(mu_) = 0;  // its id; 0 = none
+  uint64_t next_group_ ABSL_GUARDED_BY(mu_) = 1;
+  bool committing_ ABSL_GUARDED_BY(mu_) = false;  // a commit is writing
+  std::vector<InFlightWrite> writes_ ABSL_GUARDED_BY(mu_);
 
-  std::vector<uint32_t> counts_ ABSL_GUARDED_BY(mu_);
-  std::vector<bool> held_ ABSL_GUARDED_BY(mu_);  // freed, not yet reusable
-  std::vector<uint64_t> held_list_ ABSL_GUARDED_BY(mu_);
-  uint64_t free_nodes_ ABSL_GUARDED_BY(mu_) = 0;   // allocatable now
-  uint64_t free_chunks_ ABSL_GUARDED_BY(mu_) = 0;  // allocatable now
-  uint64_t used_nodes_ ABSL_GUARDED_BY(mu_) = 0;
-  uint64_t used_chunks_ ABSL_GUARDED_BY(mu_) = 0;
-  uint64_t node_cursor_ ABSL_GUARDED_BY(mu_) = 0;
-  uint64_t chunk_cursor_ ABSL_GUARDED_BY(mu_) = 0;
-  std::unordered_set<uint64_t> dirty_pages_ ABSL_GUARDED_BY(mu_);
-  std::unordered_set<uint64_t> prev_dirty_pages_ ABSL_GUARDED_BY(mu_);
+  SpaceMap space_ ABSL_GUARDED_BY(mu_);
+  // Pages the last commit changed: the next one, writing the other table
+  // copy, writes them too.
+  std::vector<uint64_t> prev_dirty_pages_ ABSL_GUARDED_BY(mu_);
   // Commits that must still write the whole table: 2 after format (both
   // copies start blank). After open, the pages where the two copies differ
   // start in prev_dirty_pages_ instead.
   int full_table_writes_ ABSL_GUARDED_BY(mu_) = 0;
 
-  std::unordered_map<uint64_t, std::unique_ptr<Node>> cache_
-      ABSL_GUARDED_BY(mu_);
-  uint64_t dirty_nodes_ ABSL_GUARDED_BY(mu_) = 0;
-  // Bounce buffers for Read/Write batches, reused so the hot path neither
-  // maps nor zeroes fresh memory per call. The read one also serves the
-  // read half of a write's read-modify-write.
-  AlignedBuffer read_scratch_ ABSL_GUARDED_BY(mu_);
-  AlignedBuffer write_scratch_ ABSL_GUARDED_BY(mu_);
-  std::vector<Digest> empty_digests_;  // [0] = zero chunk, [1+l] = level l
+  NodeCache cache_ ABSL_GUARDED_BY(mu_);
   Stats stats_ ABSL_GUARDED_BY(mu_);
   PoolTuning tuning_ ABSL_GUARDED_BY(mu_);
 };

@@ -26,7 +26,7 @@ std::optional<Digest> Pool::CheckTree(CheckState& st, uint64_t id, int level,
     st.Problem(absl::StrCat(where, ": node id ", id, " out of range"));
     return std::nullopt;
   }
-  if (st.refs[NodeIndex(id)]++ > 0) {
+  if (st.refs[space_.NodeIndex(id)]++ > 0) {
     auto it = st.node_digest.find(id);
     if (it == st.node_digest.end()) return std::nullopt;  // reported already
     return it->second;
@@ -70,7 +70,7 @@ std::optional<Digest> Pool::CheckTree(CheckState& st, uint64_t id, int level,
             e.ptr >= sb_.data_start + sb_.data_count) {
           st.Problem(absl::StrCat(at, ": data chunk ", e.ptr, " out of range"));
         } else {
-          ++st.refs[ChunkIndex(e.ptr)];
+          ++st.refs[space_.ChunkIndex(e.ptr)];
           auto [it, fresh] = st.chunk_digest.emplace(e.ptr, e.digest);
           if (!fresh && it->second != e.digest) {
             st.Problem(
@@ -112,11 +112,11 @@ std::optional<Digest> Pool::CheckTree(CheckState& st, uint64_t id, int level,
 
 void Pool::CheckAllTrees(CheckState& st) {
   for (uint64_t id : catalog_nodes_) {
-    if (st.refs[NodeIndex(id)]++ > 0) {
+    if (st.refs[space_.NodeIndex(id)]++ > 0) {
       st.Problem(absl::StrCat("catalog node ", id, " is linked twice"));
     }
   }
-  for (const auto& [name, v] : volumes_) {
+  for (const auto& [name, v] : catalog_.volumes) {
     CheckRoot(st, v.root, v.size_bytes, absl::StrCat("volume ", name));
     for (const SnapshotRec& s : v.snapshots) {
       CheckRoot(st, s.root, s.size_bytes,
@@ -138,7 +138,7 @@ void Pool::CheckRoot(CheckState& st, const Entry& root, uint64_t size_bytes,
 
 absl::Status Pool::RebuildCounts() {
   CheckState st;
-  st.refs.assign(counts_.size(), 0);
+  st.refs.assign(space_.counts().size(), 0);
   CheckAllTrees(st);
   if (!st.report.problems.empty()) {
     return absl::DataLossError(absl::StrCat(
@@ -146,7 +146,7 @@ absl::Status Pool::RebuildCounts() {
         st.report.problems.size(),
         " problem(s), the first: ", st.report.problems.front(), ")"));
   }
-  counts_ = std::move(st.refs);
+  space_.SetCounts(std::move(st.refs));
   return absl::OkStatus();
 }
 
@@ -172,7 +172,8 @@ absl::StatusOr<Pool::Repaired> Pool::RepairPool(std::unique_ptr<Pool> pool) {
       pool->full_table_writes_ = 2;
       for (int i = 0; i < 2; ++i) {
         pool->changed_ = true;
-        if (absl::Status s = pool->Fail(pool->CommitLocked()); !s.ok()) {
+        if (absl::Status s = pool->Fail(pool->CommitLocked(CommitLock::kHold));
+            !s.ok()) {
           return s;
         }
       }
@@ -187,12 +188,14 @@ absl::StatusOr<Pool::Repaired> Pool::RepairPool(std::unique_ptr<Pool> pool) {
 absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
   MutexLock lock(mu_);
   if (!failed_.ok()) return failed_;
-  if (changed_ || dirty_nodes_ != 0 || !held_list_.empty()) {
-    // The check reads what is on disk: commit first.
-    if (absl::Status s = Fail(CommitLocked()); !s.ok()) return s;
+  // The check reads what is on disk: commit first, and keep the lock from
+  // there on, so that nothing changes between the commit and the walk.
+  if (absl::Status s = Fail(CommitLocked(CommitLock::kHold)); !s.ok()) {
+    return s;
   }
+  const std::vector<uint32_t>& counts = space_.counts();
   CheckState st;
-  st.refs.assign(counts_.size(), 0);
+  st.refs.assign(counts.size(), 0);
 
   // Superblocks: the older one may be torn by a crash; that is expected.
   AlignedBuffer sbs(2 * kSuperblockSize);
@@ -224,19 +227,19 @@ absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
 
   uint64_t used_nodes = 0;
   uint64_t used_chunks = 0;
-  for (uint64_t i = 0; i < counts_.size(); ++i) {
+  for (uint64_t i = 0; i < counts.size(); ++i) {
     bool is_node = i < sb_.meta_count;
-    if (counts_[i] != 0) ++(is_node ? used_nodes : used_chunks);
-    if (counts_[i] == st.refs[i]) continue;
+    if (counts[i] != 0) ++(is_node ? used_nodes : used_chunks);
+    if (counts[i] == st.refs[i]) continue;
     std::string what =
         is_node
             ? absl::StrCat("metadata node ", sb_.meta_start + i)
             : absl::StrCat("data chunk ", sb_.data_start + i - sb_.meta_count);
     if (st.refs[i] == 0) {
-      st.Problem(absl::StrCat(what, ": leaked (reference count ", counts_[i],
+      st.Problem(absl::StrCat(what, ": leaked (reference count ", counts[i],
                               ", no references)"));
     } else {
-      st.Problem(absl::StrCat(what, ": reference count ", counts_[i], ", but ",
+      st.Problem(absl::StrCat(what, ": reference count ", counts[i], ", but ",
                               st.refs[i], " references"));
     }
   }
@@ -276,7 +279,7 @@ absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
       }
     }
   }
-  cache_.clear();  // the check read around it; start clean
+  cache_.DropClean();  // the check read around it; start clean
   return std::move(st.report);
 }
 

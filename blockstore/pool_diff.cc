@@ -1,6 +1,7 @@
 // Pool::Diff, ReadChunks and the receive side (BeginReceive/FinishReceive).
 #include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "blockstore/pool.h"
@@ -23,6 +24,10 @@ struct Pool::DiffState {
   bool stop = false;
   uint64_t stopped_at = 0;
   DiffBatch batch;
+  // Nodes read outside the lock (a diff between snapshots, whose trees do
+  // not change); null when the target is the live volume, whose dirty
+  // nodes may change whenever the lock is out, so that walk keeps it.
+  Loaded* loaded = nullptr;
 
   void Emit(ChangedRun::Kind kind, uint64_t first, uint64_t count,
             uint64_t phys = 0, const Digest& digest = {}) {
@@ -62,7 +67,7 @@ absl::StatusOr<std::array<Pool::WalkRef, kFanout>> Pool::Children(
     for (WalkRef& c : out) c = WalkRef{{0, ref.e.birth, {}}};
     return out;
   }
-  absl::StatusOr<Node*> node = Load(ref.e.ptr, level);
+  absl::StatusOr<Node*> node = Load(ref.e.ptr, level, st.loaded);
   if (!node.ok()) return node.status();
   ++st.batch.nodes_visited;
   for (int i = 0; i < kFanout; ++i) out[i] = WalkRef{(*node)->e[i]};
@@ -120,7 +125,9 @@ absl::Status Pool::DiffWalk(DiffState& st, const WalkRef& b, const WalkRef& t,
       if (!bi.above_root && bi.e.ptr != 0) ids.push_back(bi.e.ptr);
       if (!ti.above_root && ti.e.ptr != 0) ids.push_back(ti.e.ptr);
     }
-    if (absl::Status s = Prefetch(ids, level - 1); !s.ok()) return s;
+    if (absl::Status s = Prefetch(ids, level - 1, st.loaded); !s.ok()) {
+      return s;
+    }
   }
   for (int i = 0; i < kFanout && !st.stop; ++i) {
     if (absl::Status s =
@@ -165,7 +172,10 @@ absl::StatusOr<DiffBatch> Pool::Diff(absl::string_view volume,
     base_root = (*b)->root;
     base_size = (*b)->size_bytes;
   }
+  ReadTicket ticket(*this);
+  Loaded loaded;
   DiffState st;
+  if (!target.empty()) st.loaded = &loaded;
   st.from = from_chunk;
   st.end = ChunkCount(target_size);
   st.max_data = std::max<size_t>(1, max_data_chunks);
@@ -191,9 +201,7 @@ absl::StatusOr<DiffBatch> Pool::Diff(absl::string_view volume,
 
 absl::Status Pool::ReadChunks(std::span<const ChangedRun> runs,
                               std::span<std::byte> out) {
-  MutexLock lock(mu_);
-  if (!failed_.ok()) return failed_;
-  const uint64_t c_size = sb_.chunk_size;
+  const uint64_t c_size = shape_.chunk_size;
   if (out.size() < runs.size() * c_size ||
       reinterpret_cast<uintptr_t>(out.data()) % kIoAlign != 0) {
     return absl::InvalidArgumentError(
@@ -202,8 +210,8 @@ absl::Status Pool::ReadChunks(std::span<const ChangedRun> runs,
   std::vector<ReadOp> ops;
   for (size_t i = 0; i < runs.size(); ++i) {
     const ChangedRun& r = runs[i];
-    if (r.kind != ChangedRun::Kind::kData || r.phys < sb_.data_start ||
-        r.phys >= sb_.data_start + sb_.data_count) {
+    if (r.kind != ChangedRun::Kind::kData || r.phys < shape_.data_start ||
+        r.phys >= shape_.data_start + shape_.data_count) {
       return absl::InvalidArgumentError(
           absl::StrCat("chunk ", r.first_chunk, " is not a data chunk"));
     }
@@ -214,15 +222,22 @@ absl::Status Pool::ReadChunks(std::span<const ChangedRun> runs,
       ops.push_back({r.phys * c_size, {dst, c_size}});
     }
   }
-  if (absl::Status s = io_.Read(ops); !s.ok()) return s;
-  for (size_t i = 0; i < runs.size(); ++i) {
+  MutexLock lock(mu_);
+  if (!failed_.ok()) return failed_;
+  ReadTicket ticket(*this);
+  // Outside the lock: the chunks belong to a snapshot, which the caller
+  // keeps (and the ticket covers one deleted meanwhile).
+  mu_.unlock();
+  absl::Status s = io_.Read(ops);
+  for (size_t i = 0; i < runs.size() && s.ok(); ++i) {
     if (Hash128({out.data() + i * c_size, c_size}) != runs[i].digest) {
-      return absl::DataLossError(
+      s = absl::DataLossError(
           absl::StrCat("chunk ", runs[i].first_chunk, " (pool chunk ",
                        runs[i].phys, "): data does not match its digest"));
     }
   }
-  return absl::OkStatus();
+  mu_.lock();
+  return s;
 }
 
 absl::StatusOr<bool> Pool::ChangedSince(absl::string_view volume,
@@ -246,14 +261,16 @@ absl::Status Pool::BeginReceive(absl::string_view staging,
   if (!IsStaging(staging)) {
     return absl::InvalidArgumentError("staging volume names start with '.'");
   }
+  WriteGuard guard(*this, staging, 0, internal::kWholeVolume);
+  auto& volumes = catalog_.volumes;
   // A staging volume left by an interrupted receive is garbage: drop it.
-  if (auto old = volumes_.find(staging); old != volumes_.end()) {
+  if (auto old = volumes.find(staging); old != volumes.end()) {
     if (absl::Status s = DecRef(old->second.root.ptr,
                                 Depth(ChunkCount(old->second.size_bytes)));
         !s.ok()) {
       return Fail(s);
     }
-    volumes_.erase(old);
+    volumes.erase(old);
     changed_ = true;
   }
   VolumeRec v;
@@ -277,7 +294,7 @@ absl::Status Pool::BeginReceive(absl::string_view staging,
     v.root = (*snap)->root;
     IncRef(v.root.ptr, Depth(ChunkCount(v.size_bytes)));
   }
-  volumes_.emplace(v.name, std::move(v));
+  volumes.emplace(v.name, std::move(v));
   changed_ = true;
   // No commit of its own: the staging volume reaches the disk with the data
   // (automatic commits) or with FinishReceive; a crash before loses nothing.
@@ -287,10 +304,17 @@ absl::Status Pool::BeginReceive(absl::string_view staging,
 absl::StatusOr<SnapshotInfo> Pool::FinishReceive(
     absl::string_view staging, absl::string_view volume,
     const Guid& volume_guid, const SnapshotIdentity& identity,
-    const Digest& expected) {
+    const Digest& expected, const Group* group) {
   MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   if (absl::Status s = ValidName(identity.name, "snapshot"); !s.ok()) return s;
+  constexpr uint64_t kAll = internal::kWholeVolume;
+  WriteGuard staging_guard(*this, staging, 0, kAll);
+  WriteGuard volume_guard(*this, volume, 0, kAll);
+  // Before any change: EnsureSpace may commit, and a refused receive must
+  // leave nothing behind (no empty volume that blocks the retry).
+  if (absl::Status s = EnsureSpace(0, 1); !s.ok()) return s;
+  auto& volumes = catalog_.volumes;
   absl::StatusOr<VolumeRec*> st = FindVolume(staging);
   if (!st.ok()) return st.status();
   VolumeRec& stage = **st;
@@ -305,8 +329,8 @@ absl::StatusOr<SnapshotInfo> Pool::FinishReceive(
                      "' has root digest ", got.ToHex(), ", the sender's is ",
                      expected.ToHex(), "; nothing was changed"));
   }
-  auto it = volumes_.find(volume);
-  if (it != volumes_.end()) {
+  auto it = volumes.find(volume);
+  if (it != volumes.end()) {
     for (const SnapshotRec& s : it->second.snapshots) {
       if (s.name == identity.name || s.guid == identity.guid) {
         return absl::AlreadyExistsError(absl::StrCat(
@@ -316,17 +340,14 @@ absl::StatusOr<SnapshotInfo> Pool::FinishReceive(
   } else if (absl::Status s = ValidName(volume, "volume"); !s.ok()) {
     return s;
   }
-  // Before any change: EnsureSpace may commit, and a refused receive must
-  // leave nothing behind (no empty volume that blocks the retry).
-  if (absl::Status s = EnsureSpace(0, 1); !s.ok()) return s;
-  if (it == volumes_.end()) {
+  if (it == volumes.end()) {
     VolumeRec v;
     v.name = std::string(volume);
     v.guid = volume_guid;
     v.create_time_ns = NowNs();
     v.root = {0, gen_, {}};
     v.size_bytes = stage.size_bytes;
-    it = volumes_.emplace(v.name, std::move(v)).first;
+    it = volumes.emplace(v.name, std::move(v)).first;
   }
   VolumeRec& dest = it->second;
   // The staging tree becomes the live volume (its reference moves along);
@@ -348,10 +369,14 @@ absl::StatusOr<SnapshotInfo> Pool::FinishReceive(
   rec.owner = identity.owner;
   IncRef(rec.root.ptr, depth);
   dest.snapshots.push_back(rec);
-  volumes_.erase(volumes_.find(staging));
+  volumes.erase(volumes.find(staging));
   changed_ = true;
-  if (absl::Status s = Fail(CommitLocked()); !s.ok()) return s;
-  return InfoOf(dest, rec);
+  SnapshotInfo info = InfoOf(dest, rec);
+  if (absl::Status s = Fail(CommitLocked(CommitLock::kRelease, group));
+      !s.ok()) {
+    return s;
+  }
+  return info;
 }
 
 }  // namespace blockstore

@@ -3,10 +3,13 @@
 #define TANDEM_BLOCKSTORE_POOL_INTERNAL_H_
 
 #include <cstdint>
+#include <limits>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "blockstore/format.h"
+#include "blockstore/pool.h"
 
 namespace blockstore::internal {
 
@@ -22,6 +25,73 @@ inline bool IsStaging(absl::string_view volume) {
   return !volume.empty() && volume[0] == '.';
 }
 
+// The last chunk of a WriteGuard over a whole volume.
+inline constexpr uint64_t kWholeVolume = std::numeric_limits<uint64_t>::max();
+
 }  // namespace blockstore::internal
+
+namespace blockstore {
+
+// A read ticket (SpaceMap::BeginRead) for the scope of one operation: what
+// it resolved under the lock is not reused before it ends.
+class Pool::ReadTicket {
+ public:
+  explicit ReadTicket(Pool& pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(pool.mu_)
+      : pool_(pool), ticket_(pool.space_.BeginRead()) {}
+  // Runs where it was made, with the lock held (the analysis cannot name
+  // the pool's mutex through the member).
+  ~ReadTicket() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    pool_.space_.EndRead(ticket_);
+  }
+  ReadTicket(const ReadTicket&) = delete;
+  ReadTicket& operator=(const ReadTicket&) = delete;
+
+ private:
+  Pool& pool_;
+  const uint64_t ticket_;
+};
+
+// Owns chunks [first, last] of a volume for one write (or the whole volume
+// for a call that replaces or resizes its tree): waits, dropping the lock,
+// until no write in flight overlaps them, then registers; overlapping
+// writes are thereby applied one at a time, in the order they arrived.
+class Pool::WriteGuard {
+ public:
+  WriteGuard(Pool& pool, absl::string_view volume, uint64_t first,
+             uint64_t last) ABSL_EXCLUSIVE_LOCKS_REQUIRED(pool.mu_)
+      : pool_(pool) {
+    auto overlaps = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(pool.mu_) {
+      for (const InFlightWrite& w : pool.writes_) {
+        if (w.volume == volume && w.first <= last && first <= w.last) {
+          return true;
+        }
+      }
+      return false;
+    };
+    while (overlaps()) pool.cv_.wait(pool.mu_);
+    pool.writes_.push_back({std::string(volume), first, last});
+    write_ = {std::string(volume), first, last};
+  }
+  // As ~ReadTicket: with the lock held.
+  ~WriteGuard() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    auto& writes = pool_.writes_;
+    for (auto it = writes.begin(); it != writes.end(); ++it) {
+      if (it->volume == write_.volume && it->first == write_.first &&
+          it->last == write_.last) {
+        writes.erase(it);
+        break;
+      }
+    }
+    pool_.cv_.notify_all();
+  }
+  WriteGuard(const WriteGuard&) = delete;
+  WriteGuard& operator=(const WriteGuard&) = delete;
+
+ private:
+  Pool& pool_;
+  InFlightWrite write_;
+};
+
+}  // namespace blockstore
 
 #endif  // TANDEM_BLOCKSTORE_POOL_INTERNAL_H_

@@ -482,13 +482,13 @@ absl::StatusOr<std::optional<ResumeToken>> ResumePoint(
 }
 
 absl::Status DropReceive(blockstore::Pool& pool, absl::string_view volume) {
-  pool.BeginGroup();
-  absl::Status s = pool.SetProperty(ResumeKey(volume), "");
+  blockstore::Pool::Group group = pool.BeginGroup();
+  absl::Status s = pool.SetProperty(ResumeKey(volume), "", &group);
   if (s.ok()) {
-    s = pool.DeleteVolume(StagingVolume(volume), true);
+    s = pool.DeleteVolume(StagingVolume(volume), true, &group);
     if (absl::IsNotFound(s)) s = absl::OkStatus();
   }
-  absl::Status ended = pool.EndGroup();
+  absl::Status ended = group.Commit();
   return s.ok() ? ended : s;
 }
 
@@ -549,16 +549,16 @@ absl::StatusOr<ApplyStats> ApplyDelta(blockstore::Pool& pool,
   bool bad_content = false;
   if (stats.ok()) {
     // The resume point goes in the commit that finishes the receive.
-    pool.BeginGroup();
-    absl::Status cleared = pool.SetProperty(ResumeKey(volume), "");
+    blockstore::Pool::Group group = pool.BeginGroup();
+    absl::Status cleared = pool.SetProperty(ResumeKey(volume), "", &group);
     absl::StatusOr<blockstore::SnapshotInfo> snap =
         cleared.ok() ? pool.FinishReceive(
                            staging, volume, h.volume_guid,
                            {h.target_name, h.target_guid,
                             h.target_create_time_ns, options.target_owner},
-                           h.target_digest)
+                           h.target_digest, &group)
                      : cleared;
-    absl::Status ended = pool.EndGroup();
+    absl::Status ended = group.Commit();
     if (snap.ok() && ended.ok()) {
       stats->snapshot = *snap;
       return stats;

@@ -68,12 +68,12 @@ absl::Status LocalSite::DeleteSnapshots(const std::string& volume,
       return s;
     }
   }
-  pool_.BeginGroup();
+  blockstore::Pool::Group group = pool_.BeginGroup();
   absl::Status s;
   for (const std::string& n : names) {
-    if (s.ok()) s = pool_.DeleteSnapshot(volume, n);
+    if (s.ok()) s = pool_.DeleteSnapshot(volume, n, &group);
   }
-  absl::Status ended = pool_.EndGroup();
+  absl::Status ended = group.Commit();
   return s.ok() ? ended : s;
 }
 
@@ -175,13 +175,13 @@ absl::Status LocalSite::SaveRecord(const std::string& volume,
     }
   }
   // The record and the pruning land in one commit.
-  pool_.BeginGroup();
+  blockstore::Pool::Group group = pool_.BeginGroup();
   absl::Status s;
   for (const std::string& n : doomed) {
-    if (s.ok()) s = pool_.DeleteSnapshot(volume, n);
+    if (s.ok()) s = pool_.DeleteSnapshot(volume, n, &group);
   }
-  if (s.ok()) s = pool_.SetProperty(RecordKey(volume), text);
-  absl::Status ended = pool_.EndGroup();
+  if (s.ok()) s = pool_.SetProperty(RecordKey(volume), text, &group);
+  absl::Status ended = group.Commit();
   return s.ok() ? ended : s;
 }
 

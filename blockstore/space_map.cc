@@ -1,0 +1,220 @@
+#include "blockstore/space_map.h"
+
+#include <algorithm>
+#include <limits>
+
+#include "blockstore/util.h"
+
+namespace blockstore {
+
+SpaceMap::SpaceMap(const Superblock& shape) : shape_(shape) {
+  uint64_t total = shape.meta_count + shape.data_count;
+  counts_.assign(total, 0);
+  state_.assign(total, kInUseOrFree);
+  Recount();
+}
+
+void SpaceMap::LoadPage(uint64_t page, std::span<const std::byte, 4096> raw) {
+  for (uint64_t i = 0; i < kCountsPerPage; ++i) {
+    uint64_t index = page * kCountsPerPage + i;
+    if (index >= counts_.size()) break;
+    counts_[index] = GetLe32(raw.data() + 16 + 4 * i);
+  }
+}
+
+void SpaceMap::SetCounts(std::vector<uint32_t> counts) {
+  counts_ = std::move(counts);
+}
+
+void SpaceMap::Recount() {
+  free_nodes_ = free_chunks_ = used_nodes_ = used_chunks_ = 0;
+  for (uint64_t i = 0; i < counts_.size(); ++i) {
+    bool is_node = IsNodeIndex(i);
+    if (counts_[i] != 0) {
+      ++(is_node ? used_nodes_ : used_chunks_);
+    } else if (state_[i] == kInUseOrFree) {
+      ++(is_node ? free_nodes_ : free_chunks_);
+    }
+  }
+}
+
+void SpaceMap::Set(uint64_t index, uint32_t count) {
+  uint32_t old = counts_[index];
+  counts_[index] = count;
+  bool is_node = IsNodeIndex(index);
+  if (old == 0 && count != 0) ++(is_node ? used_nodes_ : used_chunks_);
+  if (old != 0 && count == 0) --(is_node ? used_nodes_ : used_chunks_);
+  dirty_pages_.insert(index / kCountsPerPage);
+}
+
+uint32_t SpaceMap::Drop(uint64_t index) {
+  uint32_t left = counts_[index] - 1;
+  Set(index, left);
+  if (left == 0) {
+    state_[index] = kHeld;
+    held_.push_back(index);
+  }
+  return left;
+}
+
+void SpaceMap::MakeFree(uint64_t index) {
+  state_[index] = kInUseOrFree;
+  if (counts_[index] != 0) return;
+  if (IsNodeIndex(index)) {
+    ++free_nodes_;
+  } else {
+    ++free_chunks_;
+    freed_chunks_.push_back(AddressOf(index));
+  }
+}
+
+std::optional<uint64_t> SpaceMap::AllocNode() {
+  if (free_nodes_ == 0) return std::nullopt;
+  for (uint64_t n = 0; n < shape_.meta_count; ++n) {
+    uint64_t i = (node_cursor_ + n) % shape_.meta_count;
+    if (Free(i)) {
+      node_cursor_ = i + 1;
+      Set(i, 1);
+      --free_nodes_;
+      return shape_.meta_start + i;
+    }
+  }
+  return std::nullopt;
+}
+
+std::optional<uint64_t> SpaceMap::ReserveChunk() {
+  if (free_chunks_ == 0) return std::nullopt;
+  for (uint64_t n = 0; n < shape_.data_count; ++n) {
+    uint64_t c = (chunk_cursor_ + n) % shape_.data_count;
+    uint64_t i = shape_.meta_count + c;
+    if (Free(i)) {
+      chunk_cursor_ = c + 1;
+      state_[i] = kReserved;
+      --free_chunks_;
+      ++reserved_chunks_;
+      return shape_.data_start + c;
+    }
+  }
+  return std::nullopt;
+}
+
+void SpaceMap::Install(uint64_t phys) {
+  uint64_t i = ChunkIndex(phys);
+  state_[i] = kInUseOrFree;
+  --reserved_chunks_;
+  Set(i, 1);
+}
+
+void SpaceMap::Unreserve(uint64_t phys) {
+  uint64_t i = ChunkIndex(phys);
+  --reserved_chunks_;
+  state_[i] = kInUseOrFree;
+  ++free_chunks_;
+}
+
+SpaceMap::Frees SpaceMap::TakeHeld() {
+  Frees out{std::move(held_)};
+  held_.clear();
+  return out;
+}
+
+void SpaceMap::Release(Frees frees) {
+  for (uint64_t i : frees.index) state_[i] = kDeferred;
+  deferred_.push_back({epoch_++, std::move(frees.index)});
+  ReleaseDeferred();
+}
+
+uint64_t SpaceMap::BeginRead() {
+  ++readers_[epoch_];
+  ++reader_count_;
+  return epoch_;
+}
+
+void SpaceMap::EndRead(uint64_t ticket) {
+  auto it = readers_.find(ticket);
+  if (--it->second == 0) readers_.erase(it);
+  --reader_count_;
+  ReleaseDeferred();
+}
+
+void SpaceMap::ReleaseDeferred() {
+  // A batch released at epoch E may still be read by readers whose ticket
+  // is <= E (they began before); none of them is left once the oldest
+  // ticket is newer.
+  const uint64_t oldest = readers_.empty()
+                              ? std::numeric_limits<uint64_t>::max()
+                              : readers_.begin()->first;
+  while (!deferred_.empty() && deferred_.front().epoch < oldest) {
+    for (uint64_t i : deferred_.front().index) MakeFree(i);
+    deferred_.pop_front();
+  }
+}
+
+std::vector<uint64_t> SpaceMap::TakeFreedChunks() {
+  std::vector<uint64_t> out = std::move(freed_chunks_);
+  freed_chunks_.clear();
+  return out;
+}
+
+std::vector<std::pair<uint64_t, uint64_t>> SpaceMap::BeginDiscard(
+    std::vector<uint64_t> freed, uint64_t min_chunks) {
+  // A lone chunk among live ones stays: punching it costs the file system a
+  // metadata operation and fragments the file, and it is soon reused; once
+  // its neighbours are free too, the run goes. Neighbours are looked at no
+  // further than one run on each side.
+  const uint64_t first = shape_.meta_count, end = counts_.size();
+  for (uint64_t& phys : freed) phys = ChunkIndex(phys);
+  std::sort(freed.begin(), freed.end());
+  std::vector<std::pair<uint64_t, uint64_t>> runs;  // flat indices
+  uint64_t covered = first;  // indices below this are in `runs`
+  for (uint64_t i : freed) {
+    if (i < covered || !Free(i)) continue;
+    uint64_t lo = i, hi = i + 1;
+    while (lo > std::max(first, covered) && i - lo < min_chunks &&
+           Free(lo - 1)) {
+      --lo;
+    }
+    while (hi < end && hi - i < min_chunks && Free(hi)) ++hi;
+    if (hi - lo < min_chunks) continue;
+    if (!runs.empty() && runs.back().second == lo) {
+      runs.back().second = hi;
+    } else {
+      runs.emplace_back(lo, hi);
+    }
+    covered = hi;
+  }
+  for (auto& [lo, hi] : runs) {
+    for (uint64_t i = lo; i < hi; ++i) state_[i] = kReserved;
+    free_chunks_ -= hi - lo;
+    lo = AddressOf(lo);
+    hi = AddressOf(hi - 1) + 1;
+  }
+  return runs;
+}
+
+void SpaceMap::EndDiscard(std::span<const std::pair<uint64_t, uint64_t>> runs) {
+  for (const auto& [lo, hi] : runs) {
+    for (uint64_t phys = lo; phys < hi; ++phys) {
+      state_[ChunkIndex(phys)] = kInUseOrFree;
+    }
+    free_chunks_ += hi - lo;
+  }
+}
+
+std::vector<uint64_t> SpaceMap::TakeDirtyPages() {
+  std::vector<uint64_t> out(dirty_pages_.begin(), dirty_pages_.end());
+  dirty_pages_.clear();
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+void SpaceMap::EncodePage(uint64_t page, std::span<std::byte, 4096> out) const {
+  for (uint64_t k = 0; k < kCountsPerPage; ++k) {
+    uint64_t index = page * kCountsPerPage + k;
+    PutLe32(out.data() + 16 + 4 * k,
+            index < counts_.size() ? counts_[index] : 0);
+  }
+  SealRefcountPage(page, out);
+}
+
+}  // namespace blockstore
