@@ -62,7 +62,8 @@ class NodeCache {
   // The node, or nullptr; a hit counts as a use.
   Node* Find(uint64_t id);
   bool Contains(uint64_t id) const { return nodes_.contains(id); }
-  // Adds `node` (its id must not be cached); returns it.
+  // Adds `node`, whose id must not be cached (nor in use by another node:
+  // a node freed is erased before its id is allocated again); returns it.
   Node* Insert(std::unique_ptr<Node> node);
   void Erase(uint64_t id);
 

@@ -237,8 +237,10 @@ absl::Status Pool::MaybeCommit() {
   if (cache_.dirty_count() < tuning_.auto_commit_dirty_nodes) {
     return absl::OkStatus();
   }
-  // Another caller's group is open: its commit takes this work along.
-  if (open_group_ != 0) return absl::OkStatus();
+  // Another caller's group is open: its commit takes this work along. A
+  // commit in flight: the next write after it commits (a writer does not
+  // wait for the disk on behalf of others).
+  if (open_group_ != 0 || committing_) return absl::OkStatus();
   return CommitLocked();
 }
 

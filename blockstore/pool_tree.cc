@@ -215,7 +215,12 @@ absl::Status Pool::LoadMissing(std::vector<Missing>& missing, Loaded& loaded) {
     if (!node.ok()) return node.status();
     ++stats_.nodes_loaded;
     const uint64_t id = (*node)->id;
-    if (!cache_.Contains(id)) cache_.Insert(std::make_unique<Node>(**node));
+    // Shared with others only if still in use: a node freed while the lock
+    // was out stays this walk's (its id is not reused before the walk ends,
+    // but may be after).
+    if (!cache_.Contains(id) && space_.NodeRefs(id) > 0) {
+      cache_.Insert(std::make_unique<Node>(**node));
+    }
     loaded.emplace(id, std::move(*node));
   }
   return absl::OkStatus();

@@ -175,11 +175,12 @@ std::vector<std::pair<uint64_t, uint64_t>> SpaceMap::BeginDiscard(
       --lo;
     }
     while (hi < end && hi - i < min_chunks && Free(hi)) ++hi;
-    if (hi - lo < min_chunks) continue;
     if (!runs.empty() && runs.back().second == lo) {
-      runs.back().second = hi;
-    } else {
+      runs.back().second = hi;  // the run before goes on
+    } else if (hi - lo >= min_chunks) {
       runs.emplace_back(lo, hi);
+    } else {
+      continue;
     }
     covered = hi;
   }

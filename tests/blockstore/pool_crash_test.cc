@@ -5,9 +5,15 @@
 // random subset kept with tears. After each, the pool must reopen, equal the
 // model as of its last acknowledged commit (or of the commit in flight, if
 // that one's superblock made it), pass Check(), and accept new writes.
+//
+// The second sweep runs a write from another thread while each explicit
+// commit is being written (the commit holds no lock then): it lands in the
+// next transaction, never in the one being written.
+#include <functional>
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -31,10 +37,37 @@ constexpr uint64_t kPoolBytes = 16 << 20;
 struct Outcome {
   std::vector<std::pair<uint64_t, PoolModel>> acked;  // generation, model
   std::optional<PoolModel> in_flight;  // model after the op that crashed
+  int writes_during_commits = 0;
 };
 
-// The scripted workload. Stops at the first failing op.
-Outcome Workload(Io& io, const PoolTuning& tuning) {
+// Runs a hook, once, inside the n-th Flush after it is armed (the commit
+// protocol's first or second flush), before passing the flush on.
+class DuringFlush : public IoWrapper {
+ public:
+  using IoWrapper::IoWrapper;
+  void Arm(int nth, std::function<void()> hook) {
+    nth_ = nth;
+    hook_ = std::move(hook);
+  }
+  absl::Status Flush() override {
+    if (hook_ && --nth_ == 0) {
+      std::function<void()> hook = std::move(hook_);
+      hook_ = nullptr;
+      hook();
+    }
+    return IoWrapper::Flush();
+  }
+
+ private:
+  int nth_ = 0;
+  std::function<void()> hook_;
+};
+
+// The scripted workload. Stops at the first failing op. With `during`
+// (the Io the pool runs on), every explicit flush has a write to "a" run
+// by another thread while the commit is in flight.
+Outcome Workload(Io& io, const PoolTuning& tuning,
+                 DuringFlush* during = nullptr) {
   Outcome out;
   absl::StatusOr<std::unique_ptr<Pool>> created =
       Pool::Create(io, {.chunk_size_bytes = kChunk});
@@ -72,8 +105,39 @@ Outcome Workload(Io& io, const PoolTuning& tuning) {
     return step([&] { return pool.Trim(v, off, len); },
                 [&](PoolModel& m) { m.Trim(v, off, len); });
   };
+  int flushes = 0;
   auto flush = [&] {
-    return step([&] { return pool.Flush(); }, [](PoolModel&) {});
+    if (during == nullptr) {
+      return step([&] { return pool.Flush(); }, [](PoolModel&) {});
+    }
+    ++flushes;
+    const uint64_t off = (flushes * 12345) % (90 << 10);
+    std::vector<std::byte> d = TestData(3000, 100 + flushes);
+    absl::Status written;
+    bool ran = false;
+    during->Arm(1 + flushes % 2, [&] {
+      ran = true;
+      std::thread t([&] { written = pool.Write("a", off, d); });
+      t.join();
+    });
+    bool ok = step([&] { return pool.Flush(); }, [](PoolModel&) {});
+    during->Arm(0, nullptr);
+    if (!ok) return false;
+    out.writes_during_commits += ran ? 1 : 0;
+    if (!ran) {
+      // Nothing was left to commit (the call before committed): the write
+      // goes on its own.
+      return step([&] { return pool.Write("a", off, d); },
+                  [&](PoolModel& m) { m.Write("a", off, d); });
+    }
+    if (!written.ok()) {  // the flush went through, so this cannot be
+      ADD_FAILURE() << "write during a commit: " << written;
+      out.in_flight = model;
+      return false;
+    }
+    // Acknowledged, and in the next transaction.
+    model.Write("a", off, d);
+    return true;
   };
   auto create = [&](const std::string& v, uint64_t size) {
     return step([&] { return pool.CreateVolume(v, size); },
@@ -124,22 +188,31 @@ Outcome Workload(Io& io, const PoolTuning& tuning) {
 // automatic commits and cache eviction fall between the crash points too).
 class PoolCrashTest : public ::testing::TestWithParam<PoolTuning> {};
 
-TEST_P(PoolCrashTest, EveryCrashPointRecoversToACommittedState) {
-  const PoolTuning tuning = GetParam();
+void Sweep(const PoolTuning& tuning, bool writes_during_commits) {
   MemIo probe(kPoolBytes);
   CrashingIo counter(probe, UINT64_MAX);
-  Outcome full = Workload(counter, tuning);
+  DuringFlush counter_during(counter);
+  Outcome full = writes_during_commits
+                     ? Workload(counter_during, tuning, &counter_during)
+                     : Workload(counter, tuning);
   ASSERT_FALSE(full.in_flight.has_value()) << "the workload itself failed";
+  if (writes_during_commits) {
+    EXPECT_GE(full.writes_during_commits, 2);
+  }
   const uint64_t points = counter.points();
   ASSERT_GT(points, 60u);
-  std::printf("crash points: %llu, commits: %zu\n",
-              static_cast<unsigned long long>(points), full.acked.size());
+  std::printf("crash points: %llu, commits: %zu, writes during commits: %d\n",
+              static_cast<unsigned long long>(points), full.acked.size(),
+              full.writes_during_commits);
 
   int landed_acked = 0, landed_in_flight = 0, unformatted = 0;
   for (uint64_t k = 0; k < points; ++k) {
     MemIo mem(kPoolBytes);
     CrashingIo crash(mem, k);
-    Outcome out = Workload(crash, tuning);
+    DuringFlush crash_during(crash);
+    Outcome out = writes_during_commits
+                      ? Workload(crash_during, tuning, &crash_during)
+                      : Workload(crash, tuning);
     ASSERT_TRUE(crash.crashed()) << "point " << k;
     ASSERT_TRUE(out.in_flight.has_value()) << "point " << k;
 
@@ -214,6 +287,14 @@ TEST_P(PoolCrashTest, EveryCrashPointRecoversToACommittedState) {
   EXPECT_GT(landed_acked, 0);
   EXPECT_GT(landed_in_flight, 0);
   EXPECT_GT(unformatted, 0);
+}
+
+TEST_P(PoolCrashTest, EveryCrashPointRecoversToACommittedState) {
+  Sweep(GetParam(), false);
+}
+
+TEST_P(PoolCrashTest, WritesDuringACommitLandInTheNextOne) {
+  Sweep(GetParam(), true);
 }
 
 INSTANTIATE_TEST_SUITE_P(
