@@ -5,11 +5,17 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "benchmark/benchmark.h"
 #include "blockstore/io.h"
@@ -34,6 +40,21 @@ std::string PoolPath() {
 struct BenchPool {
   explicit BenchPool(uint32_t chunk = 64 << 10) : path(PoolPath()) {
     unlink(path.c_str());
+    if (std::getenv("TANDEM_BENCH_PREWRITE") != nullptr) {
+      // Every block of the file written once (zeros) before the pool is
+      // made: the file system then has nothing to allocate or convert when
+      // the pool writes, as on a block device.
+      int fd = open(path.c_str(), O_CREAT | O_RDWR, 0644);
+      AlignedBuffer zeros(16 << 20);
+      for (uint64_t off = 0; fd >= 0 && off < kPoolBytes; off += zeros.size()) {
+        if (pwrite(fd, zeros.data(), zeros.size(), off) !=
+            static_cast<ssize_t>(zeros.size())) {
+          std::abort();
+        }
+      }
+      if (fd < 0 || fsync(fd) != 0) std::abort();
+      close(fd);
+    }
     if (std::getenv("BENCH_FALLOCATE") != nullptr) {
       int fd = open(path.c_str(), O_CREAT | O_RDWR, 0644);
       if (fd < 0 || fallocate(fd, 0, 0, kPoolBytes) != 0) std::abort();
@@ -229,6 +250,174 @@ BENCHMARK(BM_RandomWrite4KAfterSnapshot)
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 
+// ---------------------------------------------------------------------------
+// Many requests in flight at once (the block store of issue 9): requests
+// from 1, 4 and 16 threads (each thread one request at a time, so threads
+// = requests in flight) into one pool, whose twin is fio on the same pool
+// file at the same queue depth (bench/run_blockstore.sh runs both). The
+// pool stays between these benchmarks: a 1 GiB volume written once, whose
+// chunks lie at the start of the data area (TANDEM_BENCH_KEEP_POOL=1 keeps
+// the file afterwards, for fio; its data offset is in the label).
+
+struct SharedPool {
+  SharedPool() : bp(64 << 10) {
+    Check(bp.pool->CreateVolume("v", kVolumeBytes));
+    Check(bp.pool->CreateVolume("w", kVolumeBytes));
+    AlignedBuffer buf(16 << 20);
+    FillRandom(buf.span(), 7);
+    for (uint64_t off = 0; off < kVolumeBytes; off += buf.size()) {
+      Check(bp.pool->Write("v", off, buf.span()));
+    }
+    Check(bp.pool->Flush());
+    data_offset = bp.pool->superblock().data_start *
+                  uint64_t{bp.pool->superblock().chunk_size};
+  }
+  ~SharedPool() {
+    if (std::getenv("TANDEM_BENCH_KEEP_POOL") != nullptr) {
+      bp.pool.reset();
+      bp.path += ".kept";  // ~BenchPool removes this name, not the pool
+    }
+  }
+  BenchPool bp;
+  uint64_t data_offset = 0;
+};
+SharedPool* shared_pool = nullptr;
+
+// Resident memory of the process, MiB.
+double RssMiB() {
+  long pages = 0, resident = 0;
+  if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+    if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
+    std::fclose(f);
+  }
+  return static_cast<double>(resident) * sysconf(_SC_PAGESIZE) / (1 << 20);
+}
+
+void SetUpShared(benchmark::State& state) {
+  if (state.thread_index() == 0 && shared_pool == nullptr) {
+    shared_pool = new SharedPool();
+  }
+}
+
+void FinishShared(benchmark::State& state, uint64_t bytes_each) {
+  state.SetItemsProcessed(state.iterations());
+  state.SetBytesProcessed(state.iterations() * bytes_each);
+  if (state.thread_index() == 0) {
+    state.counters["rss_MiB"] = RssMiB();
+    state.SetLabel("data_offset=" + std::to_string(shared_pool->data_offset));
+  }
+}
+
+// Random 64 KiB (one chunk) reads or writes (range(0): 1 = write).
+void BM_ConcurrentRandom64K(benchmark::State& state) {
+  SetUpShared(state);
+  const bool write = state.range(0) == 1;
+  AlignedBuffer buf(64 << 10);
+  FillRandom(buf.span(), 8 + state.thread_index());
+  std::mt19937_64 rng(100 + state.thread_index());
+  for (auto _ : state) {
+    uint64_t off = (rng() % (kVolumeBytes >> 16)) << 16;
+    Pool& pool = *shared_pool->bp.pool;
+    Check(write ? pool.Write("v", off, buf.span())
+                : pool.Read("v", "", off, buf.span()));
+  }
+  FinishShared(state, 64 << 10);
+}
+BENCHMARK(BM_ConcurrentRandom64K)
+    ->ArgName("write")
+    ->Arg(0)
+    ->Arg(1)
+    ->Threads(1)
+    ->Threads(4)
+    ->Threads(16)
+    ->MinTime(3)
+    ->UseRealTime();
+
+// Sequential 1 MiB reads or writes, 8 in flight: 8 threads, each through
+// its own eighth of the volume.
+void BM_ConcurrentSequential1M(benchmark::State& state) {
+  SetUpShared(state);
+  const bool write = state.range(0) == 1;
+  AlignedBuffer buf(kIoBytes);
+  FillRandom(buf.span(), 20 + state.thread_index());
+  const uint64_t region = kVolumeBytes / state.threads();
+  const uint64_t base = region * state.thread_index();
+  uint64_t at = 0;
+  for (auto _ : state) {
+    Pool& pool = *shared_pool->bp.pool;
+    uint64_t off = base + at;
+    at = (at + kIoBytes) % region;
+    Check(write ? pool.Write("v", off, buf.span())
+                : pool.Read("v", "", off, buf.span()));
+  }
+  FinishShared(state, kIoBytes);
+}
+BENCHMARK(BM_ConcurrentSequential1M)
+    ->ArgName("write")
+    ->Arg(0)
+    ->Arg(1)
+    ->Threads(8)
+    ->MinTime(3)
+    ->UseRealTime();
+
+// The latency of a 4 KiB read, idle and while another thread writes 1 GiB
+// into another volume of the pool and commits it: p50 and p99 of each, and
+// their ratio (the goal: busy p99 <= 3x idle p99).
+void BM_ConcurrentReadLatencyDuringWrite(benchmark::State& state) {
+  SetUpShared(state);
+  Pool& pool = *shared_pool->bp.pool;
+  AlignedBuffer buf(4096);
+  std::mt19937_64 rng(30);
+  auto one_read = [&] {
+    uint64_t off = (rng() % (kVolumeBytes >> 12)) << 12;
+    auto start = std::chrono::steady_clock::now();
+    Check(pool.Read("v", "", off, buf.span()));
+    return std::chrono::duration<double, std::micro>(
+               std::chrono::steady_clock::now() - start)
+        .count();
+  };
+  auto pct = [](std::vector<double> v, double p) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0.0 : v[static_cast<size_t>(p * (v.size() - 1))];
+  };
+  std::vector<double> idle, busy;
+  for (auto _ : state) {
+    idle.clear();
+    busy.clear();
+    for (int i = 0; i < 3000; ++i) idle.push_back(one_read());
+    std::atomic<bool> done{false};
+    std::thread writer([&] {
+      AlignedBuffer big(16 << 20);
+      FillRandom(big.span(), 31);
+      for (uint64_t off = 0; off < kVolumeBytes; off += big.size()) {
+        big.data()[0] = static_cast<std::byte>(off >> 24);
+        Check(pool.Write("w", off, big.span()));
+      }
+      Check(pool.Flush());
+      done = true;
+    });
+    while (!done.load()) busy.push_back(one_read());
+    writer.join();
+  }
+  state.counters["idle_p50_us"] = pct(idle, 0.5);
+  state.counters["idle_p99_us"] = pct(idle, 0.99);
+  state.counters["busy_p50_us"] = pct(busy, 0.5);
+  state.counters["busy_p99_us"] = pct(busy, 0.99);
+  state.counters["p99_ratio"] = pct(busy, 0.99) / pct(idle, 0.99);
+  state.counters["busy_reads"] = static_cast<double>(busy.size());
+}
+BENCHMARK(BM_ConcurrentReadLatencyDuringWrite)
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
 }  // namespace
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  delete shared_pool;
+  return 0;
+}

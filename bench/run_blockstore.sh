@@ -25,7 +25,7 @@ rm -f "$f"
 echo
 
 echo "## blockstore_bench (median of 5)"
-"$build"/bench/blockstore_bench --benchmark_repetitions=5 \
+"$build"/bench/blockstore_bench --benchmark_filter=-BM_Concurrent --benchmark_repetitions=5 \
   --benchmark_report_aggregates_only=true --benchmark_counters_tabular=true 2>/dev/null |
   grep -E '^(Benchmark|BM_.*_median)'
 echo

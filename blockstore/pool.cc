@@ -330,7 +330,6 @@ absl::Status Pool::ResizeVolume(absl::string_view name, uint64_t size_bytes) {
   absl::Status s;
   {
     WriteGuard guard(*this, name, 0, internal::kWholeVolume);
-    ReadTicket ticket(*this);
     absl::StatusOr<VolumeRec*> v = FindWritableVolume(name);
     if (!v.ok()) return v.status();
     const uint64_t old_size = (*v)->size_bytes;
@@ -606,6 +605,7 @@ absl::Status Pool::PlaceLocked(absl::string_view volume,
   // level), then copy-on-write the paths and install the entries.
   std::vector<uint64_t> chunks;
   for (const Placement& p : places) chunks.push_back(p.chunk);
+  ReadTicket ticket(*this);  // the walk reads nodes outside the lock
   Loaded loaded;
   std::vector<Entry> old;
   std::vector<Missing> missing;
@@ -667,9 +667,6 @@ absl::Status Pool::WriteLocked(absl::string_view volume, uint64_t offset_bytes,
         std::min((end - 1) / c_size, first + BatchChunks() - 1);
     const uint64_t n = last - first + 1;
     const uint64_t batch_end = std::min(end, (last + 1) * c_size);
-    if (bounce.size() < n * c_size) {
-      bounce = AlignedBuffer::Uninitialized(n * c_size);
-    }
     places.clear();
     for (uint64_t c = first; c <= last; ++c) {
       const uint64_t cb = c * c_size;
@@ -682,12 +679,17 @@ absl::Status Pool::WriteLocked(absl::string_view volume, uint64_t offset_bytes,
         places.push_back({c, {user, c_size}});
         continue;
       }
+      // Only chunks the caller's buffer cannot give whole take memory here.
+      if (bounce.size() < n * c_size) {
+        bounce = AlignedBuffer::Uninitialized(n * c_size);
+      }
       std::span<std::byte> slot(bounce.data() + (c - first) * c_size, c_size);
       std::memset(slot.data(), 0, c_size);
       if (pos > cb || batch_end < ce) {
         // Partial chunk: read-modify-write (this call owns the chunk: no
         // other write changes it meanwhile). Bytes past the volume end stay
         // zero.
+        ReadTicket ticket(*this);
         if (absl::Status s = ReadLocked(volume, nullptr, size_bytes, volume, cb,
                                         slot.first(ce - cb));
             !s.ok()) {
@@ -725,7 +727,6 @@ absl::Status Pool::Write(absl::string_view volume, uint64_t offset_bytes,
                        offset_bytes, " is past the end of volume '", volume,
                        "' (", (*v)->size_bytes, " bytes)"));
     }
-    ReadTicket ticket(*this);
     s = WriteLocked(volume, offset_bytes, data);
   }
   if (s.ok()) s = MaybeCommit();
@@ -775,7 +776,6 @@ absl::Status Pool::WriteChunks(absl::string_view volume,
     std::vector<Placement> places;
     places.reserve(writes.size());
     for (const ChunkWrite& w : writes) places.push_back({w.chunk, w.data});
-    ReadTicket ticket(*this);
     s = PlaceLocked(volume, places);
   }
   if (s.ok()) s = MaybeCommit();
@@ -803,7 +803,6 @@ absl::Status Pool::Trim(absl::string_view volume, uint64_t offset_bytes,
                        offset_bytes, " is past the end of volume '", volume,
                        "' (", (*v)->size_bytes, " bytes)"));
     }
-    ReadTicket ticket(*this);
     s = TrimLocked(volume, offset_bytes, length_bytes);
   }
   if (s.ok()) s = MaybeCommit();

@@ -428,7 +428,9 @@ class Pool {
   absl::Status DecRefNode(uint64_t id, int level)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Room for `chunks` new chunks and `nodes` new nodes, committing (lock
-  // held) first if space the open transaction freed would make it.
+  // held) first if space the open transaction freed would make it, and
+  // waiting for reads that hold freed space back. The caller holds no read
+  // ticket.
   absl::Status EnsureSpace(uint64_t chunks, uint64_t nodes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Free runs of data chunks of at least this many bytes go back to the disk

@@ -234,7 +234,11 @@ absl::Status Pool::LoadLocked(bool repair) {
 }
 
 absl::Status Pool::MaybeCommit() {
-  if (cache_.dirty_count() < tuning_.auto_commit_dirty_nodes) {
+  // Enough dirty metadata, or enough space freed (overwrites) that it
+  // should become reusable.
+  if (cache_.dirty_count() < tuning_.auto_commit_dirty_nodes &&
+      space_.held_count() <
+          std::max<uint64_t>(1024, space_.free_chunks() / 4)) {
     return absl::OkStatus();
   }
   // Another caller's group is open: its commit takes this work along. A

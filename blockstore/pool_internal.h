@@ -41,7 +41,8 @@ class Pool::ReadTicket {
   // Runs where it was made, with the lock held (the analysis cannot name
   // the pool's mutex through the member).
   ~ReadTicket() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-    pool_.space_.EndRead(ticket_);
+    // Space it held back may be what a full pool waits for (EnsureSpace).
+    if (pool_.space_.EndRead(ticket_)) pool_.cv_.notify_all();
   }
   ReadTicket(const ReadTicket&) = delete;
   ReadTicket& operator=(const ReadTicket&) = delete;

@@ -73,15 +73,21 @@ absl::StatusOr<uint64_t> Pool::AllocNode() {
 }
 
 absl::Status Pool::EnsureSpace(uint64_t chunks, uint64_t nodes) {
+  if (!failed_.ok()) return failed_;
   // The catalog is rewritten at every commit: keep room for it.
   // (A transaction adds at most a few records to it; 4 KiB of slack.)
   nodes += DivRoundUp(sb_.catalog_bytes + 4096, kCatalogPayload) + 1;
-  if ((space_.free_chunks() < chunks || space_.free_nodes() < nodes) &&
-      space_.has_held()) {
+  auto short_of_space = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return space_.free_chunks() < chunks || space_.free_nodes() < nodes;
+  };
+  if (short_of_space() && space_.has_held()) {
     // Space freed by the open transaction becomes usable once it commits
     // (and once reads that began before have ended).
     if (absl::Status s = CommitLocked(CommitLock::kHold); !s.ok()) return s;
   }
+  // Freed and durable, but reads from before still run: they end soon (no
+  // caller here holds a read ticket of its own, so none waits for itself).
+  while (short_of_space() && space_.has_deferred()) cv_.wait(mu_);
   if (space_.free_chunks() < chunks) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "pool ", io_.name(), " is out of space: need ", chunks, " chunks, ",

@@ -121,7 +121,7 @@ SpaceMap::Frees SpaceMap::TakeHeld() {
 void SpaceMap::Release(Frees frees) {
   for (uint64_t i : frees.index) state_[i] = kDeferred;
   deferred_.push_back({epoch_++, std::move(frees.index)});
-  ReleaseDeferred();
+  (void)ReleaseDeferred();
 }
 
 uint64_t SpaceMap::BeginRead() {
@@ -130,24 +130,27 @@ uint64_t SpaceMap::BeginRead() {
   return epoch_;
 }
 
-void SpaceMap::EndRead(uint64_t ticket) {
+bool SpaceMap::EndRead(uint64_t ticket) {
   auto it = readers_.find(ticket);
   if (--it->second == 0) readers_.erase(it);
   --reader_count_;
-  ReleaseDeferred();
+  return ReleaseDeferred();
 }
 
-void SpaceMap::ReleaseDeferred() {
+bool SpaceMap::ReleaseDeferred() {
   // A batch released at epoch E may still be read by readers whose ticket
   // is <= E (they began before); none of them is left once the oldest
   // ticket is newer.
   const uint64_t oldest = readers_.empty()
                               ? std::numeric_limits<uint64_t>::max()
                               : readers_.begin()->first;
+  bool freed = false;
   while (!deferred_.empty() && deferred_.front().epoch < oldest) {
     for (uint64_t i : deferred_.front().index) MakeFree(i);
+    freed = freed || !deferred_.front().index.empty();
     deferred_.pop_front();
   }
+  return freed;
 }
 
 std::vector<uint64_t> SpaceMap::TakeFreedChunks() {

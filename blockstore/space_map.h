@@ -92,8 +92,13 @@ class SpaceMap {
   // them outside it holds a ticket from before its first look-up until its
   // last device read has finished.
   uint64_t BeginRead();
-  void EndRead(uint64_t ticket);
+  // True if space became free (it had waited for this reader).
+  bool EndRead(uint64_t ticket);
   size_t readers() const { return reader_count_; }
+  // Freed by a durable commit, waiting for older readers to end.
+  bool has_deferred() const { return !deferred_.empty(); }
+  // Blocks the open transaction freed (held until it commits).
+  uint64_t held_count() const { return held_.size(); }
 
   // Data chunks freed since the last call (candidates for a discard).
   std::vector<uint64_t> TakeFreedChunks();
@@ -134,7 +139,8 @@ class SpaceMap {
   uint32_t Drop(uint64_t index);
   // A block whose state ends becomes allocatable (if still unused).
   void MakeFree(uint64_t index);
-  void ReleaseDeferred();
+  // True if it freed anything.
+  bool ReleaseDeferred();
 
   Superblock shape_;
   std::vector<uint32_t> counts_;
