@@ -285,7 +285,8 @@ class Pool {
   // The scrub: walks every tree from disk (not the cache), verifying node
   // checksums, Merkle digests, reference counts, free-space accounting and
   // canonical form; with `verify_data`, re-hashes every referenced chunk.
-  // Commits pending changes first.
+  // Commits pending changes first and checks that commit, without holding
+  // the pool's lock while it reads: other calls go on meanwhile.
   struct CheckReport {
     std::vector<std::string> problems;  // empty = consistent
     std::vector<std::string> notes;     // expected after a crash, not errors
@@ -539,17 +540,23 @@ class Pool {
                                                         DiffState& st)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   struct CheckState;
-  // Walks the catalog and every tree into `st` (computed counts, problems).
-  void CheckAllTrees(CheckState& st) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Walks the catalog and every tree of `st` (a copy, as of a commit) from
+  // disk into `st` (computed counts, problems). Needs no lock: the caller
+  // holds a read ticket from that commit on.
+  void CheckAllTrees(CheckState& st);
   void CheckRoot(CheckState& st, const Entry& root, uint64_t size_bytes,
-                 const std::string& where) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                 const std::string& where);
+  // The check's walk, without the lock: superblocks, trees, counts against
+  // `counts`, and with `verify_data` every chunk's digest.
+  void Walk(CheckState& st, const Superblock& sb,
+            const std::vector<uint32_t>& counts,
+            const std::string& count_damage, bool verify_data);
   // Replaces the loaded counts by those of a walk of every tree.
   absl::Status RebuildCounts() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::optional<Digest> CheckTree(CheckState& st, uint64_t id, int level,
                                   uint64_t base, uint64_t chunk_count,
                                   uint64_t parent_birth,
-                                  const std::string& where)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                                  const std::string& where);
 
   std::unique_ptr<Io> owned_io_;
   Io& device_;                  // the Io the pool was opened on

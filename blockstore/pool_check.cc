@@ -4,11 +4,17 @@
 
 #include "absl/strings/str_cat.h"
 #include "blockstore/pool.h"
+#include "blockstore/pool_internal.h"
 #include "blockstore/util.h"
 
 namespace blockstore {
 
+// What the check walks: a copy of the pool's state as of a commit, so that
+// the walk runs without the lock (under a read ticket, which keeps every
+// block that commit reaches from being reused meanwhile).
 struct Pool::CheckState {
+  Catalog catalog;
+  std::vector<uint64_t> catalog_nodes;
   CheckReport report;
   std::vector<uint32_t> refs;                         // computed counts
   std::unordered_map<uint64_t, Digest> node_digest;   // visited nodes
@@ -22,11 +28,11 @@ std::optional<Digest> Pool::CheckTree(CheckState& st, uint64_t id, int level,
                                       uint64_t base, uint64_t chunk_count,
                                       uint64_t parent_birth,
                                       const std::string& where) {
-  if (id < sb_.meta_start || id >= sb_.meta_start + sb_.meta_count) {
+  if (!ValidNodeId(id)) {
     st.Problem(absl::StrCat(where, ": node id ", id, " out of range"));
     return std::nullopt;
   }
-  if (st.refs[space_.NodeIndex(id)]++ > 0) {
+  if (st.refs[id - shape_.meta_start]++ > 0) {
     auto it = st.node_digest.find(id);
     if (it == st.node_digest.end()) return std::nullopt;  // reported already
     return it->second;
@@ -66,11 +72,11 @@ std::optional<Digest> Pool::CheckTree(CheckState& st, uint64_t id, int level,
     }
     if (level == 0) {
       if (IsDataPtr(e.ptr)) {
-        if (e.ptr < sb_.data_start ||
-            e.ptr >= sb_.data_start + sb_.data_count) {
+        if (e.ptr < shape_.data_start ||
+            e.ptr >= shape_.data_start + shape_.data_count) {
           st.Problem(absl::StrCat(at, ": data chunk ", e.ptr, " out of range"));
         } else {
-          ++st.refs[space_.ChunkIndex(e.ptr)];
+          ++st.refs[shape_.meta_count + (e.ptr - shape_.data_start)];
           auto [it, fresh] = st.chunk_digest.emplace(e.ptr, e.digest);
           if (!fresh && it->second != e.digest) {
             st.Problem(
@@ -111,12 +117,12 @@ std::optional<Digest> Pool::CheckTree(CheckState& st, uint64_t id, int level,
 }
 
 void Pool::CheckAllTrees(CheckState& st) {
-  for (uint64_t id : catalog_nodes_) {
-    if (st.refs[space_.NodeIndex(id)]++ > 0) {
+  for (uint64_t id : st.catalog_nodes) {
+    if (st.refs[id - shape_.meta_start]++ > 0) {
       st.Problem(absl::StrCat("catalog node ", id, " is linked twice"));
     }
   }
-  for (const auto& [name, v] : catalog_.volumes) {
+  for (const auto& [name, v] : st.catalog.volumes) {
     CheckRoot(st, v.root, v.size_bytes, absl::StrCat("volume ", name));
     for (const SnapshotRec& s : v.snapshots) {
       CheckRoot(st, s.root, s.size_bytes,
@@ -138,6 +144,8 @@ void Pool::CheckRoot(CheckState& st, const Entry& root, uint64_t size_bytes,
 
 absl::Status Pool::RebuildCounts() {
   CheckState st;
+  st.catalog = catalog_;
+  st.catalog_nodes = catalog_nodes_;
   st.refs.assign(space_.counts().size(), 0);
   CheckAllTrees(st);
   if (!st.report.problems.empty()) {
@@ -188,18 +196,35 @@ absl::StatusOr<Pool::Repaired> Pool::RepairPool(std::unique_ptr<Pool> pool) {
 absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
   MutexLock lock(mu_);
   if (!failed_.ok()) return failed_;
-  // The check reads what is on disk: commit first, and keep the lock from
-  // there on, so that nothing changes between the commit and the walk.
+  // The check reads what is on disk: commit first, and take a copy of that
+  // commit's catalog, counts and superblock; the walk then runs without the
+  // lock while the pool goes on serving.
   if (absl::Status s = Fail(CommitLocked(CommitLock::kHold)); !s.ok()) {
     return s;
   }
-  const std::vector<uint32_t>& counts = space_.counts();
+  const std::vector<uint32_t> counts = space_.counts();
+  const Superblock sb = sb_;
+  const std::string count_damage = count_damage_;
   CheckState st;
+  st.catalog = catalog_;
+  st.catalog_nodes = catalog_nodes_;
   st.refs.assign(counts.size(), 0);
+  ReadTicket ticket(*this);
+  mu_.unlock();
+  Walk(st, sb, counts, count_damage, verify_data);
+  mu_.lock();
+  return std::move(st.report);
+}
 
-  // Superblocks: the older one may be torn by a crash; that is expected.
+void Pool::Walk(CheckState& st, const Superblock& sb,
+                const std::vector<uint32_t>& counts,
+                const std::string& count_damage, bool verify_data) {
+  // Superblocks: the older one may be torn by a crash (or be mid-write by
+  // a commit now); that is expected.
   AlignedBuffer sbs(2 * kSuperblockSize);
-  if (absl::Status s = io_.ReadAt(0, sbs.span()); !s.ok()) return s;
+  if (absl::Status s = io_.ReadAt(0, sbs.span()); !s.ok()) {
+    st.Problem(absl::StrCat("reading the superblocks: ", s.message()));
+  }
   for (int i = 0; i < 2; ++i) {
     Superblock other;
     std::string why;
@@ -211,15 +236,15 @@ absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
       st.report.notes.push_back(
           absl::StrCat("superblock ", i == 0 ? "A" : "B", ": ", why,
                        " (the other one is in use; normal after a crash)"));
-    } else if (other.pool_guid != sb_.pool_guid) {
+    } else if (other.pool_guid != sb.pool_guid) {
       st.Problem(absl::StrCat("superblock ", i == 0 ? "A" : "B",
                               " belongs to another pool"));
     }
   }
 
-  if (!count_damage_.empty()) {
+  if (!count_damage.empty()) {
     st.Problem(absl::StrCat(
-        count_damage_,
+        count_damage,
         ": the counts were rebuilt from the trees to read; write them back "
         "with 'tandem pool check --repair'"));
   }
@@ -228,13 +253,13 @@ absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
   uint64_t used_nodes = 0;
   uint64_t used_chunks = 0;
   for (uint64_t i = 0; i < counts.size(); ++i) {
-    bool is_node = i < sb_.meta_count;
+    bool is_node = i < shape_.meta_count;
     if (counts[i] != 0) ++(is_node ? used_nodes : used_chunks);
     if (counts[i] == st.refs[i]) continue;
     std::string what =
-        is_node
-            ? absl::StrCat("metadata node ", sb_.meta_start + i)
-            : absl::StrCat("data chunk ", sb_.data_start + i - sb_.meta_count);
+        is_node ? absl::StrCat("metadata node ", shape_.meta_start + i)
+                : absl::StrCat("data chunk ",
+                               shape_.data_start + i - shape_.meta_count);
     if (st.refs[i] == 0) {
       st.Problem(absl::StrCat(what, ": leaked (reference count ", counts[i],
                               ", no references)"));
@@ -243,9 +268,9 @@ absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
                               st.refs[i], " references"));
     }
   }
-  if (used_nodes != sb_.used_nodes || used_chunks != sb_.used_chunks) {
+  if (used_nodes != sb.used_nodes || used_chunks != sb.used_chunks) {
     st.Problem(absl::StrCat("free-space accounting: superblock says ",
-                            sb_.used_nodes, " nodes and ", sb_.used_chunks,
+                            sb.used_nodes, " nodes and ", sb.used_chunks,
                             " chunks in use, the table says ", used_nodes,
                             " and ", used_chunks));
   }
@@ -255,7 +280,7 @@ absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
                                                     st.chunk_digest.end());
     std::sort(chunks.begin(), chunks.end(),
               [](const auto& a, const auto& b) { return a.first < b.first; });
-    const uint64_t c_size = sb_.chunk_size;
+    const uint64_t c_size = shape_.chunk_size;
     constexpr size_t kBatch = 256;
     AlignedBuffer buf(kBatch * c_size);
     for (size_t at = 0; at < chunks.size(); at += kBatch) {
@@ -279,8 +304,6 @@ absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
       }
     }
   }
-  cache_.DropClean();  // the check read around it; start clean
-  return std::move(st.report);
 }
 
 }  // namespace blockstore

@@ -15,6 +15,7 @@
 //    node cache evicting).
 #include <atomic>
 #include <barrier>
+#include <condition_variable>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -395,6 +396,79 @@ TEST(PoolConcurrencyTest, OverlappingPartialWritesAreOrdered) {
   }
   ASSERT_TRUE(pool->Flush().ok());
   EXPECT_THAT(pool->Check(true)->problems, ::testing::IsEmpty());
+}
+
+// Holds the reads of one thread (the scrub's) until opened.
+class GateIo : public IoWrapper {
+ public:
+  using IoWrapper::IoWrapper;
+  void Hold(std::thread::id who) {
+    std::lock_guard<std::mutex> lock(mu_);
+    held_ = who;
+  }
+  void WaitUntilHolding() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return waiting_; });
+  }
+  void Open() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+  absl::Status Read(std::span<const ReadOp> ops) override {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (std::this_thread::get_id() == held_ && !open_) {
+        waiting_ = true;
+        cv_.notify_all();
+        cv_.wait(lock, [&] { return open_; });
+      }
+    }
+    return IoWrapper::Read(ops);
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::thread::id held_;
+  bool waiting_ = false;
+  bool open_ = false;
+};
+
+// The scrub reads the pool without its lock: while it is stopped in the
+// middle of a read, writes, reads, snapshots and commits go on.
+TEST(PoolConcurrencyTest, TheScrubDoesNotStopOtherCalls) {
+  MemIo mem(32 << 20);
+  GateIo io(mem);
+  ASSERT_NE(testing_util::MakePool(mem, kChunk), nullptr);
+  absl::StatusOr<std::unique_ptr<Pool>> opened =
+      Pool::Open(io, OpenMode::kReadWrite);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  Pool& p = **opened;
+  ASSERT_TRUE(p.CreateVolume("v", 1 << 20).ok());
+  ASSERT_TRUE(p.Write("v", 0, TestData(1 << 20, 3)).ok());
+  ASSERT_TRUE(p.Flush().ok());
+
+  absl::StatusOr<Pool::CheckReport> report;
+  std::thread scrub([&] {
+    io.Hold(std::this_thread::get_id());
+    report = p.Check(true);
+  });
+  io.WaitUntilHolding();
+  std::vector<std::byte> d = TestData(100 << 10, 4);
+  EXPECT_TRUE(p.Write("v", 5000, d).ok());
+  std::vector<std::byte> got(d.size());
+  EXPECT_TRUE(p.Read("v", "", 5000, got).ok());
+  EXPECT_EQ(got, d);
+  EXPECT_TRUE(p.CreateSnapshot("v", "during").ok());
+  EXPECT_TRUE(p.Flush().ok());
+  io.Open();
+  scrub.join();
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_THAT(report->problems, ::testing::IsEmpty());
+  EXPECT_GT(report->chunks_checked, 0u);
+  // And the state after: consistent too.
+  EXPECT_THAT(p.Check(true)->problems, ::testing::IsEmpty());
 }
 
 }  // namespace
