@@ -315,6 +315,7 @@ absl::Status Pool::SetVolumeReadOnly(absl::string_view name, bool read_only,
   if (!v.ok()) return v.status();
   (*v)->read_only = read_only;
   changed_ = true;
+  guard.Release();
   if (InGroup(group)) return absl::OkStatus();
   return Fail(CommitLocked(CommitLock::kRelease, group));
 }
@@ -381,6 +382,7 @@ absl::Status Pool::DeleteVolume(absl::string_view name, bool with_snapshots,
   }
   catalog_.volumes.erase(catalog_.volumes.find(name));
   changed_ = true;
+  guard.Release();
   return Fail(CommitLocked(CommitLock::kRelease, group));
 }
 

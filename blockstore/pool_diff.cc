@@ -372,6 +372,8 @@ absl::StatusOr<SnapshotInfo> Pool::FinishReceive(
   volumes.erase(volumes.find(staging));
   changed_ = true;
   SnapshotInfo info = InfoOf(dest, rec);
+  volume_guard.Release();
+  staging_guard.Release();
   if (absl::Status s = Fail(CommitLocked(CommitLock::kRelease, group));
       !s.ok()) {
     return s;

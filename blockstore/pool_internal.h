@@ -74,7 +74,12 @@ class Pool::WriteGuard {
     write_ = {std::string(volume), first, last};
   }
   // As ~ReadTicket: with the lock held.
-  ~WriteGuard() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  ~WriteGuard() ABSL_NO_THREAD_SAFETY_ANALYSIS { Release(); }
+  // Gives the chunks up before the scope ends: before a commit, which may
+  // wait for another caller's group, whose calls may need these chunks.
+  void Release() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    if (released_) return;
+    released_ = true;
     auto& writes = pool_.writes_;
     for (auto it = writes.begin(); it != writes.end(); ++it) {
       if (it->volume == write_.volume && it->first == write_.first &&
@@ -91,6 +96,7 @@ class Pool::WriteGuard {
  private:
   Pool& pool_;
   InFlightWrite write_;
+  bool released_ = false;
 };
 
 }  // namespace blockstore

@@ -398,6 +398,30 @@ TEST(PoolConcurrencyTest, OverlappingPartialWritesAreOrdered) {
   EXPECT_THAT(pool->Check(true)->problems, ::testing::IsEmpty());
 }
 
+// A call that waits for another caller's group to end holds nothing the
+// group's own calls need: the group goes on, commits, and the call follows.
+TEST(PoolConcurrencyTest, AGroupIsNotBlockedByACallWaitingForIt) {
+  MemIo io(16 << 20);
+  std::unique_ptr<Pool> pool = testing_util::MakePool(io, kChunk);
+  ASSERT_TRUE(pool->CreateVolume("x", 1 << 20).ok());
+  ASSERT_TRUE(pool->CreateVolume("y", 1 << 20).ok());
+  Pool::Group group = pool->BeginGroup();
+  ASSERT_TRUE(pool->SetProperty("k", "1", &group).ok());
+  absl::Status deleted;
+  std::thread other([&] { deleted = pool->DeleteVolume("y", false); });
+  // The delete is applied before its commit waits for the group.
+  while (pool->GetVolume("y").ok()) std::this_thread::yield();
+  EXPECT_TRUE(absl::IsNotFound(pool->SetVolumeReadOnly("y", true, &group)));
+  EXPECT_TRUE(pool->SetVolumeReadOnly("x", true, &group).ok());
+  const uint64_t before = pool->Info().generation;
+  EXPECT_TRUE(group.Commit().ok());
+  other.join();
+  EXPECT_TRUE(deleted.ok()) << deleted;
+  EXPECT_GT(pool->Info().generation, before);
+  EXPECT_TRUE(pool->GetVolume("x")->read_only);
+  EXPECT_EQ(pool->Properties().at("k"), "1");
+}
+
 // Holds the reads of one thread (the scrub's) until opened.
 class GateIo : public IoWrapper {
  public:
