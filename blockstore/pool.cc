@@ -927,18 +927,36 @@ absl::Status Pool::DeleteSnapshot(absl::string_view volume,
   };
   if (absl::Status s = find(); !s.ok()) return s;
   if (absl::Status s = EnsureSpace(0, 0); !s.ok()) return s;
-  absl::StatusOr<VolumeRec*> v = FindVolume(volume);
-  if (!v.ok()) return v.status();
-  auto& snaps = (*v)->snapshots;
-  auto it = std::find_if(snaps.begin(), snaps.end(),
-                         [&](const SnapshotRec& s) { return s.name == name; });
-  if (it == snaps.end()) return FindSnapshot(**v, name).status();
-  if (absl::Status s = DecRef(it->root.ptr, Depth(ChunkCount(it->size_bytes)));
-      !s.ok()) {
-    return Fail(s);
+  {
+    // What only this snapshot holds is freed: its nodes are read first,
+    // outside the lock.
+    ReadTicket ticket(*this);
+    Loaded loaded;
+    absl::StatusOr<VolumeRec*> v = FindVolume(volume);
+    if (!v.ok()) return v.status();
+    absl::StatusOr<const SnapshotRec*> snap = FindSnapshot(**v, name);
+    if (!snap.ok()) return snap.status();
+    const Entry root = (*snap)->root;
+    const int depth = Depth(ChunkCount((*snap)->size_bytes));
+    if (absl::Status s = PrefetchExclusive(root, depth, loaded); !s.ok()) {
+      return s;
+    }
+    // Looked up again: the lock was out.
+    v = FindVolume(volume);
+    if (!v.ok()) return v.status();
+    auto& snaps = (*v)->snapshots;
+    auto it =
+        std::find_if(snaps.begin(), snaps.end(),
+                     [&](const SnapshotRec& s) { return s.name == name; });
+    if (it == snaps.end()) return FindSnapshot(**v, name).status();
+    if (absl::Status s =
+            DecRef(it->root.ptr, Depth(ChunkCount(it->size_bytes)), &loaded);
+        !s.ok()) {
+      return Fail(s);
+    }
+    snaps.erase(it);
+    changed_ = true;
   }
-  snaps.erase(it);
-  changed_ = true;
   absl::Status s = InGroup(group)
                        ? absl::OkStatus()
                        : Fail(CommitLocked(CommitLock::kRelease, group));

@@ -424,9 +424,19 @@ class Pool {
   absl::StatusOr<uint64_t> AllocNode() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void IncRef(uint64_t ptr, int level) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // `level` is the level of the node holding the pointer: 0 = data chunk.
-  absl::Status DecRef(uint64_t ptr, int level)
+  // A node it frees is looked for in `loaded` (PrefetchExclusive) before
+  // it is read with the lock held.
+  absl::Status DecRef(uint64_t ptr, int level, Loaded* loaded = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status DecRefNode(uint64_t id, int level)
+  absl::Status DecRefNode(uint64_t id, int level, Loaded* loaded = nullptr)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Reads, outside the lock and a batch per level, the nodes that dropping
+  // one reference to the tree `root` (of `depth` levels) would free (those
+  // only it holds), up to kMaxPrefetchNodes, into `loaded`. Best effort:
+  // what changes meanwhile is read under the lock by DecRef. The caller
+  // holds a read ticket.
+  static constexpr size_t kMaxPrefetchNodes = 4096;
+  absl::Status PrefetchExclusive(const Entry& root, int depth, Loaded& loaded)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Room for `chunks` new chunks and `nodes` new nodes, committing (lock
   // held) first if space the open transaction freed would make it, and

@@ -109,7 +109,7 @@ void Pool::IncRef(uint64_t ptr, int level) {
   }
 }
 
-absl::Status Pool::DecRef(uint64_t ptr, int level) {
+absl::Status Pool::DecRef(uint64_t ptr, int level, Loaded* loaded) {
   if (level == 0) {
     if (!IsDataPtr(ptr)) return absl::OkStatus();
     if (space_.ChunkRefs(ptr) == 0) {
@@ -120,10 +120,10 @@ absl::Status Pool::DecRef(uint64_t ptr, int level) {
     return absl::OkStatus();
   }
   if (ptr == 0) return absl::OkStatus();
-  return DecRefNode(ptr, level - 1);
+  return DecRefNode(ptr, level - 1, loaded);
 }
 
-absl::Status Pool::DecRefNode(uint64_t id, int level) {
+absl::Status Pool::DecRefNode(uint64_t id, int level, Loaded* loaded) {
   if (space_.NodeRefs(id) == 0) {
     return absl::DataLossError(
         absl::StrCat("metadata node ", id, " freed twice (refcount 0)"));
@@ -132,13 +132,46 @@ absl::Status Pool::DecRefNode(uint64_t id, int level) {
     space_.DropNodeRef(id);
     return absl::OkStatus();
   }
-  absl::StatusOr<Node*> node = Load(id, level);
+  absl::StatusOr<Node*> node = Load(id, level, loaded);
   if (!node.ok()) return node.status();
   for (const Entry& e : (*node)->e) {
-    if (absl::Status s = DecRef(e.ptr, level); !s.ok()) return s;
+    if (absl::Status s = DecRef(e.ptr, level, loaded); !s.ok()) return s;
   }
   cache_.Erase(id);
   space_.DropNodeRef(id);
+  if (loaded != nullptr) loaded->erase(id);
+  return absl::OkStatus();
+}
+
+absl::Status Pool::PrefetchExclusive(const Entry& root, int depth,
+                                     Loaded& loaded) {
+  std::vector<Missing> frontier;
+  if (root.ptr != 0 && ValidNodeId(root.ptr) &&
+      space_.NodeRefs(root.ptr) == 1) {
+    frontier.push_back({root.ptr, depth - 1});
+  }
+  size_t fetched = 0;
+  while (!frontier.empty() && fetched < kMaxPrefetchNodes) {
+    std::vector<Missing> missing = frontier;
+    fetched += missing.size();
+    if (absl::Status s = LoadMissing(missing, loaded); !s.ok()) return s;
+    std::vector<Missing> next;
+    for (const Missing& m : frontier) {
+      if (m.level == 0) continue;  // its children are data chunks
+      const Node* n = cache_.Find(m.id);
+      if (n == nullptr) {
+        auto it = loaded.find(m.id);
+        if (it == loaded.end()) continue;
+        n = it->second.get();
+      }
+      for (const Entry& e : n->e) {
+        if (e.ptr != 0 && ValidNodeId(e.ptr) && space_.NodeRefs(e.ptr) == 1) {
+          next.push_back({e.ptr, m.level - 1});
+        }
+      }
+    }
+    frontier = std::move(next);
+  }
   return absl::OkStatus();
 }
 

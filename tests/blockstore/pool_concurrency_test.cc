@@ -495,5 +495,44 @@ TEST(PoolConcurrencyTest, TheScrubDoesNotStopOtherCalls) {
   EXPECT_THAT(p.Check(true)->problems, ::testing::IsEmpty());
 }
 
+// Deleting a snapshot reads the nodes only it holds outside the lock: while
+// those reads are stopped, another volume is written and read.
+TEST(PoolConcurrencyTest, DeletingASnapshotReadsItsNodesOutsideTheLock) {
+  MemIo mem(64 << 20);
+  {
+    std::unique_ptr<Pool> pool = testing_util::MakePool(mem, kChunk);
+    ASSERT_TRUE(pool->CreateVolume("v", 8 << 20).ok());
+    ASSERT_TRUE(pool->CreateVolume("w", 1 << 20).ok());
+    ASSERT_TRUE(pool->Write("v", 0, TestData(8 << 20, 5)).ok());
+    ASSERT_TRUE(pool->CreateSnapshot("v", "s").ok());
+    ASSERT_TRUE(pool->Write("v", 0, TestData(8 << 20, 6)).ok());  // all new
+    ASSERT_TRUE(pool->Flush().ok());
+  }
+  GateIo io(mem);
+  absl::StatusOr<std::unique_ptr<Pool>> opened =
+      Pool::Open(io, OpenMode::kReadWrite);  // a cold cache
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  Pool& p = **opened;
+  const uint64_t loaded_before = p.stats().nodes_loaded;
+  absl::Status deleted;
+  std::thread deleter([&] {
+    io.Hold(std::this_thread::get_id());
+    deleted = p.DeleteSnapshot("v", "s");
+  });
+  io.WaitUntilHolding();
+  std::vector<std::byte> d = TestData(200 << 10, 7);
+  EXPECT_TRUE(p.Write("w", 0, d).ok());
+  std::vector<std::byte> got(d.size());
+  EXPECT_TRUE(p.Read("w", "", 0, got).ok());
+  EXPECT_EQ(got, d);
+  io.Open();
+  deleter.join();
+  EXPECT_TRUE(deleted.ok()) << deleted;
+  EXPECT_GT(p.stats().nodes_loaded, loaded_before + 10);
+  ASSERT_TRUE(p.Flush().ok());
+  EXPECT_THAT(p.Check(true)->problems, ::testing::IsEmpty());
+  EXPECT_EQ(testing_util::ReadAll(p, "v"), TestData(8 << 20, 6));
+}
+
 }  // namespace
 }  // namespace blockstore
