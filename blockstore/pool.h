@@ -306,10 +306,11 @@ class Pool {
   // caller owns it: DeleteSnapshot, SetProperty and SetVolumeReadOnly given
   // the group do not commit one by one, Commit() commits them; DeleteVolume
   // and FinishReceive given it commit as usual, taking the group's changes
-  // with them. While a group is open, every other caller's commit waits for
-  // it to end (a commit forced by a full pool excepted), so nothing of the
-  // group reaches the disk half done; a second BeginGroup waits too. Ending
-  // without Commit (destruction) leaves its changes to the next commit.
+  // with them. While a group is open, every other caller's commit (and
+  // Check) waits for it to end (a commit forced by a full pool excepted), so
+  // nothing of the group reaches the disk half done; a second BeginGroup
+  // waits too (so a caller never opens two at once). Ending without Commit
+  // (destruction) leaves its changes to the next commit.
   class Group {
    public:
     Group(Group&& other) noexcept

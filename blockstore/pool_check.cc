@@ -198,7 +198,9 @@ absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
   if (!failed_.ok()) return failed_;
   // The check reads what is on disk: commit first, and take a copy of that
   // commit's catalog, counts and superblock; the walk then runs without the
-  // lock while the pool goes on serving.
+  // lock while the pool goes on serving. Not in the middle of another
+  // caller's group, nor of another commit (the lock is held from here on).
+  while (open_group_ != 0 || committing_) cv_.wait(mu_);
   if (absl::Status s = Fail(CommitLocked(CommitLock::kHold)); !s.ok()) {
     return s;
   }
