@@ -178,11 +178,12 @@ class UringIo final : public FileIo {
   static constexpr size_t kMaxRings = 64;
   // A call keeps at most this many bytes of writes at the device, in
   // requests of at most this size: a read arriving behind them waits for
-  // about 1 MiB of writes, not for a whole 16 MiB batch (measured with fio
-  // on the virtio disk here: a 64 KiB read's p99 under a stream of 16 MiB
-  // writes 3.6 ms, under 1 MiB ones at depth 1 0.35 ms, for 85% of the
-  // write bandwidth). Reads are not capped.
-  static constexpr size_t kWriteBytesInFlight = 512 << 10;
+  // about that much, not for a whole 16 MiB batch. The size trades a read's
+  // tail latency beside a large write for one writer's bandwidth (here:
+  // 512 KiB gave a 3.4-5.3x p99 ratio and 0.91 s per GiB written, 1 MiB 5.7x
+  // and 0.85 s, 2 MiB 10.7x and 0.73 s, no cap 80x and 0.57-0.81 s;
+  // bench/RESULTS.md). Reads are not capped.
+  static constexpr size_t kWriteBytesInFlight = 2 << 20;
 
   UringIo(int fd, std::string path, uint64_t size, bool direct,
           std::unique_ptr<io_uring> first)
