@@ -177,13 +177,13 @@ class UringIo final : public FileIo {
   // in the device anyway, and each ring pins a little kernel memory.
   static constexpr size_t kMaxRings = 64;
   // A call keeps at most this many bytes of writes at the device, in
-  // requests of at most this size: a read arriving behind them waits for
-  // about that much, not for a whole 16 MiB batch. The size trades a read's
-  // tail latency beside a large write for one writer's bandwidth (here:
-  // 512 KiB gave a 3.4-5.3x p99 ratio and 0.91 s per GiB written, 1 MiB 5.7x
-  // and 0.85 s, 2 MiB 10.7x and 0.73 s, no cap 80x and 0.57-0.81 s;
-  // bench/RESULTS.md). Reads are not capped.
-  static constexpr size_t kWriteBytesInFlight = 2 << 20;
+  // requests of at most this size, so a read arriving behind a 16 MiB write
+  // waits for half of it, not all. Smaller caps shorten a read's tail
+  // further but throttle one writer: at 2 MiB a receive kept only 32 of its
+  // scattered 64 KiB chunks in flight and the daemon baseline fell from 0.88
+  // to 0.59 of the disk. 8 MiB is the ring's depth of 64 KiB chunks
+  // (bench/RESULTS.md has the trade-off measured). Reads are not capped.
+  static constexpr size_t kWriteBytesInFlight = 8 << 20;
 
   UringIo(int fd, std::string path, uint64_t size, bool direct,
           std::unique_ptr<io_uring> first)
