@@ -477,6 +477,10 @@ class Pool {
   // cache with the lock held (a walk over nodes that may change meanwhile).
   absl::Status Prefetch(std::vector<uint64_t>& ids, int level, Loaded* loaded)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A new dirty node at `level`, born in the open transaction, its id
+  // allocated (count 1), its entries for the caller to fill.
+  absl::StatusOr<std::unique_ptr<Node>> NewNode(int level)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Makes the node `ref` points at (at `level`) writable, copying it if it
   // is shared or already on disk, materializing it if empty; updates `ref`.
   absl::StatusOr<Node*> Cow(Entry& ref, int level, Loaded* loaded)

@@ -358,21 +358,26 @@ void Pool::TrimCache() { cache_.Trim(tuning_.max_cached_nodes); }
 // ---------------------------------------------------------------------------
 // Copy-on-write
 
+absl::StatusOr<std::unique_ptr<Node>> Pool::NewNode(int level) {
+  absl::StatusOr<uint64_t> id = AllocNode();
+  if (!id.ok()) return id.status();
+  auto node = std::make_unique<Node>();
+  node->id = *id;
+  node->birth = gen_;
+  node->level = level;
+  node->dirty = node->stale = true;
+  return node;
+}
+
 absl::StatusOr<Node*> Pool::Cow(Entry& ref, int level, Loaded* loaded) {
   if (ref.ptr == 0) {
     // Materialize an empty subtree. Its entries inherit the birth of the
     // empty pointer, so a later diff still sees when the range was emptied.
-    absl::StatusOr<uint64_t> id = AllocNode();
-    if (!id.ok()) return id.status();
-    auto node = std::make_unique<Node>();
-    node->id = *id;
-    node->birth = gen_;
-    node->level = level;
-    node->dirty = node->stale = true;
-    for (Entry& e : node->e) e = {0, ref.birth, NullEntryDigest(level)};
-    ref.ptr = *id;
-    ref.birth = gen_;
-    return cache_.Insert(std::move(node));
+    absl::StatusOr<std::unique_ptr<Node>> node = NewNode(level);
+    if (!node.ok()) return node.status();
+    for (Entry& e : (*node)->e) e = {0, ref.birth, NullEntryDigest(level)};
+    ref = {(*node)->id, gen_, ref.digest};
+    return cache_.Insert(std::move(*node));
   }
   absl::StatusOr<Node*> old = Load(ref.ptr, level, loaded);
   if (!old.ok()) return old.status();
@@ -381,19 +386,14 @@ absl::StatusOr<Node*> Pool::Cow(Entry& ref, int level, Loaded* loaded) {
     ref.birth = gen_;
     return *old;
   }
-  absl::StatusOr<uint64_t> id = AllocNode();
-  if (!id.ok()) return id.status();
-  auto node = std::make_unique<Node>();
-  node->id = *id;
-  node->birth = gen_;
-  node->level = level;
-  node->dirty = node->stale = true;
-  node->e = (*old)->e;
-  for (const Entry& e : node->e) IncRef(e.ptr, level);
+  absl::StatusOr<std::unique_ptr<Node>> node = NewNode(level);
+  if (!node.ok()) return node.status();
+  (*node)->e = (*old)->e;
+  for (const Entry& e : (*node)->e) IncRef(e.ptr, level);
   uint64_t old_id = ref.ptr;
-  ref.ptr = *id;
+  ref.ptr = (*node)->id;
   ref.birth = gen_;
-  Node* out = cache_.Insert(std::move(node));
+  Node* out = cache_.Insert(std::move(*node));
   if (absl::Status s = DecRefNode(old_id, level); !s.ok()) return s;
   return out;
 }
@@ -449,19 +449,14 @@ absl::Status Pool::ResizeLocked(VolumeRec& v, uint64_t size_bytes) {
   } else {
     for (; depth < new_depth; ++depth) {
       if (v.root.ptr == 0) continue;
-      absl::StatusOr<uint64_t> id = AllocNode();
-      if (!id.ok()) return id.status();
-      auto node = std::make_unique<Node>();
-      node->id = *id;
-      node->birth = gen_;
-      node->level = depth;
-      node->dirty = node->stale = true;
-      node->e[0] = v.root;
+      absl::StatusOr<std::unique_ptr<Node>> node = NewNode(depth);
+      if (!node.ok()) return node.status();
+      (*node)->e[0] = v.root;
       for (int i = 1; i < kFanout; ++i) {
-        node->e[i] = {0, gen_, NullEntryDigest(depth)};
+        (*node)->e[i] = {0, gen_, NullEntryDigest(depth)};
       }
-      cache_.Insert(std::move(node));
-      v.root = {*id, gen_, {}};
+      v.root = {(*node)->id, gen_, {}};
+      cache_.Insert(std::move(*node));
     }
   }
   v.size_bytes = size_bytes;
