@@ -9,10 +9,12 @@
 
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <deque>
 #include <mutex>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "blockstore/io.h"
 #include "blockstore/mutex.h"
@@ -184,6 +186,12 @@ class UringIo final : public FileIo {
   // to 0.59 of the disk. 8 MiB is the ring's depth of 64 KiB chunks
   // (bench/RESULTS.md has the trade-off measured). Reads are not capped.
   static constexpr size_t kWriteBytesInFlight = 8 << 20;
+  // While reads are at the device, or ended less than kReadWindow ago, a
+  // call keeps at most this much of its writes there instead, so a read
+  // waits behind a few of them, not 8 MiB: the writer yields to readers
+  // (the kernel's writeback throttling does the same for buffered writes).
+  static constexpr size_t kWriteBytesBesideReads = 128 << 10;
+  static constexpr std::chrono::milliseconds kReadWindow{5};
 
   UringIo(int fd, std::string path, uint64_t size, bool direct,
           std::unique_ptr<io_uring> first)
@@ -321,18 +329,26 @@ class UringIo final : public FileIo {
     absl::StatusOr<Ring> acquired = Acquire();
     if (!acquired.ok()) return acquired.status();
     io_uring* ring = acquired->get();
+    const bool reading = !todo.front()->write;
+    if (reading) reads_in_flight_.fetch_add(1, std::memory_order_relaxed);
+    absl::Cleanup read_ended = [&] {
+      if (!reading) return;
+      last_read_end_ns_.store(NowNs(), std::memory_order_relaxed);
+      reads_in_flight_.fetch_sub(1, std::memory_order_relaxed);
+    };
     absl::Status first_error;
     unsigned in_flight = 0;
     size_t write_bytes = 0;  // of the requests in flight
     while (!todo.empty() || in_flight > 0) {
+      const size_t write_cap = reading ? 0 : WriteCap();
       unsigned queued = 0;
       while (!todo.empty() && in_flight + queued < kDepth) {
         Piece* p = todo.front();
         // A piece larger than a request goes out in parts: the rest of it
         // stays at the front of the queue.
-        const size_t cap = p->write ? kWriteBytesInFlight : size_t{1} << 30;
+        const size_t cap = p->write ? write_cap : size_t{1} << 30;
         if (p->write && write_bytes > 0 &&
-            write_bytes + std::min(p->len, cap) > kWriteBytesInFlight) {
+            write_bytes + std::min(p->len, cap) > write_cap) {
           break;
         }
         io_uring_sqe* sqe = io_uring_get_sqe(ring);
@@ -404,10 +420,28 @@ class UringIo final : public FileIo {
     return first_error;
   }
 
+  static int64_t NowNs() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+  // How much of one call's writes may be at the device now.
+  size_t WriteCap() const {
+    if (reads_in_flight_.load(std::memory_order_relaxed) > 0 ||
+        NowNs() - last_read_end_ns_.load(std::memory_order_relaxed) <
+            std::chrono::nanoseconds(kReadWindow).count()) {
+      return kWriteBytesBesideReads;
+    }
+    return kWriteBytesInFlight;
+  }
+
   Mutex mu_;
   CondVar idle_cv_;
   std::vector<Ring> idle_ ABSL_GUARDED_BY(mu_);
   size_t rings_ ABSL_GUARDED_BY(mu_) = 0;  // idle and in use
+  // Calls reading now, and when the last one ended (steady clock, ns).
+  std::atomic<int> reads_in_flight_{0};
+  std::atomic<int64_t> last_read_end_ns_{0};
 };
 
 absl::Status Lock(int fd, absl::string_view path, OpenMode mode) {
