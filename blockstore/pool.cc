@@ -634,7 +634,9 @@ absl::Status Pool::PlaceLocked(absl::string_view volume,
   for (size_t i = 0; i < places.size(); ++i) {
     Placement& p = places[i];
     absl::StatusOr<Entry*> e = LeafEntryForWrite(**v, p.chunk, &loaded);
-    absl::Status s = e.ok() ? DecRef((*e)->ptr, 0) : e.status();
+    absl::Status s = !e.ok()  ? e.status()
+                     : p.zero ? DecRef((*e)->ptr, 0)
+                              : DecRefOverwritten((*e)->ptr);
     if (!s.ok()) {
       unreserve();
       return s;

@@ -110,17 +110,23 @@ void Pool::IncRef(uint64_t ptr, int level) {
 }
 
 absl::Status Pool::DecRef(uint64_t ptr, int level, Loaded* loaded) {
-  if (level == 0) {
-    if (!IsDataPtr(ptr)) return absl::OkStatus();
-    if (space_.ChunkRefs(ptr) == 0) {
-      return absl::DataLossError(
-          absl::StrCat("data chunk ", ptr, " freed twice (refcount 0)"));
-    }
-    space_.DropChunkRef(ptr);
-    return absl::OkStatus();
-  }
+  if (level == 0) return DropChunk(ptr, SpaceMap::Freed::kGiveBack);
   if (ptr == 0) return absl::OkStatus();
   return DecRefNode(ptr, level - 1, loaded);
+}
+
+absl::Status Pool::DecRefOverwritten(uint64_t ptr) {
+  return DropChunk(ptr, SpaceMap::Freed::kReuse);
+}
+
+absl::Status Pool::DropChunk(uint64_t ptr, SpaceMap::Freed why) {
+  if (!IsDataPtr(ptr)) return absl::OkStatus();
+  if (space_.ChunkRefs(ptr) == 0) {
+    return absl::DataLossError(
+        absl::StrCat("data chunk ", ptr, " freed twice (refcount 0)"));
+  }
+  space_.DropChunkRef(ptr, why);
+  return absl::OkStatus();
 }
 
 absl::Status Pool::DecRefNode(uint64_t id, int level, Loaded* loaded) {

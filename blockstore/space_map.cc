@@ -11,6 +11,7 @@ SpaceMap::SpaceMap(const Superblock& shape) : shape_(shape) {
   uint64_t total = shape.meta_count + shape.data_count;
   counts_.assign(total, 0);
   state_.assign(total, kInUseOrFree);
+  reuse_.assign(total, false);
   Recount();
 }
 
@@ -24,6 +25,9 @@ void SpaceMap::LoadPage(uint64_t page, std::span<const std::byte, 4096> raw) {
 
 void SpaceMap::SetCounts(std::vector<uint32_t> counts) {
   counts_ = std::move(counts);
+  reuse_.assign(counts_.size(), false);
+  reusable_.clear();
+  reusable_count_ = 0;
 }
 
 void SpaceMap::Recount() {
@@ -47,12 +51,13 @@ void SpaceMap::Set(uint64_t index, uint32_t count) {
   dirty_pages_.insert(index / kCountsPerPage);
 }
 
-uint32_t SpaceMap::Drop(uint64_t index) {
+uint32_t SpaceMap::Drop(uint64_t index, Freed why) {
   uint32_t left = counts_[index] - 1;
   Set(index, left);
   if (left == 0) {
     state_[index] = kHeld;
     held_.push_back(index);
+    reuse_[index] = why == Freed::kReuse && !IsNodeIndex(index);
   }
   return left;
 }
@@ -62,8 +67,13 @@ void SpaceMap::MakeFree(uint64_t index) {
   if (counts_[index] != 0) return;
   if (IsNodeIndex(index)) {
     ++free_nodes_;
+    return;
+  }
+  ++free_chunks_;
+  if (reuse_[index]) {
+    reusable_.push_back(index);
+    ++reusable_count_;
   } else {
-    ++free_chunks_;
     freed_chunks_.push_back(AddressOf(index));
   }
 }
@@ -84,18 +94,31 @@ std::optional<uint64_t> SpaceMap::AllocNode() {
 
 std::optional<uint64_t> SpaceMap::ReserveChunk() {
   if (free_chunks_ == 0) return std::nullopt;
+  while (!reusable_.empty()) {
+    uint64_t i = reusable_.front();
+    reusable_.pop_front();
+    if (Free(i) && reuse_[i]) return Reserve(i);
+  }
   for (uint64_t n = 0; n < shape_.data_count; ++n) {
     uint64_t c = (chunk_cursor_ + n) % shape_.data_count;
     uint64_t i = shape_.meta_count + c;
     if (Free(i)) {
       chunk_cursor_ = c + 1;
-      state_[i] = kReserved;
-      --free_chunks_;
-      ++reserved_chunks_;
-      return shape_.data_start + c;
+      return Reserve(i);
     }
   }
   return std::nullopt;
+}
+
+uint64_t SpaceMap::Reserve(uint64_t index) {
+  if (reuse_[index]) {
+    reuse_[index] = false;
+    --reusable_count_;
+  }
+  state_[index] = kReserved;
+  --free_chunks_;
+  ++reserved_chunks_;
+  return AddressOf(index);
 }
 
 void SpaceMap::Install(uint64_t phys) {
@@ -146,7 +169,11 @@ bool SpaceMap::ReleaseDeferred() {
                               : readers_.begin()->first;
   bool freed = false;
   while (!deferred_.empty() && deferred_.front().epoch < oldest) {
+    // Each batch's reusable chunks in address order, so that a large write
+    // taking several gets adjacent ones (one request, not many).
+    const size_t reusable_before = reusable_.size();
     for (uint64_t i : deferred_.front().index) MakeFree(i);
+    std::sort(reusable_.begin() + reusable_before, reusable_.end());
     freed = freed || !deferred_.front().index.empty();
     deferred_.pop_front();
   }
@@ -171,13 +198,13 @@ std::vector<std::pair<uint64_t, uint64_t>> SpaceMap::BeginDiscard(
   std::vector<std::pair<uint64_t, uint64_t>> runs;  // flat indices
   uint64_t covered = first;  // indices below this are in `runs`
   for (uint64_t i : freed) {
-    if (i < covered || !Free(i)) continue;
+    if (i < covered || !Discardable(i)) continue;
     uint64_t lo = i, hi = i + 1;
     while (lo > std::max(first, covered) && i - lo < min_chunks &&
-           Free(lo - 1)) {
+           Discardable(lo - 1)) {
       --lo;
     }
-    while (hi < end && hi - i < min_chunks && Free(hi)) ++hi;
+    while (hi < end && hi - i < min_chunks && Discardable(hi)) ++hi;
     if (!runs.empty() && runs.back().second == lo) {
       runs.back().second = hi;  // the run before goes on
     } else if (hi - lo >= min_chunks) {

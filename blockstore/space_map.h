@@ -13,6 +13,13 @@
 // Only blocks in none of these states are allocated; nothing a reader or the
 // last commit may hold is ever reused.
 //
+// A data chunk freed by an overwrite (the write put the chunk's new bytes
+// elsewhere) is needed again at once by the writes that follow, so it stays
+// in the file: it is reused first and never discarded. A chunk freed any
+// other way (a deleted snapshot or volume, a trim, zeros written, a
+// rollback) is a candidate for a discard, so that deleting gives space back
+// to the file system or device.
+//
 // Node ids and chunk numbers are the on-disk addresses (format.h): a node id
 // is a 4 KiB block number, a chunk number a chunk_size block number. The map
 // keeps one flat table [nodes..., chunks...] and its reference-count pages
@@ -56,14 +63,22 @@ class SpaceMap {
   void AddNodeRef(uint64_t id) { Add(NodeIndex(id)); }
   void AddChunkRef(uint64_t phys) { Add(ChunkIndex(phys)); }
   // Drops one reference (the count must be > 0) and returns how many are
-  // left; at 0 the block becomes held.
-  uint32_t DropNodeRef(uint64_t id) { return Drop(NodeIndex(id)); }
-  uint32_t DropChunkRef(uint64_t phys) { return Drop(ChunkIndex(phys)); }
+  // left; at 0 the block becomes held. `why` says what a chunk freed so
+  // becomes once it is free: reused first, or a candidate for a discard.
+  enum class Freed { kGiveBack, kReuse };
+  uint32_t DropNodeRef(uint64_t id) {
+    return Drop(NodeIndex(id), Freed::kGiveBack);
+  }
+  uint32_t DropChunkRef(uint64_t phys, Freed why = Freed::kGiveBack) {
+    return Drop(ChunkIndex(phys), why);
+  }
 
   // A free node, its count set to 1; nullopt when none is free.
   std::optional<uint64_t> AllocNode();
-  // A free chunk, reserved (count 0); nullopt when none is free. Install
-  // gives it its first reference; Unreserve gives it back.
+  // A free chunk, reserved (count 0); nullopt when none is free. Chunks an
+  // overwrite freed come first, oldest first; then the next free one after
+  // the last taken. Install gives it its first reference; Unreserve gives
+  // it back.
   std::optional<uint64_t> ReserveChunk();
   void Install(uint64_t phys);
   void Unreserve(uint64_t phys);
@@ -100,12 +115,15 @@ class SpaceMap {
   // Blocks the open transaction freed (held until it commits).
   uint64_t held_count() const { return held_.size(); }
 
-  // Data chunks freed since the last call (candidates for a discard).
+  // Data chunks freed since the last call that are candidates for a
+  // discard (not those an overwrite freed).
   std::vector<uint64_t> TakeFreedChunks();
+  // Free chunks an overwrite freed, waiting to be reused.
+  uint64_t reusable_chunks() const { return reusable_count_; }
   // Runs of free chunks of at least `min_chunks` around `freed` (from
-  // TakeFreedChunks), each as [first chunk number, end): every chunk in
-  // them is reserved until EndDiscard, so none is handed out while its
-  // space goes back to the disk.
+  // TakeFreedChunks), each as [first chunk number, end), leaving out chunks
+  // kept for reuse: every chunk in them is reserved until EndDiscard, so
+  // none is handed out while its space goes back to the disk.
   std::vector<std::pair<uint64_t, uint64_t>> BeginDiscard(
       std::vector<uint64_t> freed, uint64_t min_chunks);
   void EndDiscard(std::span<const std::pair<uint64_t, uint64_t>> runs);
@@ -134,9 +152,13 @@ class SpaceMap {
   bool Free(uint64_t index) const {
     return counts_[index] == 0 && state_[index] == kInUseOrFree;
   }
+  // Free and not kept for reuse: may be discarded.
+  bool Discardable(uint64_t index) const { return Free(index) && !reuse_[index]; }
   void Set(uint64_t index, uint32_t count);
   void Add(uint64_t index) { Set(index, counts_[index] + 1); }
-  uint32_t Drop(uint64_t index);
+  uint32_t Drop(uint64_t index, Freed why);
+  // Takes a free chunk (flat index) for a write.
+  uint64_t Reserve(uint64_t index);
   // A block whose state ends becomes allocatable (if still unused).
   void MakeFree(uint64_t index);
   // True if it freed anything.
@@ -155,6 +177,12 @@ class SpaceMap {
   std::map<uint64_t, uint64_t> readers_;  // ticket epoch -> readers
   size_t reader_count_ = 0;
   std::vector<uint64_t> freed_chunks_;  // chunk numbers
+  // Set from an overwrite's drop until the chunk is taken again; the free
+  // ones are queued in `reusable_` (indices, oldest first; an entry whose
+  // chunk was taken since is skipped).
+  std::vector<bool> reuse_;
+  std::deque<uint64_t> reusable_;
+  uint64_t reusable_count_ = 0;
   std::unordered_set<uint64_t> dirty_pages_;
   uint64_t free_nodes_ = 0;
   uint64_t free_chunks_ = 0;

@@ -117,6 +117,48 @@ TEST(SpaceMapTest, DiscardsOnlyRunsLongEnoughAndReservesThemMeanwhile) {
   EXPECT_EQ(map.free_chunks(), 6u);
 }
 
+TEST(SpaceMapTest, ChunksAnOverwriteFreedAreReusedFirstAndNotDiscarded) {
+  SpaceMap map(Shape());
+  for (int i = 0; i < 20; ++i) map.Install(*map.ReserveChunk());
+  // An overwrite frees 57, 53, 54 (in that order); a delete frees 50..52
+  // and 55, 56: the run 50..56 a discard would take is broken by the
+  // overwritten ones.
+  for (uint64_t phys : {57, 53, 54}) {
+    map.DropChunkRef(phys, SpaceMap::Freed::kReuse);
+  }
+  for (uint64_t phys : {50, 51, 52, 55, 56}) map.DropChunkRef(phys);
+  map.Release(map.TakeHeld());
+  EXPECT_EQ(map.free_chunks(), 8u);
+  EXPECT_EQ(map.reusable_chunks(), 3u);
+  std::vector<uint64_t> freed = map.TakeFreedChunks();
+  EXPECT_THAT(freed, ::testing::UnorderedElementsAre(50, 51, 52, 55, 56));
+  std::vector<std::pair<uint64_t, uint64_t>> runs = map.BeginDiscard(freed, 3);
+  ASSERT_EQ(runs.size(), 1u);
+  EXPECT_EQ(runs[0], std::make_pair(uint64_t{50}, uint64_t{53}));
+  // The overwritten ones come back first, in address order.
+  EXPECT_EQ(map.ReserveChunk(), 53u);
+  EXPECT_EQ(map.ReserveChunk(), 54u);
+  EXPECT_EQ(map.ReserveChunk(), 57u);
+  EXPECT_EQ(map.reusable_chunks(), 0u);
+  EXPECT_EQ(map.ReserveChunk(), 55u);  // then the cursor: 50..52 are reserved
+  map.EndDiscard(runs);
+  EXPECT_EQ(map.free_chunks(), 4u);
+}
+
+TEST(SpaceMapTest, AChunkStillSharedIsNotKeptForReuse) {
+  SpaceMap map(Shape());
+  uint64_t phys = *map.ReserveChunk();
+  map.Install(phys);
+  map.AddChunkRef(phys);  // a snapshot shares it
+  EXPECT_EQ(map.DropChunkRef(phys, SpaceMap::Freed::kReuse), 1u);
+  map.Release(map.TakeHeld());
+  EXPECT_EQ(map.reusable_chunks(), 0u);
+  EXPECT_EQ(map.DropChunkRef(phys), 0u);  // the snapshot is deleted
+  map.Release(map.TakeHeld());
+  EXPECT_EQ(map.reusable_chunks(), 0u);
+  EXPECT_EQ(map.TakeFreedChunks(), std::vector<uint64_t>{phys});
+}
+
 TEST(SpaceMapTest, PagesCarryTheCountsAndTheirChanges) {
   SpaceMap map(Shape());
   uint64_t id = *map.AllocNode();
