@@ -282,6 +282,7 @@ struct SharedPool {
   uint64_t data_offset = 0;
 };
 SharedPool* shared_pool = nullptr;
+uint64_t commits_before = 0;  // the shared pool's, when a case began
 
 // Resident memory of the process, MiB.
 double RssMiB() {
@@ -297,6 +298,9 @@ void SetUpShared(benchmark::State& state) {
   if (state.thread_index() == 0 && shared_pool == nullptr) {
     shared_pool = new SharedPool();
   }
+  if (state.thread_index() == 0) {
+    commits_before = shared_pool->bp.pool->stats().commits;
+  }
 }
 
 void FinishShared(benchmark::State& state, uint64_t bytes_each) {
@@ -304,6 +308,8 @@ void FinishShared(benchmark::State& state, uint64_t bytes_each) {
   state.SetBytesProcessed(state.iterations() * bytes_each);
   if (state.thread_index() == 0) {
     state.counters["rss_MiB"] = RssMiB();
+    state.counters["commits"] = static_cast<double>(
+        shared_pool->bp.pool->stats().commits - commits_before);
     state.SetLabel("data_offset=" + std::to_string(shared_pool->data_offset));
   }
 }
