@@ -162,7 +162,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(
       ", control ", config.control,
       config.metrics ? absl::StrCat(", metrics on port ", d->metrics_port_)
                      : "",
-      ", ", config.pools.size(), " pool(s), security ",
+      config.nbd ? absl::StrCat(", nbd on port ", d->nbd_port()) : "", ", ",
+      config.pools.size(), " pool(s), security ",
       config.security.mode == transport::SecurityConfig::Mode::kPlaintext
           ? "NONE (insecure_plaintext)"
       : config.security.mode == transport::SecurityConfig::Mode::kPsk
@@ -205,6 +206,23 @@ absl::Status Daemon::StartServing() {
     metrics_port_ = port;
     metrics_thread_ = std::thread([this] { metrics_->listen_after_bind(); });
   }
+  if (config_.nbd) {
+    std::map<std::string, blockstore::Pool*> pools;
+    for (auto& [name, own] : pools_) pools[name] = own.pool.get();
+    exports_ = std::make_unique<PoolExports>(std::move(pools));
+    transport::NbdServer::Config nbd;
+    nbd.listen = *config_.nbd;
+    nbd.allow = config_.nbd_allow;
+    nbd.handshake_timeout = config_.handshake_timeout;
+    absl::StatusOr<std::unique_ptr<transport::NbdServer>> server =
+        transport::NbdServer::Start(nbd, *exports_, log_);
+    if (!server.ok()) {
+      return absl::Status(server.status().code(),
+                          absl::StrCat("nbd = ", config_.nbd->ToString(), ": ",
+                                       server.status().message()));
+    }
+    nbd_ = std::move(*server);
+  }
   return absl::OkStatus();
 }
 
@@ -219,6 +237,7 @@ void Daemon::Stop() {
   // Peers first: transfers with them end (the receivers keep their resume
   // points); then the servers, whose handlers finish as their transfers do.
   if (peer_server_) peer_server_->Stop();
+  if (nbd_) nbd_->Stop();
   if (control_) control_->stop();
   if (metrics_) metrics_->stop();
   if (scheduler_.joinable()) scheduler_.join();
@@ -274,7 +293,35 @@ absl::StatusOr<ordered_json> Daemon::Run(Operation op, const Endpoint& e,
       relationship, engine::ToString(op), trigger,
       r.ok() ? "ok" : absl::StrCat("error: \"", r.status().message(), "\""),
       bytes, seconds, resumed, retries));
+  // A break or a resync changes volumes' modes: connections to them are
+  // closed now (their clients reconnect to the new mode), not at the
+  // server's next round.
+  if (nbd_) nbd_->Reconcile();
   return r;
+}
+
+ordered_json Daemon::ExportsJson() {
+  ordered_json j = ordered_json::array();
+  if (!exports_) return j;
+  std::vector<transport::NbdServer::ConnectionInfo> conns = nbd_->Connections();
+  for (const transport::NbdExports::Listed& l : exports_->List()) {
+    absl::StatusOr<std::shared_ptr<transport::NbdExport>> e =
+        exports_->Open(l.name);
+    if (!e.ok()) continue;
+    ordered_json c = ordered_json::array();
+    for (const auto& conn : conns) {
+      if (conn.export_name != l.name) continue;
+      c.push_back({{"peer", conn.peer},
+                   {"mode", conn.read_only ? "read-only" : "read-write"},
+                   {"requests", conn.requests},
+                   {"errors", conn.errors}});
+    }
+    j.push_back({{"name", l.name},
+                 {"size_bytes", (*e)->size()},
+                 {"mode", (*e)->read_only() ? "read-only" : "read-write"},
+                 {"connections", std::move(c)}});
+  }
+  return j;
 }
 
 void Daemon::Dispatch(const std::string& id, const Endpoint& e,
@@ -494,12 +541,48 @@ std::string Daemon::Metrics() {
       "that failed\n# TYPE tandem_scheduled_transfers_failed_total counter\n"
       "tandem_scheduled_transfers_failed_total ",
       failed, "\n");
+  if (nbd_) {
+    absl::StrAppend(
+        &out,
+        "# HELP tandem_nbd_export_read_only 1 if the NBD export is read-only "
+        "(a snapshot, or a mirror destination's volume)\n"
+        "# TYPE tandem_nbd_export_read_only gauge\n");
+    const ordered_json exports = ExportsJson();
+    for (const auto& e : exports) {
+      absl::StrAppend(&out, "tandem_nbd_export_read_only{export=\"",
+                      Label(e["name"].get<std::string>()), "\"} ",
+                      e["mode"] == "read-only" ? 1 : 0, "\n");
+    }
+    absl::StrAppend(&out,
+                    "# HELP tandem_nbd_export_connections NBD connections "
+                    "open to the export\n"
+                    "# TYPE tandem_nbd_export_connections gauge\n");
+    for (const auto& e : exports) {
+      absl::StrAppend(&out, "tandem_nbd_export_connections{export=\"",
+                      Label(e["name"].get<std::string>()), "\"} ",
+                      e["connections"].size(), "\n");
+    }
+    absl::StrAppend(
+        &out,
+        "# HELP tandem_nbd_connections_total NBD connections accepted\n"
+        "# TYPE tandem_nbd_connections_total counter\n"
+        "tandem_nbd_connections_total ",
+        nbd_->connections_total(),
+        "\n# HELP tandem_nbd_connections_refused_total NBD connections "
+        "refused (not in nbd_allow, too many)\n"
+        "# TYPE tandem_nbd_connections_refused_total counter\n"
+        "tandem_nbd_connections_refused_total ",
+        nbd_->connections_refused(), "\n");
+  }
   return out;
 }
 
 void Daemon::RegisterMetrics(httplib::Server& http) {
   http.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(Metrics(), "text/plain; version=0.0.4");
+  });
+  http.Get("/exports", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(ExportsJson().dump(2), "application/json");
   });
   http.Get("/status", [this](const httplib::Request&, httplib::Response& res) {
     ordered_json j = ordered_json::array();
@@ -577,6 +660,10 @@ class HttpSink final : public engine::ByteSink {
 }  // namespace
 
 void Daemon::RegisterControl(httplib::Server& http) {
+  http.Get("/v1/exports",
+           [this](const httplib::Request&, httplib::Response& res) {
+             Reply(res, absl::StatusOr<ordered_json>(ExportsJson()));
+           });
   http.Get("/v1/status",
            [this](const httplib::Request& req, httplib::Response& res) {
              ordered_json j = ordered_json::array();

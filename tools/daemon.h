@@ -28,7 +28,9 @@
 #include "engine/local_site.h"
 #include "engine/relationship.h"
 #include "tools/daemon_config.h"
+#include "tools/nbd_exports.h"
 #include "tools/relationship_json.h"
+#include "transport/nbd_server.h"
 #include "transport/peer.h"
 #include "transport/remote_site.h"
 
@@ -58,6 +60,8 @@ class Daemon {
 
   int peer_port() const;
   int metrics_port() const { return metrics_port_; }
+  // 0 when NBD is not served.
+  int nbd_port() const { return nbd_ ? nbd_->port() : 0; }
 
  private:
   class Sites;
@@ -75,6 +79,8 @@ class Daemon {
   // each), as status reports.
   std::vector<engine::RelationshipReport> AllReports();
   std::string Metrics();
+  // The NBD exports, each with its mode and connections (GET /v1/exports).
+  ordered_json ExportsJson();
   // The scheduler: scheduled updates, interrupted operations, releases
   // to finish.
   void Schedule();
@@ -99,6 +105,8 @@ class Daemon {
   std::unique_ptr<transport::PeerServer> peer_server_;
   std::unique_ptr<UnixHttpServer> control_;
   std::unique_ptr<httplib::Server> metrics_;
+  std::unique_ptr<PoolExports> exports_;
+  std::unique_ptr<transport::NbdServer> nbd_;
   std::thread control_thread_, metrics_thread_, scheduler_;
   int metrics_port_ = 0;
 

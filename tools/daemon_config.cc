@@ -1,5 +1,7 @@
 #include "tools/daemon_config.h"
 
+#include <arpa/inet.h>
+
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -22,6 +24,15 @@ std::string Dir(const std::string& file) {
 std::string Resolve(const std::string& dir, const std::string& path) {
   if (path.empty() || path[0] == '/') return path;
   return absl::StrCat(dir, "/", path);
+}
+
+// 127.0.0.0/8, ::1 and "localhost".
+bool IsLoopback(const std::string& host) {
+  in_addr v4;
+  if (inet_pton(AF_INET, host.c_str(), &v4) == 1) {
+    return (ntohl(v4.s_addr) >> 24) == 127;
+  }
+  return host == "::1" || host == "localhost";
 }
 
 }  // namespace
@@ -59,6 +70,8 @@ absl::StatusOr<DaemonConfig> LoadDaemonConfig(const std::string& path) {
                                               "listen",
                                               "control",
                                               "metrics",
+                                              "nbd",
+                                              "nbd_allow",
                                               "checkpoint",
                                               "tls",
                                               "pools",
@@ -107,6 +120,35 @@ absl::StatusOr<DaemonConfig> LoadDaemonConfig(const std::string& path) {
     absl::StatusOr<transport::HostPort> m = transport::ParseHostPort(**metrics);
     if (!m.ok()) return fail("metrics", std::string(m.status().message()));
     c.metrics = *m;
+  }
+  absl::StatusOr<std::optional<std::string>> nbd = string("nbd", false);
+  if (!nbd.ok()) return nbd.status();
+  if (*nbd) {
+    absl::StatusOr<transport::HostPort> n = transport::ParseHostPort(**nbd);
+    if (!n.ok()) return fail("nbd", std::string(n.status().message()));
+    c.nbd = *n;
+  }
+  if (const toml::node* allow = t.get("nbd_allow"); allow != nullptr) {
+    const toml::array* list = allow->as_array();
+    if (list == nullptr) {
+      return fail("nbd_allow", "must be a list of client addresses");
+    }
+    for (const toml::node& a : *list) {
+      std::optional<std::string> v = a.value<std::string>();
+      in6_addr buf;
+      if (!v || (inet_pton(AF_INET, v->c_str(), &buf) != 1 &&
+                 inet_pton(AF_INET6, v->c_str(), &buf) != 1)) {
+        return fail("nbd_allow",
+                    "every entry must be an IP address, e.g. \"192.0.2.7\"");
+      }
+      c.nbd_allow.insert(*v);
+    }
+  }
+  if (c.nbd && c.nbd_allow.empty() && !IsLoopback(c.nbd->host)) {
+    return fail("nbd", absl::StrCat("'", c.nbd->ToString(),
+                                    "' is not loopback: list the clients "
+                                    "allowed in nbd_allow (NBD over TLS is not "
+                                    "offered yet)"));
   }
   absl::StatusOr<std::optional<std::string>> checkpoint =
       string("checkpoint", false);

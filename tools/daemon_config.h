@@ -15,7 +15,10 @@
 //   [peers]
 //   b = "127.0.0.1:7602"              # peer site name = address
 //
-// Optional: insecure_plaintext = true (only where both daemons say so),
+// Optional: nbd = "127.0.0.1:10809" serves the pools' volumes and
+// snapshots over NBD (docs/nbd.md); off loopback it needs nbd_allow =
+// ["192.0.2.7", ...], the client addresses allowed (TLS for NBD is not
+// offered yet). insecure_plaintext = true (only where both daemons say so),
 // timeout = "10s" (a silent peer is dropped), handshake_timeout = "5s",
 // retry = "10s" (how long a transfer retries a lost peer without progress).
 // Relative paths are relative to the config file's folder.
@@ -25,6 +28,7 @@
 #include <chrono>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -39,6 +43,8 @@ struct DaemonConfig {
   transport::HostPort listen;
   std::string control;
   std::optional<transport::HostPort> metrics;
+  std::optional<transport::HostPort> nbd;
+  std::set<std::string> nbd_allow;  // client addresses; empty: any
   uint64_t checkpoint_bytes = 64 << 20;
   transport::SecurityConfig security;
   std::map<std::string, std::string> pools;  // name -> path
