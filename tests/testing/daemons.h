@@ -172,6 +172,7 @@ struct DaemonOptions {
   bool proxy_b_to_a = false;  // b reaches a through a Proxy
   bool proxy_a_to_b = false;
   std::string pool_size = "1G";
+  bool nbd = false;  // serve NBD on a port of its own (nbd_port)
 };
 
 // Two sites, a and b, each a daemon with one pool "p", in a scratch folder.
@@ -190,6 +191,10 @@ class TwoDaemons {
     Spit(dir_ + "/site.psk", std::string(64, 'c'));
     port_["a"] = FreePort();
     port_["b"] = FreePort();
+    if (options_.nbd) {
+      nbd_port_["a"] = FreePort();
+      nbd_port_["b"] = FreePort();
+    }
     if (options_.proxy_b_to_a)
       proxy_["a"] = std::make_unique<Proxy>(port_["a"]);
     if (options_.proxy_a_to_b)
@@ -224,6 +229,11 @@ class TwoDaemons {
     return Slurp(absl::StrCat(dir_, "/", site, ".log"));
   }
   int port(const std::string& site) { return port_[site]; }
+  int nbd_port(const std::string& site) { return nbd_port_[site]; }
+  // nbd://127.0.0.1:PORT/EXPORT of `site`'s daemon.
+  std::string NbdUri(const std::string& site, const std::string& name) {
+    return absl::StrCat("nbd://127.0.0.1:", nbd_port_[site], "/", name);
+  }
   Proxy& proxy(const std::string& site) { return *proxy_.at(site); }
 
   void WriteConfig(const std::string& site, const std::string& extra = "") {
@@ -248,6 +258,9 @@ class TwoDaemons {
              "\"\nhandshake_timeout = \"", options_.handshake_timeout, "\"\n",
              options_.security == "plaintext" ? "insecure_plaintext = true\n"
                                               : "",
+             options_.nbd
+                 ? absl::StrCat("nbd = \"127.0.0.1:", nbd_port_[site], "\"\n")
+                 : "",
              extra, security, "[pools]\np = \"", site, ".pool\"\n[peers]\n",
              other, " = \"127.0.0.1:", other_port, "\"\n"));
   }
@@ -357,6 +370,7 @@ class TwoDaemons {
   const Options options_;
   std::string dir_;
   std::map<std::string, int> port_;
+  std::map<std::string, int> nbd_port_;
   std::map<std::string, pid_t> pids_;
   std::map<std::string, std::unique_ptr<Proxy>> proxy_;
 };
