@@ -5,6 +5,7 @@
 #   delta_reader_fuzz    delta streams (re-sealing mutator), reader and applies
 #   peer_protocol_fuzz   what a peer sends a daemon after TLS: HELLO, frames,
 #                        requests, streams, credits
+#   nbd_fuzz             what an NBD client sends tandemd: options, requests
 # Prints each one's final coverage; exits non-zero on any finding (the
 # crashing input is left in build-fuzz/ and should join the corpus).
 #   scripts/fuzz.sh          # the bounded run scripts/test.sh does (30 s each)
@@ -35,3 +36,4 @@ run() {
 run delta_reader_fuzz ../tests/fuzz/corpus -max_len=1100000
 run peer_protocol_fuzz ../tests/fuzz/peer_corpus -max_len=65536 \
   -dict=../tests/fuzz/peer.dict
+run nbd_fuzz ../tests/fuzz/nbd_corpus -max_len=65536 -dict=../tests/fuzz/nbd.dict

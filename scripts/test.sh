@@ -5,9 +5,9 @@
 #   scripts/test.sh --sanitize thread
 #   scripts/test.sh --soak               # only the long randomized runs
 #   scripts/test.sh --fault              # only the long fault runs (kill -9 x30)
-# The default run starts with 30-second libFuzzer runs of the delta reader
-# and of the peer protocol under ASan and UBSan (scripts/fuzz.sh; clang is
-# installed for it), then clang's -Wthread-safety over every source file
+# The default run starts with 30-second libFuzzer runs of the delta reader,
+# the peer protocol and NBD sessions under ASan and UBSan (scripts/fuzz.sh;
+# clang is installed for it), then clang's -Wthread-safety over every source file
 # (scripts/thread_safety.sh). The daemon tests check metrics with promtool (Debian's
 # prometheus package) and read them with curl: both are installed here.
 set -euo pipefail
@@ -30,7 +30,7 @@ else
   scripts/setup.sh
 fi
 if [[ -z $sanitize && ${labels[0]} == -LE ]]; then
-  echo "fuzz: the delta reader and the peer protocol, 30 s each under ASan/UBSan"
+  echo "fuzz: the delta reader, the peer protocol and NBD sessions, 30 s each under ASan/UBSan"
   scripts/fuzz.sh 30
   scripts/thread_safety.sh "$BUILD_DIR"
 fi

@@ -203,6 +203,9 @@ class DaemonBackend final : public RelationshipBackend {
                    ? absl::StrCat("/v1/status?pool=", UrlEncode(pool))
                    : absl::StrCat("/v1/status?endpoint=", UrlEncode(endpoint)));
   }
+  absl::StatusOr<ordered_json> Exports() override {
+    return c_.Call("GET", "/v1/exports");
+  }
 
  private:
   ControlClient& c_;

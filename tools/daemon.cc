@@ -209,7 +209,7 @@ absl::Status Daemon::StartServing() {
   if (config_.nbd) {
     std::map<std::string, blockstore::Pool*> pools;
     for (auto& [name, own] : pools_) pools[name] = own.pool.get();
-    exports_ = std::make_unique<PoolExports>(std::move(pools));
+    exports_ = std::make_unique<transport::PoolExports>(std::move(pools));
     transport::NbdServer::Config nbd;
     nbd.listen = *config_.nbd;
     nbd.allow = config_.nbd_allow;

@@ -28,7 +28,7 @@
 #include "engine/local_site.h"
 #include "engine/relationship.h"
 #include "tools/daemon_config.h"
-#include "tools/nbd_exports.h"
+#include "transport/nbd_exports.h"
 #include "tools/relationship_json.h"
 #include "transport/nbd_server.h"
 #include "transport/peer.h"
@@ -105,7 +105,7 @@ class Daemon {
   std::unique_ptr<transport::PeerServer> peer_server_;
   std::unique_ptr<UnixHttpServer> control_;
   std::unique_ptr<httplib::Server> metrics_;
-  std::unique_ptr<PoolExports> exports_;
+  std::unique_ptr<transport::PoolExports> exports_;
   std::unique_ptr<transport::NbdServer> nbd_;
   std::thread control_thread_, metrics_thread_, scheduler_;
   int metrics_port_ = 0;

@@ -299,7 +299,38 @@ void AddRelationshipCommands(
                    "pool name)")
       ->envname("TANDEM_POOL");
   status->add_flag("--json", args.as_json, "one JSON object per relationship");
+  status->add_flag("--exports", args.exports,
+                   "the daemon's NBD exports instead: mode, size, connections");
   status->callback([a = &args, act, backend] {
+    if (a->exports) {
+      absl::StatusOr<std::unique_ptr<RelationshipBackend>> b = backend();
+      if (!b.ok()) return act(b.status());
+      absl::StatusOr<ordered_json> e = (*b)->Exports();
+      if (!e.ok()) return act(e.status());
+      if (a->as_json) {
+        std::cout << e->dump(2) << "\n";
+        return;
+      }
+      if (e->empty())
+        std::printf("no NBD exports (nbd is not set, or no volumes)\n");
+      for (const auto& x : *e) {
+        std::printf(
+            "%s  %s  %s  %zu connection(s)\n",
+            x["name"].get<std::string>().c_str(),
+            x["mode"].get<std::string>().c_str(),
+            blockstore::FormatBytes(x["size_bytes"].get<uint64_t>()).c_str(),
+            x["connections"].size());
+        for (const auto& c : x["connections"]) {
+          std::printf(
+              "    from %s  %s  %llu requests, %llu errors\n",
+              c["peer"].get<std::string>().c_str(),
+              c["mode"].get<std::string>().c_str(),
+              static_cast<unsigned long long>(c["requests"].get<uint64_t>()),
+              static_cast<unsigned long long>(c["errors"].get<uint64_t>()));
+        }
+      }
+      return;
+    }
     if (a->endpoint.empty() && a->status_pool.empty()) {
       return act(absl::InvalidArgumentError(
           "name a relationship ([SITE/]POOL:VOLUME) or a pool (--pool or "

@@ -72,6 +72,11 @@ class RelationshipBackend {
   // ReportJson objects: of one relationship, or of every one in `pool`.
   virtual absl::StatusOr<ordered_json> Status(const std::string& endpoint,
                                               const std::string& pool) = 0;
+  // The daemon's NBD exports (GET /v1/exports); only through a daemon.
+  virtual absl::StatusOr<ordered_json> Exports() {
+    return absl::FailedPreconditionError(
+        "NBD exports are a daemon's: give --daemon SOCKET (or TANDEM_DAEMON)");
+  }
 };
 
 // The engine in this process, on pool files and devices.
@@ -90,6 +95,7 @@ struct RelationshipArgs {
                                    endpoint, status_pool;
   bool yes = false;
   bool as_json = false;
+  bool exports = false;
 };
 
 // Registers `relationship ...` and `status` on `app`; each runs against

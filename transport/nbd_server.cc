@@ -50,8 +50,8 @@ uint32_t ErrorOf(const absl::Status& s) {
 class Handshake {
  public:
   Handshake(NbdStream& stream, NbdExports& exports,
-            const NbdSessionOptions& options, const Log& log)
-      : stream_(stream), exports_(exports), options_(options), log_(log) {}
+            const NbdSessionOptions& options)
+      : stream_(stream), exports_(exports), options_(options) {}
 
   // The export chosen, or nullptr if the client aborted; an error if the
   // connection ended or broke the protocol.
@@ -243,7 +243,6 @@ class Handshake {
   NbdStream& stream_;
   NbdExports& exports_;
   const NbdSessionOptions& options_;
-  const Log& log_;
   bool no_zeroes_ = false;
   bool structured_ = false;
   bool meta_selected_ = false;
@@ -525,7 +524,7 @@ void SetTimeout(int fd, int option, std::chrono::milliseconds t) {
 absl::Status ServeNbdSession(NbdStream& stream, NbdExports& exports,
                              const NbdSessionOptions& options,
                              NbdSessionState& state, const Log& log) {
-  Handshake hs(stream, exports, options, log);
+  Handshake hs(stream, exports, options);
   absl::StatusOr<std::shared_ptr<NbdExport>> exp = hs.Run();
   if (!exp.ok()) return exp.status();
   if (*exp == nullptr) return absl::OkStatus();  // NBD_OPT_ABORT

@@ -28,6 +28,37 @@ TEST(DaemonConfigTest, TheDocumentedExampleIsValid) {
   EXPECT_EQ(c->pools.at("p"), "/srv/a.pool");
   EXPECT_EQ(c->peers.at("b").port, 7602);
   EXPECT_EQ(c->timeout.count(), 10000);
+  ASSERT_TRUE(c->nbd.has_value());
+  EXPECT_EQ(c->nbd->ToString(), "127.0.0.1:10809");
+  EXPECT_TRUE(c->nbd_allow.empty());
+}
+
+TEST(DaemonConfigTest, NbdOffLoopbackNeedsAnAllowList) {
+  const std::string dir = ::testing::TempDir();
+  auto load = [&](const std::string& text) {
+    std::ofstream(dir + "/n.toml")
+        << "site = \"a\"\nlisten = \"127.0.0.1:1\"\ncontrol = \"a.sock\"\n"
+        << "insecure_plaintext = true\n"
+        << text << "[pools]\np = \"p\"\n";
+    return LoadDaemonConfig(dir + "/n.toml");
+  };
+  absl::StatusOr<DaemonConfig> c = load("nbd = \"[::1]:10809\"\n");
+  ASSERT_TRUE(c.ok()) << c.status();
+  c = load("nbd = \"0.0.0.0:10809\"\nnbd_allow = [\"192.0.2.7\", \"::1\"]\n");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->nbd_allow, (std::set<std::string>{"192.0.2.7", "::1"}));
+  c = load("nbd = \"0.0.0.0:10809\"\n");
+  ASSERT_FALSE(c.ok());
+  EXPECT_THAT(c.status().message(),
+              HasSubstr("key 'nbd': '0.0.0.0:10809' is not loopback: list the "
+                        "clients allowed in nbd_allow"));
+  c = load("nbd = \"0.0.0.0:10809\"\nnbd_allow = [\"somehost\"]\n");
+  ASSERT_FALSE(c.ok());
+  EXPECT_THAT(c.status().message(),
+              HasSubstr("key 'nbd_allow': every entry must be an IP address"));
+  c = load("nbd = \"10809\"\n");
+  ASSERT_FALSE(c.ok());
+  EXPECT_THAT(c.status().message(), HasSubstr("key 'nbd': "));
 }
 
 TEST(DaemonConfigTest, PskAndPlaintextAndTheirMistakes) {

@@ -259,6 +259,32 @@ TEST(NbdTest, AMirrorDestinationIsReadOnlyUntilBreak) {
   EXPECT_EQ(got, mirrored.substr(0, 4096));
   EXPECT_EQ(d.Read("b", "vol"), mirrored);
 
+  // `tandem status --exports` and /metrics show the export, its mode and
+  // the connection (promtool checks the metrics where it is installed).
+  std::string status = d.Ok("b", {"status", "--exports"});
+  EXPECT_THAT(status, HasSubstr("p/vol  read-only  16 MiB  1 connection(s)"))
+      << status;
+  EXPECT_THAT(status, HasSubstr("read-only  3 requests, 2 errors")) << status;
+  const std::string log = d.Log("b");
+  const size_t at = log.find("metrics on port ");
+  ASSERT_NE(at, std::string::npos) << log;
+  Result metrics = Client(
+      d, {"curl", "-sf",
+          absl::StrCat("http://127.0.0.1:", std::stoi(log.substr(at + 16)),
+                       "/metrics")});
+  ASSERT_EQ(metrics.code, 0) << metrics.err;
+  EXPECT_THAT(metrics.out,
+              HasSubstr("tandem_nbd_export_read_only{export=\"p/vol\"} 1"));
+  EXPECT_THAT(metrics.out,
+              HasSubstr("tandem_nbd_export_connections{export=\"p/vol\"} 1"));
+  Spit(d.dir() + "/metrics.txt", metrics.out);
+  Result check = Client(
+      d, {"sh", "-c",
+          absl::StrCat("promtool check metrics < ", d.dir(), "/metrics.txt")});
+  if (check.code != 127) {
+    EXPECT_EQ(check.code, 0) << check.out << check.err;
+  }
+
   // Break: the connected client is closed (its mode changed), and a new
   // connection is read-write.
   d.Ok("b", {"relationship", "break", kB, "--yes"});
@@ -377,6 +403,18 @@ TEST(NbdTest, HostileClientsAndAKilledWriterLeaveThePoolWhole) {
   ASSERT_TRUE(d.Start("a")) << d.Log("a");
   EXPECT_TRUE(d.Read("a", "vol").substr(2 << 20, 1 << 20) == flushed);
   EXPECT_THAT(d.Log("a"), HasSubstr("request magic"));
+
+  // With an allow-list, other addresses are closed before the greeting.
+  EXPECT_EQ(d.Stop("a"), 0);
+  d.WriteConfig("a", "nbd_allow = [\"192.0.2.7\"]\n");
+  ASSERT_TRUE(d.Start("a")) << d.Log("a");
+  {
+    RawClient c(port);
+    EXPECT_EQ(c.Recv(18), "");
+  }
+  r = Client(d, {"nbdinfo", "--list", d.NbdUri("a", "")});
+  EXPECT_NE(r.code, 0);
+  EXPECT_THAT(d.Log("a"), HasSubstr("refused: not in nbd_allow"));
 }
 
 }  // namespace

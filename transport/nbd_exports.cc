@@ -1,15 +1,15 @@
-#include "tools/nbd_exports.h"
+#include "transport/nbd_exports.h"
 
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
 
-namespace tools {
+namespace transport {
 namespace {
 
-using transport::nbd::Extent;
+using nbd::Extent;
 
-class VolumeExport final : public transport::NbdExport {
+class VolumeExport final : public NbdExport {
  public:
   VolumeExport(blockstore::Pool& pool, std::string volume, std::string snapshot,
                uint64_t size)
@@ -69,8 +69,7 @@ class VolumeExport final : public transport::NbdExport {
       }
       at = to;
     };
-    constexpr uint32_t kHole =
-        transport::nbd::kStateHole | transport::nbd::kStateZero;
+    constexpr uint32_t kHole = nbd::kStateHole | nbd::kStateZero;
     for (const blockstore::ChangedRun& r : batch->runs) {
       if (r.first_chunk >= covered) break;
       add(r.first_chunk * c, kHole);
@@ -96,7 +95,7 @@ class VolumeExport final : public transport::NbdExport {
 
 }  // namespace
 
-std::vector<transport::NbdExports::Listed> PoolExports::List() {
+std::vector<NbdExports::Listed> PoolExports::List() {
   std::vector<Listed> out;
   for (const auto& [name, pool] : pools_) {
     absl::StatusOr<std::vector<blockstore::VolumeInfo>> volumes =
@@ -119,7 +118,7 @@ std::vector<transport::NbdExports::Listed> PoolExports::List() {
   return out;
 }
 
-absl::StatusOr<std::shared_ptr<transport::NbdExport>> PoolExports::Open(
+absl::StatusOr<std::shared_ptr<NbdExport>> PoolExports::Open(
     const std::string& name) {
   const size_t slash = name.find('/');
   if (slash == std::string::npos) {
@@ -156,4 +155,4 @@ absl::StatusOr<std::shared_ptr<transport::NbdExport>> PoolExports::Open(
                                         std::move(snapshot), size);
 }
 
-}  // namespace tools
+}  // namespace transport

@@ -3,8 +3,8 @@
 // destination: writes get EPERM), and every snapshot as the read-only
 // POOL/VOLUME@SNAPSHOT. Hidden volumes (a receive's staging, names starting
 // with '.') are not exported.
-#ifndef TANDEM_TOOLS_NBD_EXPORTS_H_
-#define TANDEM_TOOLS_NBD_EXPORTS_H_
+#ifndef TANDEM_TRANSPORT_NBD_EXPORTS_H_
+#define TANDEM_TRANSPORT_NBD_EXPORTS_H_
 
 #include <map>
 #include <memory>
@@ -14,21 +14,21 @@
 #include "blockstore/pool.h"
 #include "transport/nbd_server.h"
 
-namespace tools {
+namespace transport {
 
-class PoolExports final : public transport::NbdExports {
+class PoolExports final : public NbdExports {
  public:
   // Pools by name; they outlive this.
   explicit PoolExports(std::map<std::string, blockstore::Pool*> pools)
       : pools_(std::move(pools)) {}
   std::vector<Listed> List() override;
-  absl::StatusOr<std::shared_ptr<transport::NbdExport>> Open(
+  absl::StatusOr<std::shared_ptr<NbdExport>> Open(
       const std::string& name) override;
 
  private:
   const std::map<std::string, blockstore::Pool*> pools_;
 };
 
-}  // namespace tools
+}  // namespace transport
 
-#endif  // TANDEM_TOOLS_NBD_EXPORTS_H_
+#endif  // TANDEM_TRANSPORT_NBD_EXPORTS_H_
