@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 packages=(g++ cmake ninja-build pkg-config liburing-dev libxxhash-dev libzstd-dev
   libabsl-dev libgtest-dev libgmock-dev libbenchmark-dev libcli11-dev
   nlohmann-json3-dev libssl-dev libtomlplusplus-dev libcpp-httplib-dev
-  libsystemd-dev mount openssl libnbd-bin qemu-utils ${EXTRA_PACKAGES:-})
+  libsystemd-dev mount openssl libnbd-bin qemu-utils fuse3 e2fsprogs
+  ${EXTRA_PACKAGES:-})
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||

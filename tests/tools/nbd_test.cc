@@ -8,13 +8,18 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <array>
 #include <chrono>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <thread>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -415,6 +420,116 @@ TEST(NbdTest, HostileClientsAndAKilledWriterLeaveThePoolWhole) {
   r = Client(d, {"nbdinfo", "--list", d.NbdUri("a", "")});
   EXPECT_NE(r.code, 0);
   EXPECT_THAT(d.Log("a"), HasSubstr("refused: not in nbd_allow"));
+}
+
+// `nbdfuse` serving `uri` as the file DIR/nbd: started, waited for,
+// unmounted (and reaped) when it goes out of scope.
+class FuseFile {
+ public:
+  FuseFile(const std::string& dir, const std::string& uri) : dir_(dir) {
+    mkdir(dir.c_str(), 0700);
+    const std::string pidfile = dir + ".pid";
+    unlink(pidfile.c_str());
+    pid_ = fork();
+    if (pid_ == 0) {
+      execlp("nbdfuse", "nbdfuse", "-P", pidfile.c_str(), dir.c_str(),
+             uri.c_str(), nullptr);
+      _exit(127);
+    }
+    for (int i = 0; i < 500 && access(pidfile.c_str(), F_OK) != 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    ready_ = access(pidfile.c_str(), F_OK) == 0;
+  }
+  ~FuseFile() {
+    Exec(dir_, {"/usr/bin/env", "fusermount3", "-u", dir_});
+    for (int i = 0; i < 500; ++i) {
+      if (waitpid(pid_, nullptr, WNOHANG) == pid_) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+  }
+  bool ready() const { return ready_; }
+  std::string file() const { return dir_ + "/nbd"; }
+
+ private:
+  std::string dir_;
+  pid_t pid_ = -1;
+  bool ready_ = false;
+};
+
+Result Sh(TwoDaemons& d, const std::string& command) {
+  return Exec(d.dir(), {"/bin/sh", "-c", command});
+}
+
+// The seed's mount steps for real: the source export as a file (nbdfuse),
+// ext4 on it, loop-mounted and written; the relationship updates, the
+// mirror breaks, and the destination's export, mounted the same way, has
+// the same files and a clean file system.
+TEST(NbdTest, TheSeedsMountStepsThroughNbdfuseAndExt4) {
+  for (const char* tool : {"nbdfuse", "fusermount3", "mkfs.ext4", "e2fsck"}) {
+    if (std::system(absl::StrCat("command -v ", tool, " >/dev/null").c_str()) !=
+        0) {
+      GTEST_SKIP() << tool << " is not installed (fuse3, e2fsprogs)";
+    }
+  }
+  if (access("/dev/fuse", R_OK | W_OK) != 0 ||
+      access("/dev/loop-control", R_OK | W_OK) != 0) {
+    GTEST_SKIP() << "no FUSE or loop devices on this machine";
+  }
+  TwoDaemons d(WithNbd());
+  ASSERT_TRUE(d.Start("a")) << d.Log("a");
+  ASSERT_TRUE(d.Start("b")) << d.Log("b");
+  d.Ok("a", {"volume", "create", "--pool", "p", "vol", "--size", "64M"});
+  const std::string mnt = d.dir() + "/mnt";
+  mkdir(mnt.c_str(), 0700);
+  absl::Cleanup unmount = [&] { Sh(d, "umount " + mnt + " 2>/dev/null"); };
+  const std::string files = RandomBytes(3 << 20, 6);
+  Spit(d.dir() + "/files.bin", files);
+  {
+    FuseFile f(d.dir() + "/fa", d.NbdUri("a", "p/vol"));
+    ASSERT_TRUE(f.ready());
+    Result r =
+        Sh(d, absl::StrCat("mkfs.ext4 -q -F ", f.file(), " && mount -o loop ",
+                           f.file(), " ", mnt, " && cp ", d.dir(),
+                           "/files.bin ", mnt, "/b.bin && echo hello > ", mnt,
+                           "/a.txt && sync && umount ", mnt));
+    ASSERT_EQ(r.code, 0) << r.out << r.err;
+  }
+  d.Ok("a", {"relationship", "create", "--source", kA, "--destination", kB});
+  d.Ok("b", {"relationship", "initialize", kB});
+  {
+    // More files after the baseline: the update carries them.
+    FuseFile f(d.dir() + "/fa", d.NbdUri("a", "p/vol"));
+    ASSERT_TRUE(f.ready());
+    Result r =
+        Sh(d, absl::StrCat("mount -o loop ", f.file(), " ", mnt, " && mkdir ",
+                           mnt, "/later && cp ", d.dir(), "/files.bin ", mnt,
+                           "/later/c.bin && sync && umount ", mnt));
+    ASSERT_EQ(r.code, 0) << r.out << r.err;
+  }
+  d.Ok("a", {"relationship", "update", kA});
+  d.Ok("b", {"relationship", "break", kB, "--yes"});
+  {
+    FuseFile f(d.dir() + "/fb", d.NbdUri("b", "p/vol"));
+    ASSERT_TRUE(f.ready());
+    Result r = Sh(d, "e2fsck -n " + f.file());
+    EXPECT_EQ(r.code, 0) << r.out << r.err;
+    r = Sh(d, absl::StrCat("mount -o loop ", f.file(), " ", mnt));
+    ASSERT_EQ(r.code, 0) << r.out << r.err;
+    EXPECT_EQ(Slurp(mnt + "/a.txt"), "hello\n");
+    EXPECT_TRUE(Slurp(mnt + "/b.bin") == files);
+    EXPECT_TRUE(Slurp(mnt + "/later/c.bin") == files);
+    // Read-write after break: a file written here stays.
+    Spit(mnt + "/after-break.txt", "mine\n");
+    r = Sh(d, "sync && umount " + mnt);
+    EXPECT_EQ(r.code, 0) << r.out << r.err;
+  }
+  FuseFile f(d.dir() + "/fb", d.NbdUri("b", "p/vol"));
+  ASSERT_TRUE(f.ready());
+  Result r = Sh(d, "e2fsck -n " + f.file());
+  EXPECT_EQ(r.code, 0) << r.out << r.err;
 }
 
 }  // namespace
