@@ -174,6 +174,24 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(
 }
 
 absl::Status Daemon::StartServing() {
+  // NBD first: once the control socket answers, everything listens.
+  if (config_.nbd) {
+    std::map<std::string, blockstore::Pool*> pools;
+    for (auto& [name, own] : pools_) pools[name] = own.pool.get();
+    exports_ = std::make_unique<transport::PoolExports>(std::move(pools));
+    transport::NbdServer::Config nbd;
+    nbd.listen = *config_.nbd;
+    nbd.allow = config_.nbd_allow;
+    nbd.handshake_timeout = config_.handshake_timeout;
+    absl::StatusOr<std::unique_ptr<transport::NbdServer>> server =
+        transport::NbdServer::Start(nbd, *exports_, log_);
+    if (!server.ok()) {
+      return absl::Status(server.status().code(),
+                          absl::StrCat("nbd = ", config_.nbd->ToString(), ": ",
+                                       server.status().message()));
+    }
+    nbd_ = std::move(*server);
+  }
   absl::StatusOr<transport::Fd> control =
       transport::ListenUnix(config_.control);
   if (!control.ok()) {
@@ -205,23 +223,6 @@ absl::Status Daemon::StartServing() {
     }
     metrics_port_ = port;
     metrics_thread_ = std::thread([this] { metrics_->listen_after_bind(); });
-  }
-  if (config_.nbd) {
-    std::map<std::string, blockstore::Pool*> pools;
-    for (auto& [name, own] : pools_) pools[name] = own.pool.get();
-    exports_ = std::make_unique<transport::PoolExports>(std::move(pools));
-    transport::NbdServer::Config nbd;
-    nbd.listen = *config_.nbd;
-    nbd.allow = config_.nbd_allow;
-    nbd.handshake_timeout = config_.handshake_timeout;
-    absl::StatusOr<std::unique_ptr<transport::NbdServer>> server =
-        transport::NbdServer::Start(nbd, *exports_, log_);
-    if (!server.ok()) {
-      return absl::Status(server.status().code(),
-                          absl::StrCat("nbd = ", config_.nbd->ToString(), ": ",
-                                       server.status().message()));
-    }
-    nbd_ = std::move(*server);
   }
   return absl::OkStatus();
 }
