@@ -11,6 +11,7 @@
 #include <cstring>
 #include <deque>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "blockstore/util.h"
 
@@ -250,6 +251,42 @@ class Handshake {
   std::string name_;
 };
 
+// Payload buffers of one connection, kept for reuse: a fresh buffer of a
+// MiB costs 256 page faults each time, more than the request's I/O.
+class Buffers {
+ public:
+  explicit Buffers(size_t keep_bytes) : keep_bytes_(keep_bytes) {}
+  AlignedBuffer Take(size_t size) {
+    {
+      MutexLock lock(mu_);
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->size() >= size) {
+          AlignedBuffer b = std::move(*it);
+          kept_ -= b.size();
+          free_.erase(it);
+          return b;
+        }
+      }
+    }
+    size_t rounded = 64 << 10;
+    while (rounded < size) rounded *= 2;
+    return AlignedBuffer::Uninitialized(rounded);
+  }
+  void Give(AlignedBuffer b) {
+    if (b.size() == 0) return;
+    MutexLock lock(mu_);
+    if (kept_ + b.size() > keep_bytes_) return;  // freed
+    kept_ += b.size();
+    free_.push_back(std::move(b));
+  }
+
+ private:
+  const size_t keep_bytes_;
+  Mutex mu_;
+  std::vector<AlignedBuffer> free_ ABSL_GUARDED_BY(mu_);
+  size_t kept_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
 // The transmission phase of one connection.
 class Transmission {
  public:
@@ -261,12 +298,10 @@ class Transmission {
         limits_(limits),
         options_(options),
         state_(state),
-        log_(log) {}
+        log_(log),
+        buffers_(options.max_in_flight_bytes + options.max_payload) {}
 
   absl::Status Run() {
-    for (int i = 0; i < options_.workers; ++i) {
-      workers_.emplace_back([this] { Work(); });
-    }
     absl::Status end = ReadRequests();
     {
       MutexLock lock(mu_);
@@ -297,8 +332,10 @@ class Transmission {
       if (v.disconnect) return absl::InvalidArgumentError(v.why);
       Job job{*r, {}};
       if (r->type == nbd::kCmdWrite) {
-        job.payload = AlignedBuffer::Uninitialized(r->length);
-        if (absl::Status s = stream_.ReadFull(job.payload.span()); !s.ok()) {
+        job.payload = buffers_.Take(r->length);
+        if (absl::Status s =
+                stream_.ReadFull(job.payload.span().first(r->length));
+            !s.ok()) {
           return s;
         }
       }
@@ -310,6 +347,7 @@ class Transmission {
       }
       if (options_.workers == 0) {
         Do(job);
+        buffers_.Give(std::move(job.payload));
         if (broken_.load()) return absl::UnavailableError("client gone");
         continue;
       }
@@ -325,6 +363,12 @@ class Transmission {
       ++in_flight_;
       in_flight_bytes_ += bytes;
       queue_.push_back(std::move(job));
+      // Workers come as requests need them: one per request in flight, up
+      // to options_.workers.
+      if (idle_ < queue_.size() &&
+          workers_.size() < static_cast<size_t>(options_.workers)) {
+        workers_.emplace_back([this] { Work(); });
+      }
       cv_.notify_all();
     }
   }
@@ -338,15 +382,18 @@ class Transmission {
       Job job;
       {
         MutexLock lock(mu_);
+        ++idle_;
         cv_.wait(mu_, [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
           return !queue_.empty() || stop_;
         });
+        --idle_;
         // Requests read before the end are all answered.
         if (queue_.empty()) return;
         job = std::move(queue_.front());
         queue_.pop_front();
       }
       Do(job);
+      buffers_.Give(std::move(job.payload));
       {
         MutexLock lock(mu_);
         --in_flight_;
@@ -393,8 +440,8 @@ class Transmission {
   }
 
   void DoRead(const nbd::Request& r) {
-    AlignedBuffer buf =
-        AlignedBuffer::Uninitialized(std::max<uint32_t>(r.length, 1));
+    AlignedBuffer buf = buffers_.Take(r.length);
+    absl::Cleanup give = [&] { buffers_.Give(std::move(buf)); };
     std::span<std::byte> data = buf.span().first(r.length);
     if (absl::Status s = exp_->Read(r.offset, data); !s.ok()) {
       state_.errors.fetch_add(1, std::memory_order_relaxed);
@@ -469,7 +516,9 @@ class Transmission {
   std::deque<Job> queue_ ABSL_GUARDED_BY(mu_);
   size_t in_flight_ ABSL_GUARDED_BY(mu_) = 0;
   size_t in_flight_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t idle_ ABSL_GUARDED_BY(mu_) = 0;  // workers waiting for a request
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  Buffers buffers_;
 };
 
 // A connected TCP socket as a blocking stream.

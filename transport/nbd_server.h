@@ -10,9 +10,10 @@
 // FUA on any of them.
 //
 // Concurrency: a thread per connection reads requests and hands them to
-// the connection's workers, which carry them out and reply as each ends
-// (replies out of order, as the protocol allows), at most kMaxInFlight
-// requests and kMaxInFlightBytes of payload at once per connection. A
+// the connection's workers (one per request in flight, made as needed),
+// which carry them out and reply as each ends (replies out of order, as the
+// protocol allows), at most max_in_flight requests and max_in_flight_bytes
+// of payload at once per connection; payload buffers are reused. A
 // client that breaks the protocol in a way the stream cannot survive (a bad
 // magic, a write longer than announced) is disconnected once its requests
 // in flight have been answered; other bad requests get an error reply. A
@@ -90,9 +91,12 @@ class NbdStream {
 };
 
 struct NbdSessionOptions {
-  // Threads carrying out one connection's requests; 0: the reading thread
-  // does each before reading the next (the fuzz target's mode).
-  int workers = 8;
+  // Threads carrying out one connection's requests, made as requests in
+  // flight need them, at most this many; 0: the reading thread does each
+  // before reading the next (the fuzz target's mode). On 2 cores, 64 KiB
+  // random reads at depth 32 gave 17.2k / 18.5k / 14.1k / 11.5k IOPS with
+  // 8 / 16 / 32 / 64: past the device's useful depth, threads only switch.
+  int workers = 16;
   size_t max_in_flight = 64;
   size_t max_in_flight_bytes = 64 << 20;
   uint32_t max_payload = 32 << 20;
