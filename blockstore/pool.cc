@@ -435,11 +435,18 @@ absl::Status Pool::Read(absl::string_view volume, absl::string_view snapshot,
         absl::StrCat("read of ", out.size(), " bytes at offset ", offset_bytes,
                      " is past the end of '", what, "' (", size, " bytes)"));
   }
+  // A read-only volume changes only when a receive replaces its tree (a
+  // mirror's update): every batch of the read walks the tree it began in,
+  // so a read spanning batches never mixes two updates. The ticket, taken
+  // under this same lock, keeps that tree's nodes and chunks from reuse.
+  // A writable volume's batches walk its tree as it is then (its open
+  // transaction's nodes change in place).
+  const bool pinned = !snapshot.empty() || (*v)->read_only;
   absl::Status s;
   {
     ReadTicket ticket(*this);
-    s = ReadLocked(volume, snapshot.empty() ? nullptr : &root, size, what,
-                   offset_bytes, out);
+    s = ReadLocked(volume, pinned ? &root : nullptr, size, what, offset_bytes,
+                   out);
   }
   TrimCache();
   return s;

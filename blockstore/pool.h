@@ -209,7 +209,10 @@ class Pool {
                            std::span<const ChunkWrite> writes);
 
   // Reads the live volume, or `snapshot` of it when non-empty. Every data
-  // chunk is checked against its digest (DataLoss on mismatch).
+  // chunk is checked against its digest (DataLoss on mismatch). A read of a
+  // snapshot or of a read-only volume (a mirror destination, which a
+  // receive may replace meanwhile) returns one tree's content, however
+  // large.
   absl::Status Read(absl::string_view volume, absl::string_view snapshot,
                     uint64_t offset_bytes, std::span<std::byte> out);
   // Trimmed bytes read as zeros; whole chunks in the range free their space.

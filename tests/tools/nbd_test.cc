@@ -13,9 +13,11 @@
 #include <unistd.h>
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 
@@ -303,6 +305,50 @@ TEST(NbdTest, AMirrorDestinationIsReadOnlyUntilBreak) {
   EXPECT_EQ(c2.Reply(), 0u);
   EXPECT_EQ(d.Read("b", "vol").substr(4096, 4096), std::string(4096, 'w'));
   EXPECT_THAT(d.Log("b"), HasSubstr("changed mode"));
+}
+
+// An update applying underneath a read-only export: every read returns the
+// content of one update, never a mix. Each update rewrites the whole 24 MiB
+// volume with one byte value; a reader keeps reading all of it (more than
+// the store resolves in one batch, 16 MiB).
+TEST(NbdTest, ReadsUnderAnUpdateSeeOneSnapshotOrTheNext) {
+  TwoDaemons d(WithNbd());
+  ASSERT_TRUE(d.Start("a")) << d.Log("a");
+  ASSERT_TRUE(d.Start("b")) << d.Log("b");
+  constexpr size_t kSize = 24 << 20;
+  d.Ok("a", {"volume", "create", "--pool", "p", "vol", "--size", "24M"});
+  d.Ok("a", {"write", "--pool", "p", "vol"}, std::string(kSize, '\x01'));
+  d.Ok("a", {"relationship", "create", "--source", kA, "--destination", kB});
+  d.Ok("b", {"relationship", "initialize", kB});
+  std::atomic<bool> done{false};
+  std::thread updates([&] {
+    for (int g = 2; g <= 9; ++g) {
+      d.Ok("a", {"write", "--pool", "p", "vol"},
+           std::string(kSize, static_cast<char>(g)));
+      d.Ok("a", {"relationship", "update", kA});
+    }
+    done = true;
+  });
+  RawClient c(d.nbd_port("b"));
+  ASSERT_TRUE(c.Go("p/vol").has_value());
+  std::set<char> seen;
+  int reads = 0, mixed = 0;
+  while (!done.load()) {
+    std::string got;
+    c.Request(nbd::kCmdRead, 0, kSize);
+    ASSERT_EQ(c.Reply(kSize, &got), 0u);
+    ASSERT_EQ(got.size(), kSize);
+    ++reads;
+    if (got.find_first_not_of(got[0]) != std::string::npos) ++mixed;
+    seen.insert(got[0]);
+  }
+  updates.join();
+  EXPECT_EQ(mixed, 0) << "of " << reads << " reads";
+  EXPECT_GE(seen.size(), 3u) << reads << " reads saw too few updates";
+  std::string last;
+  c.Request(nbd::kCmdRead, 0, kSize);
+  ASSERT_EQ(c.Reply(kSize, &last), 0u);
+  EXPECT_TRUE(last == std::string(kSize, '\x09'));
 }
 
 TEST(NbdTest, HostileClientsAndAKilledWriterLeaveThePoolWhole) {
