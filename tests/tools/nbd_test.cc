@@ -251,7 +251,13 @@ TEST(NbdTest, AMirrorDestinationIsReadOnlyUntilBreak) {
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(json::parse(r.out)["exports"][0]["is_read_only"], true) << r.out;
 
-  // A write sent anyway gets EPERM and changes nothing.
+  // qemu-io will not open it for writing (the export says read-only) ...
+  r = Client(d, {"qemu-io", "-f", "raw", "-c", "write -P 0x77 0 4096",
+                 d.NbdUri("b", "p/vol")});
+  EXPECT_NE(r.code, 0);
+  EXPECT_THAT(r.err, HasSubstr("Could not open image: Permission denied"))
+      << r.out << r.err;
+  // ... and a write sent anyway gets EPERM and changes nothing.
   RawClient c(d.nbd_port("b"));
   std::optional<uint16_t> flags = c.Go("p/vol");
   ASSERT_TRUE(flags.has_value());
