@@ -239,7 +239,7 @@ TEST(NbdTest, RealClientsListCopyCompareAndEdit) {
   EXPECT_THAT(r.out, HasSubstr("         0     1048576    0  data")) << r.out;
 }
 
-TEST(NbdTest, AMirrorDestinationIsReadOnlyUntilBreak) {
+TEST(NbdTest, AMirrorDestinationIsReadOnlyAndRoleChangesReachClients) {
   TwoDaemons d(WithNbd());
   Up(d);
   d.Ok("a", {"relationship", "create", "--source", kA, "--destination", kB});
@@ -311,6 +311,35 @@ TEST(NbdTest, AMirrorDestinationIsReadOnlyUntilBreak) {
   EXPECT_EQ(c2.Reply(), 0u);
   EXPECT_EQ(d.Read("b", "vol").substr(4096, 4096), std::string(4096, 'w'));
   EXPECT_THAT(d.Log("b"), HasSubstr("changed mode"));
+
+  // Reverse resync makes a the mirror destination: a's writable connection
+  // is closed, and a's export is read-only; b's stays writable.
+  RawClient on_a(d.nbd_port("a"));
+  flags = on_a.Go("p/vol");
+  ASSERT_TRUE(flags.has_value());
+  EXPECT_EQ(*flags & nbd::kReadOnly, 0);
+  d.Ok("a", {"relationship", "reverse-resync", kA, "--yes"});
+  EXPECT_TRUE(on_a.Closed());
+  EXPECT_EQ(d.Read("a", "vol"), d.Read("b", "vol"));
+  RawClient a2(d.nbd_port("a"));
+  flags = a2.Go("p/vol");
+  ASSERT_TRUE(flags.has_value());
+  EXPECT_NE(*flags & nbd::kReadOnly, 0);
+  c2.Request(nbd::kCmdRead, 4096, 4096);
+  EXPECT_EQ(c2.Reply(4096, &got), 0u);  // b's connection goes on
+  EXPECT_EQ(got, std::string(4096, 'w'));
+
+  // Re-establish: a is the source again (writable), b the destination.
+  d.Ok("b", {"relationship", "reestablish", kB, "--yes"});
+  EXPECT_TRUE(a2.Closed());
+  EXPECT_TRUE(c2.Closed());
+  RawClient a3(d.nbd_port("a")), b3(d.nbd_port("b"));
+  flags = a3.Go("p/vol");
+  ASSERT_TRUE(flags.has_value());
+  EXPECT_EQ(*flags & nbd::kReadOnly, 0);
+  flags = b3.Go("p/vol");
+  ASSERT_TRUE(flags.has_value());
+  EXPECT_NE(*flags & nbd::kReadOnly, 0);
 }
 
 // An update applying underneath a read-only export: every read returns the
