@@ -190,6 +190,21 @@ class Drill {
     }
     return true;
   }
+  // The seed's "mount the volume": where clients mount `site`'s volume
+  // (its NBD export, docs/nbd.md) and in which mode it serves them now.
+  void Mount(char site, const std::string& want) {
+    std::string mode = "not exported";
+    absl::StatusOr<ordered_json> e = C(site).Call("GET", "/v1/exports");
+    if (e.ok()) {
+      for (const auto& x : *e) {
+        if (x.value("name", "") == "p/vol") mode = x.value("mode", "?");
+      }
+    }
+    std::printf("  clients mount nbd://127.0.0.1:%d/p/vol (site %c): %s\n",
+                site == 'a' ? nbd_a_ : nbd_b_, site, mode.c_str());
+    Check(mode == want, absl::StrCat("site ", std::string(1, site),
+                                     "'s volume is served ", want));
+  }
   bool Mirrored(const std::string& what) {
     bool same = Same("", "");
     Check(same && Status('b').value("mirror_state", "") == "Mirrored",
@@ -220,6 +235,7 @@ class Drill {
   const std::string tandemd_;
   std::unique_ptr<Daemon> a_, b_;
   std::unique_ptr<ControlClient> ca_, cb_;
+  int nbd_a_ = 0, nbd_b_ = 0;
 };
 
 int Drill::Run() {
@@ -232,6 +248,8 @@ int Drill::Run() {
     return 1;
   }
   const int port_a = FreePort(), port_b = FreePort();
+  nbd_a_ = FreePort();
+  nbd_b_ = FreePort();
   for (char site : {'a', 'b'}) {
     std::string path =
         absl::StrCat(dir_, "/site-", std::string(1, site), ".pool");
@@ -258,6 +276,7 @@ int Drill::Run() {
     cfg << "site = \"" << site << "\"\n"
         << "listen = \"127.0.0.1:" << (site == 'a' ? port_a : port_b) << "\"\n"
         << "control = \"" << site << ".sock\"\n"
+        << "nbd = \"127.0.0.1:" << (site == 'a' ? nbd_a_ : nbd_b_) << "\"\n"
         << "checkpoint = \"16M\"\n"
         << "[tls]\ncert = \"" << site << ".crt\"\nkey = \"" << site
         << ".key\"\nca = \"demo-ca.crt\"\n"
@@ -294,6 +313,7 @@ int Drill::Run() {
     StringSource in(data);
     if (!Ok(Pool('a')->Write("vol", 0, data.size(), in), "write")) return 1;
   }
+  Mount('a', "read-write");
 
   Step(
       "relationship create --source a/p:vol --destination b/p:vol "
@@ -318,6 +338,7 @@ int Drill::Run() {
   Transferred(r);
   Show('b');
   Mirrored("initialize");
+  Mount('b', "read-only");
   {
     const std::string chunk = MixedData(kChunk, 2);
     StringSource one(chunk);
@@ -378,6 +399,7 @@ int Drill::Run() {
     Check(s.value("mirror_state", "") == "Broken",
           "Broken, with site A unreachable");
   }
+  Mount('b', "read-write");
   std::printf("  clients write 2%% on b/p:vol\n");
   if (!Write('b', 2 * one_percent, 6)) return 1;
 
@@ -400,6 +422,7 @@ int Drill::Run() {
   Mirrored("reverse resync");
   Check(Status('a').value("source", "") == "b/p:vol",
         "the direction flipped: b/p:vol -> a/p:vol");
+  Mount('a', "read-only");
   {
     absl::StatusOr<ordered_json> snaps = Pool('a')->ListSnapshots("vol");
     bool kept = false;
@@ -421,6 +444,8 @@ int Drill::Run() {
   Mirrored("reestablish");
   Check(Status('b').value("source", "") == "a/p:vol",
         "a/p:vol is the source again");
+  Mount('a', "read-write");
+  Mount('b', "read-only");
 
   Step("production on site A again: write 1% and update");
   if (!Write('a', one_percent, 9)) return 1;

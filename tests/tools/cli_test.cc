@@ -600,6 +600,10 @@ TEST_P(CliTest, DemoRunsTheDrill) {
     if (!local) {
       EXPECT_THAT(r.out, HasSubstr("site a's daemon is gone (kill -9)"));
       EXPECT_THAT(r.out, HasSubstr("both exit 0"));
+      // The seed's mount steps: each site's NBD export in its mode.
+      EXPECT_THAT(r.out, HasSubstr("site b's volume is served read-only"));
+      EXPECT_THAT(r.out, HasSubstr("site b's volume is served read-write"));
+      EXPECT_THAT(r.out, HasSubstr("site a's volume is served read-only"));
     }
   }
 }
