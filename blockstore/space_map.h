@@ -153,7 +153,9 @@ class SpaceMap {
     return counts_[index] == 0 && state_[index] == kInUseOrFree;
   }
   // Free and not kept for reuse: may be discarded.
-  bool Discardable(uint64_t index) const { return Free(index) && !reuse_[index]; }
+  bool Discardable(uint64_t index) const {
+    return Free(index) && !reuse_[index];
+  }
   void Set(uint64_t index, uint32_t count);
   void Add(uint64_t index) { Set(index, counts_[index] + 1); }
   uint32_t Drop(uint64_t index, Freed why);
