@@ -641,9 +641,11 @@ absl::Status Pool::PlaceLocked(absl::string_view volume,
   for (size_t i = 0; i < places.size(); ++i) {
     Placement& p = places[i];
     absl::StatusOr<Entry*> e = LeafEntryForWrite(**v, p.chunk, &loaded);
-    absl::Status s = !e.ok()  ? e.status()
-                     : p.zero ? DecRef((*e)->ptr, 0)
-                              : DecRefOverwritten((*e)->ptr);
+    // Zeros give the old chunk's space back; new bytes need it again.
+    absl::Status s =
+        e.ok() ? DropChunk((*e)->ptr, p.zero ? SpaceMap::Freed::kGiveBack
+                                             : SpaceMap::Freed::kReuse)
+               : e.status();
     if (!s.ok()) {
       unreserve();
       return s;

@@ -432,10 +432,8 @@ class Pool {
   // it is read with the lock held.
   absl::Status DecRef(uint64_t ptr, int level, Loaded* loaded = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // A data chunk's reference dropped by an overwrite: freed, it is reused
-  // first and not discarded (space_map.h).
-  absl::Status DecRefOverwritten(uint64_t ptr)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Drops a data chunk's reference; `why` says what the chunk becomes once
+  // free: reused first (an overwrite's) or given back (space_map.h).
   absl::Status DropChunk(uint64_t ptr, SpaceMap::Freed why)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status DecRefNode(uint64_t id, int level, Loaded* loaded = nullptr)

@@ -115,10 +115,6 @@ absl::Status Pool::DecRef(uint64_t ptr, int level, Loaded* loaded) {
   return DecRefNode(ptr, level - 1, loaded);
 }
 
-absl::Status Pool::DecRefOverwritten(uint64_t ptr) {
-  return DropChunk(ptr, SpaceMap::Freed::kReuse);
-}
-
 absl::Status Pool::DropChunk(uint64_t ptr, SpaceMap::Freed why) {
   if (!IsDataPtr(ptr)) return absl::OkStatus();
   if (space_.ChunkRefs(ptr) == 0) {

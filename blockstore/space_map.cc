@@ -27,7 +27,6 @@ void SpaceMap::SetCounts(std::vector<uint32_t> counts) {
   counts_ = std::move(counts);
   reuse_.assign(counts_.size(), false);
   reusable_.clear();
-  reusable_count_ = 0;
 }
 
 void SpaceMap::Recount() {
@@ -72,7 +71,6 @@ void SpaceMap::MakeFree(uint64_t index) {
   ++free_chunks_;
   if (reuse_[index]) {
     reusable_.push_back(index);
-    ++reusable_count_;
   } else {
     freed_chunks_.push_back(AddressOf(index));
   }
@@ -111,10 +109,7 @@ std::optional<uint64_t> SpaceMap::ReserveChunk() {
 }
 
 uint64_t SpaceMap::Reserve(uint64_t index) {
-  if (reuse_[index]) {
-    reuse_[index] = false;
-    --reusable_count_;
-  }
+  reuse_[index] = false;
   state_[index] = kReserved;
   --free_chunks_;
   ++reserved_chunks_;

@@ -118,8 +118,6 @@ class SpaceMap {
   // Data chunks freed since the last call that are candidates for a
   // discard (not those an overwrite freed).
   std::vector<uint64_t> TakeFreedChunks();
-  // Free chunks an overwrite freed, waiting to be reused.
-  uint64_t reusable_chunks() const { return reusable_count_; }
   // Runs of free chunks of at least `min_chunks` around `freed` (from
   // TakeFreedChunks), each as [first chunk number, end), leaving out chunks
   // kept for reuse: every chunk in them is reserved until EndDiscard, so
@@ -184,7 +182,6 @@ class SpaceMap {
   // chunk was taken since is skipped).
   std::vector<bool> reuse_;
   std::deque<uint64_t> reusable_;
-  uint64_t reusable_count_ = 0;
   std::unordered_set<uint64_t> dirty_pages_;
   uint64_t free_nodes_ = 0;
   uint64_t free_chunks_ = 0;
