@@ -101,12 +101,19 @@ class Handshake {
   // when the client aborted).
   using Next = absl::StatusOr<std::optional<std::shared_ptr<NbdExport>>>;
 
+  // Appends the option's final reply to what `out` holds and sends it all;
+  // haggling goes on.
+  Next Finish(std::string& out, uint32_t option, uint32_t type,
+              const std::string& data = "") {
+    nbd::PutOptionReply(out, option, type, data);
+    if (absl::Status s = stream_.WriteAll(Bytes(out)); !s.ok()) return s;
+    return std::nullopt;
+  }
+
   Next Option(uint32_t option, std::span<const std::byte> data) {
     std::string out;
-    auto reply = [&](uint32_t type, const std::string& d = "") -> Next {
-      nbd::PutOptionReply(out, option, type, d);
-      if (absl::Status s = stream_.WriteAll(Bytes(out)); !s.ok()) return s;
-      return std::nullopt;
+    auto reply = [&](uint32_t type, const std::string& d = "") {
+      return Finish(out, option, type, d);
     };
     switch (option) {
       case nbd::kOptExportName: {
@@ -167,10 +174,8 @@ class Handshake {
 
   Next InfoOrGo(uint32_t option, std::span<const std::byte> data) {
     std::string out;
-    auto fail = [&](uint32_t type, const std::string& why) -> Next {
-      nbd::PutOptionReply(out, option, type, why);
-      if (absl::Status s = stream_.WriteAll(Bytes(out)); !s.ok()) return s;
-      return std::nullopt;
+    auto fail = [&](uint32_t type, const std::string& why) {
+      return Finish(out, option, type, why);
     };
     absl::StatusOr<nbd::InfoRequest> req = nbd::ParseInfoRequest(data);
     if (!req.ok())
@@ -196,19 +201,16 @@ class Handshake {
         }
       }
     }
-    nbd::PutOptionReply(out, option, nbd::kRepAck);
-    if (absl::Status s = stream_.WriteAll(Bytes(out)); !s.ok()) return s;
-    if (option == nbd::kOptInfo) return std::nullopt;
+    Next sent = Finish(out, option, nbd::kRepAck);
+    if (!sent.ok() || option == nbd::kOptInfo) return sent;
     name_ = req->name;
     return std::optional(*e);
   }
 
   Next MetaContext(uint32_t option, std::span<const std::byte> data) {
     std::string out;
-    auto fail = [&](uint32_t type, const std::string& why) -> Next {
-      nbd::PutOptionReply(out, option, type, why);
-      if (absl::Status s = stream_.WriteAll(Bytes(out)); !s.ok()) return s;
-      return std::nullopt;
+    auto fail = [&](uint32_t type, const std::string& why) {
+      return Finish(out, option, type, why);
     };
     if (!structured_) {
       return fail(nbd::kRepErrInvalid,
@@ -236,9 +238,7 @@ class Handshake {
       meta_selected_ = chosen;
       meta_export_ = req->name;
     }
-    nbd::PutOptionReply(out, option, nbd::kRepAck);
-    if (absl::Status s = stream_.WriteAll(Bytes(out)); !s.ok()) return s;
-    return std::nullopt;
+    return Finish(out, option, nbd::kRepAck);
   }
 
   NbdStream& stream_;
@@ -340,7 +340,6 @@ class Transmission {
         }
       }
       if (v.error != 0) {
-        state_.errors.fetch_add(1, std::memory_order_relaxed);
         log_(absl::StrCat("nbd: request refused: ", v.why));
         ReplyError(r->cookie, v.error, v.why);
         continue;
@@ -430,10 +429,7 @@ class Transmission {
         r.type != nbd::kCmdFlush) {
       s = exp_->Flush();
     }
-    if (!s.ok()) {
-      state_.errors.fetch_add(1, std::memory_order_relaxed);
-      return ReplyError(r.cookie, ErrorOf(s), std::string(s.message()));
-    }
+    if (!s.ok()) return ReplyError(r.cookie, s);
     std::string out;
     nbd::PutSimpleReply(out, r.cookie, 0);
     Send(out, {});
@@ -444,8 +440,7 @@ class Transmission {
     absl::Cleanup give = [&] { buffers_.Give(std::move(buf)); };
     std::span<std::byte> data = buf.span().first(r.length);
     if (absl::Status s = exp_->Read(r.offset, data); !s.ok()) {
-      state_.errors.fetch_add(1, std::memory_order_relaxed);
-      return ReplyError(r.cookie, ErrorOf(s), std::string(s.message()));
+      return ReplyError(r.cookie, s);
     }
     std::string out;
     if (!limits_.structured) {
@@ -464,11 +459,7 @@ class Transmission {
   void DoBlockStatus(const nbd::Request& r) {
     absl::StatusOr<std::vector<nbd::Extent>> extents =
         exp_->BlockStatus(r.offset, r.length);
-    if (!extents.ok()) {
-      state_.errors.fetch_add(1, std::memory_order_relaxed);
-      return ReplyError(r.cookie, ErrorOf(extents.status()),
-                        std::string(extents.status().message()));
-    }
+    if (!extents.ok()) return ReplyError(r.cookie, extents.status());
     if ((r.flags & nbd::kCmdFlagReqOne) != 0 && extents->size() > 1) {
       extents->resize(1);
     }
@@ -478,7 +469,12 @@ class Transmission {
     Send(out, {});
   }
 
+  void ReplyError(uint64_t cookie, const absl::Status& s) {
+    ReplyError(cookie, ErrorOf(s), std::string(s.message()));
+  }
+  // Counted in the connection's errors.
   void ReplyError(uint64_t cookie, uint32_t error, const std::string& why) {
+    state_.errors.fetch_add(1, std::memory_order_relaxed);
     std::string out;
     if (limits_.structured) {
       nbd::PutStructuredError(out, cookie, error, why);
@@ -521,6 +517,13 @@ class Transmission {
   Buffers buffers_;
 };
 
+void SetTimeout(int fd, int option, std::chrono::milliseconds t) {
+  timeval tv{};
+  tv.tv_sec = t.count() / 1000;
+  tv.tv_usec = (t.count() % 1000) * 1000;
+  setsockopt(fd, SOL_SOCKET, option, &tv, sizeof(tv));
+}
+
 // A connected TCP socket as a blocking stream.
 class SocketStream final : public NbdStream {
  public:
@@ -556,17 +559,14 @@ class SocketStream final : public NbdStream {
     return absl::OkStatus();
   }
   void ShutdownRead() override { shutdown(fd_, SHUT_RD); }
+  // Transmission: a client may stay idle as long as it likes.
+  void EnterTransmission() override {
+    SetTimeout(fd_, SO_RCVTIMEO, std::chrono::milliseconds(0));
+  }
 
  private:
   int fd_;
 };
-
-void SetTimeout(int fd, int option, std::chrono::milliseconds t) {
-  timeval tv{};
-  tv.tv_sec = t.count() / 1000;
-  tv.tv_usec = (t.count() % 1000) * 1000;
-  setsockopt(fd, SOL_SOCKET, option, &tv, sizeof(tv));
-}
 
 }  // namespace
 
@@ -689,25 +689,7 @@ void NbdServer::Serve(Conn& conn) {
   SetTimeout(fd, SO_RCVTIMEO, config_.handshake_timeout);
   // A client that stops reading its replies is dropped after a minute.
   SetTimeout(fd, SO_SNDTIMEO, std::chrono::milliseconds(60000));
-  class Stream final : public NbdStream {
-   public:
-    explicit Stream(int fd) : s_(fd), fd_(fd) {}
-    absl::Status ReadFull(std::span<std::byte> out) override {
-      return s_.ReadFull(out);
-    }
-    absl::Status WriteAll(std::span<const std::byte> d) override {
-      return s_.WriteAll(d);
-    }
-    void ShutdownRead() override { s_.ShutdownRead(); }
-    // Transmission: a client may stay idle as long as it likes.
-    void EnterTransmission() override {
-      SetTimeout(fd_, SO_RCVTIMEO, std::chrono::milliseconds(0));
-    }
-
-   private:
-    SocketStream s_;
-    int fd_;
-  } stream(fd);
+  SocketStream stream(fd);
   absl::Status s =
       ServeNbdSession(stream, exports_, config_.session, conn.state, log_);
   std::string name;
