@@ -35,6 +35,9 @@ class Reader {
     data_ = data_.subspan(length);
     return true;
   }
+  // A string after its 32-bit length (names and queries: at most
+  // kMaxString bytes).
+  bool GetName(std::string& s);
   size_t left() const { return data_.size(); }
 
  private:
@@ -43,6 +46,20 @@ class Reader {
 
 // Export names and queries are UTF-8 strings of at most 4096 bytes.
 constexpr uint64_t kMaxString = 4096;
+
+bool Reader::GetName(std::string& s) {
+  uint64_t length = 0;
+  return Get(4, length) && length <= kMaxString && GetString(length, s);
+}
+
+// NBD_REP_INFO of a text item (NBD_INFO_NAME, NBD_INFO_DESCRIPTION).
+void PutInfoText(std::string& out, uint32_t option, uint16_t type,
+                 const std::string& text) {
+  std::string d;
+  Put16(d, type);
+  d += text;
+  PutOptionReply(out, option, kRepInfo, d);
+}
 
 }  // namespace
 
@@ -58,9 +75,8 @@ absl::StatusOr<OptionHeader> ParseOptionHeader(
 absl::StatusOr<InfoRequest> ParseInfoRequest(std::span<const std::byte> data) {
   Reader r(data);
   InfoRequest out;
-  uint64_t name_length = 0, count = 0;
-  if (!r.Get(4, name_length) || name_length > kMaxString ||
-      !r.GetString(name_length, out.name) || !r.Get(2, count)) {
+  uint64_t count = 0;
+  if (!r.GetName(out.name) || !r.Get(2, count)) {
     return absl::InvalidArgumentError("malformed export name");
   }
   if (r.left() != 2 * count) {
@@ -80,16 +96,13 @@ absl::StatusOr<MetaContextRequest> ParseMetaContextRequest(
     std::span<const std::byte> data) {
   Reader r(data);
   MetaContextRequest out;
-  uint64_t name_length = 0, count = 0;
-  if (!r.Get(4, name_length) || name_length > kMaxString ||
-      !r.GetString(name_length, out.name) || !r.Get(4, count)) {
+  uint64_t count = 0;
+  if (!r.GetName(out.name) || !r.Get(4, count)) {
     return absl::InvalidArgumentError("malformed export name");
   }
   for (uint64_t i = 0; i < count; ++i) {
-    uint64_t length = 0;
     std::string query;
-    if (!r.Get(4, length) || length > kMaxString ||
-        !r.GetString(length, query)) {
+    if (!r.GetName(query)) {
       return absl::InvalidArgumentError(
           absl::StrCat("malformed query ", i + 1, " of ", count));
     }
@@ -220,18 +233,12 @@ void PutInfoBlockSize(std::string& out, uint32_t option, uint32_t min_block,
 }
 
 void PutInfoName(std::string& out, uint32_t option, const std::string& name) {
-  std::string d;
-  Put16(d, kInfoName);
-  d += name;
-  PutOptionReply(out, option, kRepInfo, d);
+  PutInfoText(out, option, kInfoName, name);
 }
 
 void PutInfoDescription(std::string& out, uint32_t option,
                         const std::string& text) {
-  std::string d;
-  Put16(d, kInfoDescription);
-  d += text;
-  PutOptionReply(out, option, kRepInfo, d);
+  PutInfoText(out, option, kInfoDescription, text);
 }
 
 void PutServerEntry(std::string& out, const std::string& name,
