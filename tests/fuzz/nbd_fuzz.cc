@@ -15,6 +15,7 @@
 
 #include "blockstore/mem_io.h"
 #include "blockstore/pool.h"
+#include "tests/fuzz/fuzz_pool.h"
 #include "transport/nbd_exports.h"
 #include "transport/nbd_server.h"
 
@@ -43,21 +44,7 @@ class Scripted final : public transport::NbdStream {
 };
 
 blockstore::MemIo* Template() {
-  static blockstore::MemIo* io = [] {
-    auto* dev = new blockstore::MemIo(8 << 20);
-    auto pool = blockstore::Pool::Create(*dev, {.chunk_size_bytes = 4096});
-    if (pool.ok()) {
-      (*pool)->CreateVolume("v", 256 << 10).IgnoreError();
-      std::string data(16384, 'x');
-      (*pool)
-          ->Write(
-              "v", 4096,
-              {reinterpret_cast<const std::byte*>(data.data()), data.size()})
-          .IgnoreError();
-      (*pool)->CreateSnapshot("v", "s").IgnoreError();
-    }
-    return dev;
-  }();
+  static blockstore::MemIo* io = MakeTemplatePool(256 << 10);
   return io;
 }
 

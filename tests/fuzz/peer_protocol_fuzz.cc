@@ -14,6 +14,7 @@
 #include "blockstore/mem_io.h"
 #include "blockstore/pool.h"
 #include "engine/local_site.h"
+#include "tests/fuzz/fuzz_pool.h"
 #include "transport/channel.h"
 #include "transport/connection.h"
 #include "transport/peer.h"
@@ -47,21 +48,7 @@ class Scripted final : public transport::Channel {
 };
 
 blockstore::MemIo* Template() {
-  static blockstore::MemIo* io = [] {
-    auto* dev = new blockstore::MemIo(8 << 20);
-    auto pool = blockstore::Pool::Create(*dev, {.chunk_size_bytes = 4096});
-    if (pool.ok()) {
-      (*pool)->CreateVolume("v", 64 << 10).IgnoreError();
-      std::string data(16384, 'x');
-      (*pool)
-          ->Write(
-              "v", 4096,
-              {reinterpret_cast<const std::byte*>(data.data()), data.size()})
-          .IgnoreError();
-      (*pool)->CreateSnapshot("v", "s").IgnoreError();
-    }
-    return dev;
-  }();
+  static blockstore::MemIo* io = MakeTemplatePool(64 << 10);
   return io;
 }
 
