@@ -158,6 +158,15 @@ via b relationship initialize b/p:vol >/dev/null
 ro_uri="nbd://127.0.0.1:${nbd_port[b]}/p/vol"
 lat() { fio_nbd "$ro_uri" randread 4k 1 | awk '{print $3}'; }
 idle=$(lat)
+# The same with two CPU hogs and no update: how much of the busy tail is
+# waiting for a core.
+yes >/dev/null &
+hog1=$!
+yes >/dev/null &
+hog2=$!
+pids+=("$hog1" "$hog2")
+hogs=$(lat)
+kill "$hog1" "$hog2" 2>/dev/null || true
 updates=0
 (
   seed=1
@@ -176,6 +185,7 @@ updates=$(wc -l <"$w/updates" 2>/dev/null || echo 0)
 echo "| | p99, 4 KiB random read, depth 1 |"
 echo "|---|---|"
 echo "| idle | $idle us |"
+echo "| two CPU hogs, no updates | $hogs us |"
 echo "| while updates apply ($updates updates of 64 MiB in ${secs} s) | $busy us |"
 echo
 echo "## memory"

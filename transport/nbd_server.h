@@ -93,9 +93,8 @@ class NbdStream {
 struct NbdSessionOptions {
   // Threads carrying out one connection's requests, made as requests in
   // flight need them, at most this many; 0: the reading thread does each
-  // before reading the next (the fuzz target's mode). On 2 cores, 64 KiB
-  // random reads at depth 32 gave 17.2k / 18.5k / 14.1k / 11.5k IOPS with
-  // 8 / 16 / 32 / 64: past the device's useful depth, threads only switch.
+  // before reading the next (the fuzz target's mode). Past the device's
+  // useful depth more threads only switch (bench/RESULTS.md, NBD exports).
   int workers = 16;
   size_t max_in_flight = 64;
   size_t max_in_flight_bytes = 64 << 20;
