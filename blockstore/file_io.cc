@@ -56,6 +56,19 @@ class FileIo : public Io {
   std::string name() const override { return path_; }
   virtual std::string Describe() const = 0;
 
+  absl::Status Resize(uint64_t size_bytes) {
+    if (device_) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(path_, " is a block device: its size is its own"));
+    }
+    if (ftruncate(fd_, static_cast<off_t>(size_bytes)) != 0) {
+      return ErrnoError(
+          errno, absl::StrCat("resize ", path_, " to ", size_bytes, " bytes"));
+    }
+    size_ = size_bytes / kIoAlign * kIoAlign;
+    return absl::OkStatus();
+  }
+
   // A hole punched in a file, a discard on a device. A file system or
   // device that cannot is asked once.
   absl::Status Discard(std::span<const Extent> extents) override {
@@ -94,7 +107,7 @@ class FileIo : public Io {
   }
   const int fd_;
   const std::string path_;
-  const uint64_t size_;
+  uint64_t size_;  // changed only by Resize, with no I/O in flight
   const bool direct_;
   bool device_ = false;  // a block device, else a regular file
   std::atomic<bool> can_discard_{true};
@@ -549,6 +562,15 @@ absl::StatusOr<std::unique_ptr<Io>> OpenFileIo(absl::string_view path_view,
     // ENOSYS/EPERM (seccomp) or ENOMEM (locked-memory limit): fall back.
   }
   return std::make_unique<PosixIo>(fd, path, size, direct);
+}
+
+absl::Status ResizeFileIo(Io& io, uint64_t size_bytes) {
+  auto* f = dynamic_cast<FileIo*>(&io);
+  if (f == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(io.name(), " is not a file: it cannot be resized"));
+  }
+  return f->Resize(size_bytes);
 }
 
 std::string DescribeFileIo(const Io& io) {

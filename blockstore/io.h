@@ -129,6 +129,12 @@ struct FileIoOptions {
 absl::StatusOr<std::unique_ptr<Io>> OpenFileIo(absl::string_view path,
                                                const FileIoOptions& options);
 
+// Sets the size of the regular file behind `io` (from OpenFileIo) to exactly
+// `size_bytes` (ftruncate: growing adds zeros); io.size_bytes() becomes it
+// rounded down to kIoAlign. No I/O may be in flight. FailedPrecondition for a
+// block device.
+absl::Status ResizeFileIo(Io& io, uint64_t size_bytes);
+
 // Describes the backend OpenFileIo chose: "io_uring, O_DIRECT" etc.
 std::string DescribeFileIo(const Io& io);
 

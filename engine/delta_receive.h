@@ -1,5 +1,5 @@
 // Reading a delta stream: check it, inspect it, apply it to a pool volume
-// (atomically) or to a raw image.
+// (atomically; raw images: engine/image.h).
 #ifndef TANDEM_ENGINE_DELTA_RECEIVE_H_
 #define TANDEM_ENGINE_DELTA_RECEIVE_H_
 
@@ -130,25 +130,6 @@ absl::StatusOr<std::optional<ResumeToken>> ResumePoint(
 absl::Status DropReceive(blockstore::Pool& pool, absl::string_view volume);
 // The hidden volume an apply into `volume` stages in.
 std::string StagingVolume(absl::string_view volume);
-
-struct ImageOptions {
-  bool verify_base = true;    // image content must equal the base first
-  bool verify_target = true;  // and the target after
-  std::function<void(uint64_t done, uint64_t total)> progress;
-};
-
-// Applies the stream onto a raw image (a file or block device, through
-// `image`, at least the target size). Not atomic: a failure part way leaves
-// the image part written. FailedPrecondition if the image's content is not
-// the delta's base (for a full delta: no check).
-absl::StatusOr<ApplyStats> ApplyDeltaToImage(blockstore::Io& image,
-                                             ByteSource& in,
-                                             const ImageOptions& options = {});
-
-// Root digest of the first `size_bytes` of `image` as a volume of
-// `chunk_size` chunks (bytes past the image end read as zeros).
-absl::StatusOr<Digest> ImageDigest(blockstore::Io& image, uint64_t size_bytes,
-                                   uint32_t chunk_size);
 
 }  // namespace engine
 

@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <memory>
 #include <string>
@@ -20,7 +21,52 @@ namespace tools {
 class FdSink final : public engine::ByteSink {
  public:
   FdSink(int fd, std::string name) : fd_(fd), name_(std::move(name)) {}
+
+  // Where the descriptor is an empty regular file at its start, blocks of
+  // `block` bytes (from the start) that are all zeros are skipped as holes,
+  // as `cp --sparse` does; Finish() then sets the file's length. Elsewhere
+  // (a pipe, a terminal, a file with content) nothing changes.
+  void MakeSparse(uint64_t block) {
+    struct stat st {};
+    if (block > 0 && fstat(fd_, &st) == 0 && S_ISREG(st.st_mode) &&
+        st.st_size == 0 && lseek(fd_, 0, SEEK_CUR) == 0) {
+      sparse_block_ = block;
+    }
+  }
+
   absl::Status Write(std::span<const std::byte> data) override {
+    while (!data.empty()) {
+      size_t n = data.size();
+      if (sparse_block_ > 0) {
+        n = std::min<uint64_t>(n, sparse_block_ - bytes_ % sparse_block_);
+        if (blockstore::IsAllZero(data.first(n))) {
+          if (lseek(fd_, static_cast<off_t>(n), SEEK_CUR) < 0) {
+            return blockstore::ErrnoError(errno, absl::StrCat("seek ", name_));
+          }
+          bytes_ += n;
+          data = data.subspan(n);
+          continue;
+        }
+      }
+      if (absl::Status s = WriteAll(data.first(n)); !s.ok()) return s;
+      bytes_ += n;
+      data = data.subspan(n);
+    }
+    return absl::OkStatus();
+  }
+
+  // After the last Write: a sparse file's length.
+  absl::Status Finish() {
+    if (sparse_block_ > 0 && ftruncate(fd_, static_cast<off_t>(bytes_)) != 0) {
+      return blockstore::ErrnoError(errno, absl::StrCat("write ", name_));
+    }
+    return absl::OkStatus();
+  }
+
+  uint64_t bytes() const { return bytes_; }
+
+ private:
+  absl::Status WriteAll(std::span<const std::byte> data) {
     for (size_t done = 0; done < data.size();) {
       ssize_t n = ::write(fd_, data.data() + done, data.size() - done);
       if (n < 0 && errno == EINTR) continue;
@@ -28,15 +74,13 @@ class FdSink final : public engine::ByteSink {
         return blockstore::ErrnoError(errno, absl::StrCat("write ", name_));
       done += n;
     }
-    bytes_ += data.size();
     return absl::OkStatus();
   }
-  uint64_t bytes() const { return bytes_; }
 
- private:
   int fd_;
   std::string name_;
   uint64_t bytes_ = 0;
+  uint64_t sparse_block_ = 0;
 };
 
 class FdSource final : public engine::ByteSource {

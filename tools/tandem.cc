@@ -470,7 +470,13 @@ int Run(int argc, char** argv) {
           o.ReadLength(ref.volume, ref.snapshot, *offset, length);
       if (!n.ok()) return act(n.status());
       FdSink out(1, "standard output");
-      act(o.Read(ref.volume, ref.snapshot, *offset, *n, out));
+      // Read into a new file, the volume's zero chunks stay holes.
+      absl::StatusOr<ordered_json> info = o.Info();
+      if (!info.ok()) return act(info.status());
+      const uint64_t chunk = (*info)["chunk_size_bytes"].get<uint64_t>();
+      if (*offset % chunk == 0) out.MakeSparse(chunk);
+      absl::Status s = o.Read(ref.volume, ref.snapshot, *offset, *n, out);
+      act(s.ok() ? out.Finish() : s);
     });
   });
   CLI::App* trim_cmd = app.add_subcommand("trim", "discard a byte range");

@@ -22,6 +22,7 @@
 #include "blockstore/util.h"
 #include "engine/delta_receive.h"
 #include "engine/delta_send.h"
+#include "engine/image.h"
 #include "nlohmann/json.hpp"
 #include "tools/command_line.h"
 #include "tools/fd_stream.h"
@@ -262,54 +263,110 @@ absl::Status Read(const std::string& file, bool inspect, bool as_json) {
   return absl::OkStatus();
 }
 
-absl::Status Apply(const std::string& file, const std::string& pool_path,
-                   const std::string& volume, const std::string& image_path,
-                   bool rollback, bool verify_base) {
-  if (image_path.empty() == volume.empty()) {
-    return absl::InvalidArgumentError(
-        "apply needs either --pool PATH VOLUME or --image PATH");
-  }
+// The record beside an image: next to a regular file (or where --state
+// says); a block device has none unless --state names one.
+absl::StatusOr<std::string> ImageRecordPath(const std::string& image,
+                                            const std::string& state) {
+  if (!state.empty()) return state;
+  struct stat st;
+  if (stat(image.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) return "";
+  return image + ".tandem-state";
+}
+
+absl::Status ApplyToImage(const std::string& file,
+                          const std::string& image_path,
+                          const std::string& state, bool verify,
+                          bool verify_base,
+                          const std::string& checkpoint_text) {
+  absl::StatusOr<uint64_t> checkpoint =
+      blockstore::ParseSize(checkpoint_text, "--checkpoint");
+  if (!checkpoint.ok()) return checkpoint.status();
   absl::StatusOr<std::unique_ptr<InputFile>> input = InputFile::Open(file);
   if (!input.ok()) return input.status();
   FdSource& in = (*input)->source();
-  uint64_t total = (*input)->size();
-  Progress progress("applying");
-  auto start = Clock::now();
-  absl::StatusOr<engine::ApplyStats> stats;
-  std::string what;
-  if (!image_path.empty()) {
-    blockstore::FileIoOptions o;
-    absl::StatusOr<std::unique_ptr<blockstore::Io>> image =
-        blockstore::OpenFileIo(image_path, o);
-    if (!image.ok()) return image.status();
-    engine::ImageOptions options;
-    options.verify_base = verify_base;
-    options.progress = [&](uint64_t, uint64_t) {
-      progress.Update(in.bytes(), total);
-    };
-    stats = engine::ApplyDeltaToImage(**image, in, options);
-    what = image_path;
-  } else {
-    absl::StatusOr<std::unique_ptr<blockstore::Pool>> pool =
-        OpenPool(pool_path, OpenMode::kReadWrite);
-    if (!pool.ok()) return pool.status();
-    engine::ApplyOptions options;
-    options.rollback = rollback;
-    options.progress = [&](uint64_t, uint64_t) {
-      progress.Update(in.bytes(), total);
-    };
-    stats = engine::ApplyDelta(**pool, volume, in, options);
-    if (stats.ok()) what = absl::StrCat(volume, "@", stats->snapshot.name);
+  const uint64_t total = (*input)->size();
+  absl::StatusOr<std::unique_ptr<engine::DeltaReader>> reader =
+      engine::DeltaReader::Open(in);
+  if (!reader.ok()) return reader.status();
+  const engine::DeltaHeader& h = (*reader)->header();
+  struct stat st;
+  const bool exists = stat(image_path.c_str(), &st) == 0;
+  if (!exists && !h.full()) {
+    return absl::NotFoundError(absl::StrCat(
+        image_path,
+        " does not exist; an incremental delta needs the image "
+        "of its base '",
+        h.volume_name, "@", h.base_name, "': apply the full delta first"));
   }
+  absl::StatusOr<std::string> record_path = ImageRecordPath(image_path, state);
+  if (!record_path.ok()) return record_path.status();
+  // A new file starts at the volume's size (at least one byte: a file of
+  // none would be opened, not created).
+  absl::StatusOr<std::unique_ptr<engine::RawImage>> image = engine::OpenImage(
+      image_path, exists ? 0 : std::max<uint64_t>(1, h.size_bytes));
+  if (!image.ok()) return image.status();
+  Progress progress("applying");
+  engine::ImageApplyOptions options;
+  options.record_path = *record_path;
+  options.verify = verify;
+  options.verify_base = verify_base;
+  options.checkpoint_bytes = *checkpoint;
+  options.progress = [&](uint64_t, uint64_t) {
+    progress.Update(in.bytes(), total);
+  };
+  auto start = Clock::now();
+  absl::StatusOr<engine::ImageApplyStats> stats =
+      engine::ApplyDeltaToImage(**reader, **image, options);
   progress.Clear();
   if (!stats.ok()) return stats.status();
+  const std::string snapshot = absl::StrCat(h.volume_name, "@", h.target_name);
+  if (stats->already_held) {
+    std::fprintf(stderr, "%s already holds %s: nothing written; %.2f s\n",
+                 image_path.c_str(), snapshot.c_str(), Since(start));
+    return absl::OkStatus();
+  }
   std::fprintf(stderr,
-               "applied %s: %llu records, %llu chunks written, %llu cleared; "
-               "%s stream; %.2f s\n",
-               what.c_str(), static_cast<unsigned long long>(stats->records),
-               static_cast<unsigned long long>(stats->chunks_written),
-               static_cast<unsigned long long>(stats->chunks_cleared),
-               FormatBytes(stats->stream_bytes).c_str(), Since(start));
+               "applied %s to %s%s: %llu records, %llu chunks written, %llu "
+               "cleared; %s stream, %s of the image read; %.2f s\n",
+               snapshot.c_str(), image_path.c_str(),
+               stats->resumed ? " (resumed)" : "",
+               static_cast<unsigned long long>(stats->apply.records),
+               static_cast<unsigned long long>(stats->apply.chunks_written),
+               static_cast<unsigned long long>(stats->apply.chunks_cleared),
+               FormatBytes(stats->apply.stream_bytes).c_str(),
+               FormatBytes(stats->bytes_read).c_str(), Since(start));
+  return absl::OkStatus();
+}
+
+absl::Status ApplyToPool(const std::string& file, const std::string& pool_path,
+                         const std::string& volume, bool rollback) {
+  absl::StatusOr<std::unique_ptr<InputFile>> input = InputFile::Open(file);
+  if (!input.ok()) return input.status();
+  FdSource& in = (*input)->source();
+  const uint64_t total = (*input)->size();
+  absl::StatusOr<std::unique_ptr<blockstore::Pool>> pool =
+      OpenPool(pool_path, OpenMode::kReadWrite);
+  if (!pool.ok()) return pool.status();
+  Progress progress("applying");
+  engine::ApplyOptions options;
+  options.rollback = rollback;
+  options.progress = [&](uint64_t, uint64_t) {
+    progress.Update(in.bytes(), total);
+  };
+  auto start = Clock::now();
+  absl::StatusOr<engine::ApplyStats> stats =
+      engine::ApplyDelta(**pool, volume, in, options);
+  progress.Clear();
+  if (!stats.ok()) return stats.status();
+  std::fprintf(
+      stderr,
+      "applied %s@%s: %llu records, %llu chunks written, %llu cleared; "
+      "%s stream; %.2f s\n",
+      volume.c_str(), stats->snapshot.name.c_str(),
+      static_cast<unsigned long long>(stats->records),
+      static_cast<unsigned long long>(stats->chunks_written),
+      static_cast<unsigned long long>(stats->chunks_cleared),
+      FormatBytes(stats->stream_bytes).c_str(), Since(start));
   return absl::OkStatus();
 }
 
@@ -320,9 +377,11 @@ int Run(int argc, char** argv) {
   auto act = [&](absl::Status s) {
     if (!s.ok()) failure = std::string(s.message());
   };
-  std::string pool_path, ref, base, output = "-", file, volume, image;
+  std::string pool_path, ref, base, output = "-", file, volume, image, state,
+                                    checkpoint = "64M";
   int level = 1, threads = 0;
-  bool as_json = false, rollback = false, no_verify_base = false;
+  bool as_json = false, rollback = false, no_verify_base = false,
+       verify_image = false;
 
   CLI::App* create =
       app.add_subcommand("create", "write the delta of a snapshot");
@@ -357,11 +416,27 @@ int Run(int argc, char** argv) {
   apply->add_option("--image", image, "raw image file or block device instead");
   apply->add_flag("--rollback", rollback,
                   "roll the volume back to the delta's base first if needed");
-  apply->add_flag(
-      "--no-verify-base", no_verify_base,
-      "skip checking that the image holds the base (saves a full read)");
+  apply->add_option("--state", state,
+                    "the image's record (default: IMAGE.tandem-state beside "
+                    "a file; none for a device)");
+  apply->add_flag("--verify", verify_image,
+                  "read the whole image to check the base before and the "
+                  "target after, whatever its record says");
+  apply->add_option("--checkpoint", checkpoint,
+                    "an image's resume point every SIZE of stream "
+                    "(default 64M, 0: none)");
+  apply->add_flag("--no-verify-base", no_verify_base,
+                  "without a record, trust that the image holds the base");
   apply->callback([&] {
-    act(Apply(file, pool_path, volume, image, rollback, !no_verify_base));
+    if (image.empty() == volume.empty()) {
+      act(absl::InvalidArgumentError(
+          "apply needs either --pool PATH VOLUME or --image PATH"));
+    } else if (!image.empty()) {
+      act(ApplyToImage(file, image, state, verify_image, !no_verify_base,
+                       checkpoint));
+    } else {
+      act(ApplyToPool(file, pool_path, volume, rollback));
+    }
   });
 
   if (std::optional<int> rc =

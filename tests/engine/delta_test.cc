@@ -10,6 +10,7 @@
 #include "engine/delta_format.h"
 #include "engine/delta_receive.h"
 #include "engine/delta_send.h"
+#include "engine/image.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/fault_io.h"
@@ -112,9 +113,10 @@ TEST(DeltaTest, RoundTripsFullAndIncrementalToPoolAndImage) {
     std::string full = Send(*src, "v", "", "s0");
     ASSERT_TRUE(Verify(full).ok());
     ASSERT_TRUE(Apply(*dst, "v", full).ok());
-    MemIo image(64 << 20);
+    MemIo image_io(64 << 20);
+    std::unique_ptr<RawImage> image = ImageOnIo(image_io);
     StringSource full_in(full);
-    ASSERT_TRUE(ApplyDeltaToImage(image, full_in).ok());
+    ASSERT_TRUE(ApplyDeltaToImage(*image, full_in).ok());
     RandomRounds(*src, rng, 3, 1);
     for (int i = 1; i <= 3; ++i) {
       std::string base = absl::StrCat("s", i - 1),
@@ -124,7 +126,7 @@ TEST(DeltaTest, RoundTripsFullAndIncrementalToPoolAndImage) {
       absl::Status applied = Apply(*dst, "v", delta);
       ASSERT_TRUE(applied.ok()) << target << ": " << applied;
       StringSource in(delta);
-      absl::StatusOr<ApplyStats> img = ApplyDeltaToImage(image, in);
+      absl::StatusOr<ImageApplyStats> img = ApplyDeltaToImage(*image, in);
       ASSERT_TRUE(img.ok()) << img.status();
       blockstore::SnapshotInfo want = *src->GetSnapshot("v", target);
       absl::StatusOr<blockstore::SnapshotInfo> got =
@@ -136,7 +138,7 @@ TEST(DeltaTest, RoundTripsFullAndIncrementalToPoolAndImage) {
       EXPECT_EQ(ReadAll(*dst, "v", target), ReadAll(*src, "v", target));
       EXPECT_EQ(ReadAll(*dst, "v"), ReadAll(*src, "v", target));
       absl::StatusOr<Digest> image_digest =
-          ImageDigest(image, want.size_bytes, kChunk);
+          ImageDigest(*image, want.size_bytes, kChunk);
       EXPECT_EQ(*image_digest, want.root_digest);
     }
     absl::StatusOr<Pool::CheckReport> report = dst->Check(true);

@@ -24,6 +24,7 @@
 #include "blockstore/util.h"
 #include "engine/delta_format.h"
 #include "engine/delta_receive.h"
+#include "engine/image.h"
 #include "engine/stream.h"
 
 extern "C" size_t LLVMFuzzerMutate(uint8_t* data, size_t size, size_t max);
@@ -128,12 +129,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // Applying must stay inside an image of 1 MiB (bigger volumes are
   // refused before anything is written).
   {
-    blockstore::MemIo image(1 << 20);
+    blockstore::MemIo io(1 << 20);
+    std::unique_ptr<engine::RawImage> image = engine::ImageOnIo(io);
     engine::StringSource in(bytes);
-    engine::ImageOptions options;
+    engine::ImageApplyOptions options;
     options.verify_base = false;
-    options.verify_target = false;
-    engine::ApplyDeltaToImage(image, in, options).IgnoreError();
+    engine::ApplyDeltaToImage(*image, in, options).IgnoreError();
   }
   // And into a pool (full deltas; an incremental finds no base).
   static blockstore::MemIo* fresh = [] {

@@ -430,8 +430,14 @@ TEST_P(CliTest, DeltaFilesBetweenTwoPoolsAndAnImage) {
   ASSERT_EQ(delta({"apply", inc, "--image", image}).code, 0);
   EXPECT_EQ(testing_util::Slurp(image), Ok({"read", "--pool", a, "v@two"}));
 
-  // Refusals: the image no longer holds the base; the pool already has it;
-  // a corrupt file; not a delta at all.
+  // Applied again, the image holds the target already.
+  r = delta({"apply", inc, "--image", image});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("already holds v@two: nothing written"));
+
+  // Refusals: an image that does not hold the base; the pool already has
+  // it; a corrupt file; not a delta at all.
+  testing_util::Spit(image, RandomBytes(8 << 20, 14));
   r = delta({"apply", inc, "--image", image});
   EXPECT_EQ(r.code, 1);
   EXPECT_THAT(r.err,
