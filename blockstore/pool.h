@@ -30,6 +30,7 @@
 #ifndef TANDEM_BLOCKSTORE_POOL_H_
 #define TANDEM_BLOCKSTORE_POOL_H_
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -248,6 +249,11 @@ class Pool {
                                  absl::string_view base,
                                  absl::string_view target, uint64_t from_chunk,
                                  size_t max_data_chunks);
+
+  // Tree nodes every Diff of this pool has read so far (a diff's cost).
+  uint64_t diff_nodes_visited() const {
+    return diff_nodes_visited_.load(std::memory_order_relaxed);
+  }
 
   // Reads the data chunks `runs` (kData, from Diff) into `out`, one
   // chunk_size() slot each, verifying every digest (DataLoss on mismatch).
@@ -588,6 +594,7 @@ class Pool {
 
   // Checked by clang's -Wthread-safety (blockstore/mutex.h).
   mutable Mutex mu_;
+  std::atomic<uint64_t> diff_nodes_visited_{0};
   // Signalled when a commit ends, a group ends or a write in flight ends.
   CondVar cv_;
   // The layout (chunk size, where metadata and data lie): fixed when the

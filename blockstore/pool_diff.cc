@@ -192,6 +192,8 @@ absl::StatusOr<DiffBatch> Pool::Diff(absl::string_view volume,
   };
   absl::Status s =
       DiffWalk(st, ref(base_root, db), ref(target_root, dt), top, 0);
+  diff_nodes_visited_.fetch_add(st.batch.nodes_visited,
+                                std::memory_order_relaxed);
   TrimCache();
   if (!s.ok()) return s;
   st.batch.done = !st.stop;

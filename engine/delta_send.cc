@@ -364,15 +364,15 @@ class RunFeed {
                                     std::span<const std::byte>& data) = 0;
 };
 
-// The changes between two snapshots, from the tree diff, with read-ahead:
-// while the chunks of one diff batch are packed into segments (and
-// compressed by the pipeline), the next batch is read from disk on another
-// thread into the other buffer.
+// The changes between two snapshots, from the tree diff walked once (here,
+// or by the caller), with read-ahead: while the chunks of one batch are
+// packed into segments (and compressed by the pipeline), the next batch is
+// read from disk on another thread into the other buffer.
 class DiffFeed final : public RunFeed {
  public:
   DiffFeed(blockstore::Pool& pool, absl::string_view volume,
            absl::string_view base, absl::string_view target, uint64_t from,
-           SendStats& stats)
+           std::shared_ptr<const WalkedDiff> walked, SendStats& stats)
       : pool_(pool),
         volume_(volume),
         base_(base),
@@ -380,6 +380,7 @@ class DiffFeed final : public RunFeed {
         from_(from),
         chunk_(pool.chunk_size()),
         batch_(std::max<size_t>(1, (4u << 20) / chunk_)),
+        walked_(walked && walked->from == from ? std::move(walked) : nullptr),
         stats_(stats) {}
 
   ~DiffFeed() override {
@@ -390,27 +391,34 @@ class DiffFeed final : public RunFeed {
   }
 
   absl::StatusOr<uint64_t> Remaining() override {
+    if (absl::Status s = Walk(); !s.ok()) return s;
     uint64_t total = 0;
-    for (uint64_t from = from_;;) {
-      absl::StatusOr<blockstore::DiffBatch> d =
-          pool_.Diff(volume_, base_, target_, from, 65536);
-      if (!d.ok()) return d.status();
-      for (const ChangedRun& r : d->runs) {
+    auto add = [&](const std::vector<ChangedRun>& runs) {
+      for (const ChangedRun& r : runs) {
         total += r.kind == ChangedRun::Kind::kData ? 16 + chunk_
                                                    : kRecordHeaderBytes;
       }
-      if (d->done) return total;
+    };
+    add(walked_->runs);
+    // Past what the walk kept: counted now, walked again as it is sent.
+    for (uint64_t from = walked_->next_chunk; !walked_->complete;) {
+      absl::StatusOr<blockstore::DiffBatch> d =
+          pool_.Diff(volume_, base_, target_, from, 65536);
+      if (!d.ok()) return d.status();
+      stats_.nodes_visited += d->nodes_visited;
+      add(d->runs);
+      if (d->done) break;
       from = d->next_chunk;
     }
+    return total;
   }
 
   absl::StatusOr<bool> Next(std::vector<ChangedRun>& runs,
                             std::span<const std::byte>& data) override {
     if (!started_) {
       started_ = true;
-      if (absl::Status s = StartBatch(batches_[cur_], from_); !s.ok()) {
-        return s;
-      }
+      if (absl::Status s = Walk(); !s.ok()) return s;
+      if (absl::Status s = StartBatch(batches_[cur_]); !s.ok()) return s;
     } else if (done_) {
       runs.clear();
       return true;
@@ -419,34 +427,68 @@ class DiffFeed final : public RunFeed {
     }
     Batch& b = batches_[cur_];
     if (absl::Status s = b.read.get(); !s.ok()) return s;
-    done_ = b.diff.done;
+    done_ = b.last;
     if (!done_) {
-      if (absl::Status s = StartBatch(batches_[1 - cur_], b.diff.next_chunk);
-          !s.ok()) {
-        return s;
-      }
+      if (absl::Status s = StartBatch(batches_[1 - cur_]); !s.ok()) return s;
     }
-    runs = b.diff.runs;
+    runs = b.runs;
     data = b.data.span();
     return false;
   }
 
  private:
   struct Batch {
-    blockstore::DiffBatch diff;
+    std::vector<ChangedRun> runs;
+    bool last = false;
     std::vector<ChangedRun> reads;
     blockstore::AlignedBuffer data;
     std::future<absl::Status> read;
   };
 
-  absl::Status StartBatch(Batch& b, uint64_t from) {
+  absl::Status Walk() {
+    if (walked_) return absl::OkStatus();
+    absl::StatusOr<WalkedDiff> w =
+        WalkDiff(pool_, volume_, base_, target_, from_);
+    if (!w.ok()) return w.status();
+    stats_.nodes_visited += w->nodes_visited;
+    walked_ = std::make_shared<const WalkedDiff>(std::move(*w));
+    return absl::OkStatus();
+  }
+
+  // The next batch_ data chunks' runs: from the walk, then (past what it
+  // kept) from the tree again.
+  absl::Status TakeRuns(Batch& b) {
+    b.runs.clear();
+    const std::vector<ChangedRun>& kept = walked_->runs;
+    size_t data = 0;
+    while (next_run_ < kept.size() && data < batch_) {
+      const ChangedRun& r = kept[next_run_++];
+      data += r.kind == ChangedRun::Kind::kData;
+      b.runs.push_back(r);
+    }
+    if (next_run_ < kept.size() || walked_->complete) {
+      b.last = next_run_ == kept.size();
+      return absl::OkStatus();
+    }
+    if (!b.runs.empty()) {
+      b.last = false;
+      return absl::OkStatus();
+    }
+    if (rest_from_ == 0) rest_from_ = walked_->next_chunk;
     absl::StatusOr<blockstore::DiffBatch> d =
-        pool_.Diff(volume_, base_, target_, from, batch_);
+        pool_.Diff(volume_, base_, target_, rest_from_, batch_);
     if (!d.ok()) return d.status();
-    b.diff = std::move(*d);
-    stats_.nodes_visited += b.diff.nodes_visited;
+    stats_.nodes_visited += d->nodes_visited;
+    b.runs = std::move(d->runs);
+    b.last = d->done;
+    rest_from_ = d->next_chunk;
+    return absl::OkStatus();
+  }
+
+  absl::Status StartBatch(Batch& b) {
+    if (absl::Status s = TakeRuns(b); !s.ok()) return s;
     b.reads.clear();
-    for (const ChangedRun& r : b.diff.runs) {
+    for (const ChangedRun& r : b.runs) {
       if (r.kind == ChangedRun::Kind::kData) b.reads.push_back(r);
     }
     if (b.data.size() == 0) b.data = blockstore::AlignedBuffer(batch_ * chunk_);
@@ -461,6 +503,9 @@ class DiffFeed final : public RunFeed {
   const uint64_t from_;
   const uint32_t chunk_;
   const size_t batch_;
+  std::shared_ptr<const WalkedDiff> walked_;
+  size_t next_run_ = 0;     // the next of walked_->runs to send
+  uint64_t rest_from_ = 0;  // where the tree is walked again, past them
   SendStats& stats_;
   Batch batches_[2];
   int cur_ = 0;
@@ -620,6 +665,26 @@ void SetBase(DeltaHeader& h, const blockstore::SnapshotInfo& b) {
 
 }  // namespace
 
+absl::StatusOr<WalkedDiff> WalkDiff(blockstore::Pool& pool,
+                                    absl::string_view volume,
+                                    absl::string_view base,
+                                    absl::string_view target, uint64_t from,
+                                    size_t max_runs) {
+  WalkedDiff w;
+  w.from = from;
+  w.next_chunk = from;
+  while (!w.complete && w.runs.size() < max_runs) {
+    absl::StatusOr<blockstore::DiffBatch> d =
+        pool.Diff(volume, base, target, w.next_chunk, 65536);
+    if (!d.ok()) return d.status();
+    w.nodes_visited += d->nodes_visited;
+    w.runs.insert(w.runs.end(), d->runs.begin(), d->runs.end());
+    w.complete = d->done;
+    w.next_chunk = d->next_chunk;
+  }
+  return w;
+}
+
 absl::StatusOr<SendStats> SendDelta(blockstore::Pool& pool,
                                     absl::string_view volume,
                                     absl::string_view base,
@@ -654,7 +719,7 @@ absl::StatusOr<SendStats> SendDelta(blockstore::Pool& pool,
   }
   SendStats stats;
   uint64_t from = options.resume ? options.resume->next_chunk : 0;
-  DiffFeed feed(pool, volume, base, target, from, stats);
+  DiffFeed feed(pool, volume, base, target, from, options.diff, stats);
   return SendStream(h, feed, out, options, stats);
 }
 

@@ -5,8 +5,10 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <span>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -15,6 +17,26 @@
 #include "engine/stream.h"
 
 namespace engine {
+
+// The changes between two snapshots, walked once and kept: a site that
+// counts a delta's changes before sending it hands the walk to the send.
+struct WalkedDiff {
+  std::vector<blockstore::ChangedRun> runs;  // in chunk order, from `from`
+  uint64_t from = 0;
+  uint64_t next_chunk = 0;  // the walk stopped here (complete: the end)
+  bool complete = false;
+  uint64_t nodes_visited = 0;
+};
+
+// Runs kept at most (48 bytes each): a diff with more changed runs is kept
+// in part, and its rest walked again by the send.
+inline constexpr size_t kMaxWalkedRuns = 1 << 18;
+
+absl::StatusOr<WalkedDiff> WalkDiff(blockstore::Pool& pool,
+                                    absl::string_view volume,
+                                    absl::string_view base,
+                                    absl::string_view target, uint64_t from,
+                                    size_t max_runs = kMaxWalkedRuns);
 
 struct SendOptions {
   int zstd_level = 1;  // 0 stores every segment raw
@@ -26,6 +48,9 @@ struct SendOptions {
   // the same header, then the segments from the token's on.
   // FailedPrecondition if the token is for another stream.
   std::optional<ResumeToken> resume;
+  // SendDelta: the diff of the same base and target, walked already (from
+  // chunk 0, or from the resume point). Null: the send walks it.
+  std::shared_ptr<const WalkedDiff> diff;
 };
 
 struct SendStats {

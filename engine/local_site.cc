@@ -89,8 +89,17 @@ absl::StatusOr<bool> LocalSite::ChangedSince(const std::string& volume,
 absl::StatusOr<ChangeCount> LocalSite::CountChanges(const std::string& volume,
                                                     const std::string& base,
                                                     const std::string& target) {
+  absl::StatusOr<WalkedDiff> walked = WalkDiff(pool_, volume, base, target, 0);
+  if (!walked.ok()) return walked.status();
   ChangeCount c;
-  for (uint64_t from = 0;;) {
+  for (const blockstore::ChangedRun& r : walked->runs) {
+    c.all_chunks += r.count_chunks;
+    if (r.kind == blockstore::ChangedRun::Kind::kData) {
+      c.data_chunks += r.count_chunks;
+    }
+  }
+  // Past what the walk keeps: counted, and walked again by the send.
+  for (uint64_t from = walked->next_chunk; !walked->complete;) {
     absl::StatusOr<blockstore::DiffBatch> b =
         pool_.Diff(volume, base, target, from, 8192);
     if (!b.ok()) return b.status();
@@ -100,9 +109,62 @@ absl::StatusOr<ChangeCount> LocalSite::CountChanges(const std::string& volume,
         c.data_chunks += r.count_chunks;
       }
     }
-    if (b->done) return c;
+    if (b->done) break;
     from = b->next_chunk;
   }
+  // The send of this delta, which usually follows, takes the walk. The
+  // steps of a chain are all counted before the first is sent: keep the
+  // newest walks, kMaxWalkedRuns runs in all.
+  // (Not a diff against the live volume: its chunks move.)
+  if (target.empty()) return c;
+  absl::StatusOr<DiffKey> key = KeyOf(volume, base, target);
+  if (!key.ok()) return key.status();
+  blockstore::MutexLock lock(mu_);
+  walks_.push_back(
+      {*key, std::make_shared<const WalkedDiff>(std::move(*walked))});
+  size_t kept = 0;
+  for (auto it = walks_.rbegin(); it != walks_.rend(); ++it) {
+    kept += it->second->runs.size();
+    if (kept > kMaxWalkedRuns) {
+      walks_.erase(walks_.begin(), it.base());
+      break;
+    }
+  }
+  return c;
+}
+
+absl::StatusOr<LocalSite::DiffKey> LocalSite::KeyOf(const std::string& volume,
+                                                    const std::string& base,
+                                                    const std::string& target) {
+  // By GUID: a snapshot deleted and made again under its name is another.
+  DiffKey key{volume, {}, {}};
+  if (!base.empty()) {
+    absl::StatusOr<blockstore::SnapshotInfo> b =
+        pool_.GetSnapshot(volume, base);
+    if (!b.ok()) return b.status();
+    key.base = b->guid;
+  }
+  absl::StatusOr<blockstore::SnapshotInfo> t =
+      pool_.GetSnapshot(volume, target);
+  if (!t.ok()) return t.status();
+  key.target = t->guid;
+  return key;
+}
+
+std::shared_ptr<const WalkedDiff> LocalSite::TakeWalk(
+    const std::string& volume, const std::string& base,
+    const std::string& target) {
+  absl::StatusOr<DiffKey> key = KeyOf(volume, base, target);
+  if (!key.ok()) return nullptr;
+  blockstore::MutexLock lock(mu_);
+  for (auto it = walks_.begin(); it != walks_.end(); ++it) {
+    if (it->first == *key) {
+      std::shared_ptr<const WalkedDiff> w = std::move(it->second);
+      walks_.erase(it);
+      return w;
+    }
+  }
+  return nullptr;
 }
 
 absl::StatusOr<std::vector<Sha256>> LocalSite::ChunkDigests(
@@ -193,6 +255,7 @@ absl::StatusOr<SendStats> LocalSite::Send(const SendRequest& r, ByteSink& out) {
     return SendChunks(pool_, r.volume, r.target, *r.onto, r.chunks, out,
                       options);
   }
+  if (!r.resume) options.diff = TakeWalk(r.volume, r.base, r.target);
   return SendDelta(pool_, r.volume, r.base, r.target, out, options);
 }
 

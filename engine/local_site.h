@@ -5,6 +5,8 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "blockstore/mutex.h"
 #include "blockstore/pool.h"
@@ -69,6 +71,18 @@ class LocalSite final : public Site {
 
  private:
   class LocalClaim;
+  struct DiffKey {
+    std::string volume;
+    Guid base, target;
+    bool operator==(const DiffKey&) const = default;
+  };
+  absl::StatusOr<DiffKey> KeyOf(const std::string& volume,
+                                const std::string& base,
+                                const std::string& target);
+  // The walk CountChanges kept for this delta, if any (taken: once).
+  std::shared_ptr<const WalkedDiff> TakeWalk(const std::string& volume,
+                                             const std::string& base,
+                                             const std::string& target);
   void Release(const std::string& id);
   void SetProgress(const std::string& id, uint64_t done, uint64_t total);
 
@@ -77,6 +91,9 @@ class LocalSite final : public Site {
   const LocalSiteOptions options_;
   blockstore::Mutex mu_;
   std::map<std::string, Activity> claims_ ABSL_GUARDED_BY(mu_);
+  // Diffs CountChanges walked, oldest first, for the sends that follow.
+  std::vector<std::pair<DiffKey, std::shared_ptr<const WalkedDiff>>> walks_
+      ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace engine

@@ -11,6 +11,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "engine/delta_send.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/model.h"
@@ -227,6 +228,36 @@ TEST_P(RelationshipTest, TheOperatorProcedureWithEveryGuard) {
   }
   EXPECT_EQ(Content(a, "v"), Content(b, "v"));
   EXPECT_EQ(rep.Report(kA).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_P(RelationshipTest, AnUpdateWalksTheDiffOnce) {
+  Prepare(pools, rep);
+  ASSERT_TRUE(rep.Initialize(kA).ok());
+  WriteChunks(a, "v", 3, 40, 5, 7);
+  // When the update first reports progress its changes are counted and
+  // none sent: walk the same diff once here, to know what one walk reads.
+  uint64_t one_walk = 0, ours = 0;
+  rep.set_progress([&](const RelationshipRecord&) {
+    if (one_walk > 0) return;
+    std::vector<blockstore::SnapshotInfo> snaps = Snaps(a);
+    ASSERT_GE(snaps.size(), 2u);
+    const uint64_t before = a.diff_nodes_visited();
+    absl::StatusOr<WalkedDiff> w =
+        WalkDiff(a, "v", snaps[snaps.size() - 2].name, snaps.back().name, 0);
+    ASSERT_TRUE(w.ok()) << w.status();
+    one_walk = w->nodes_visited;
+    ours = a.diff_nodes_visited() - before;
+  });
+  const uint64_t before = a.diff_nodes_visited();
+  absl::StatusOr<TransferStats> up = rep.Update(kA);
+  rep.set_progress(nullptr);
+  ASSERT_TRUE(up.ok()) << up.status();
+  EXPECT_EQ(up->data_bytes, 40 * kChunk);
+  ASSERT_GT(one_walk, 4u);
+  EXPECT_EQ(ours, one_walk);
+  // Counting the changes and sending them: one walk between them.
+  EXPECT_EQ(a.diff_nodes_visited() - before - ours, one_walk);
+  EXPECT_EQ(Content(b, "v"), Content(a, "v"));
 }
 
 TEST_P(RelationshipTest, ResyncPreviewEqualsWhatTheDestinationLoses) {
