@@ -1,6 +1,7 @@
 // Test data for the end-to-end benchmarks, the same bytes into a pool
 // volume or a plain file, so tandem and its peers move identical changes.
-//   prep fill-pool POOL VOLUME SIZE      create VOLUME, fill it, snapshot @base
+//   prep fill-pool POOL VOLUME SIZE [DATA]  create VOLUME, fill it (its
+//                                        first DATA bytes), snapshot @base
 //   prep fill-file FILE SIZE
 //   prep change-pool POOL VOLUME N RANGE SEED   rewrite N random chunks of
 //   prep change-file FILE N RANGE SEED          the first RANGE (64 KiB each)
@@ -83,12 +84,15 @@ int main(int argc, char** argv) {
   blockstore::AlignedBuffer buf(kPiece);
   if (cmd == "fill-pool" || cmd == "fill-file") {
     bool pool_mode = cmd == "fill-pool";
-    uint64_t size = *blockstore::ParseSize(argv[pool_mode ? 4 : 3]);
+    const uint64_t volume_size =
+        *blockstore::ParseSize(argv[pool_mode ? 4 : 3]);
+    const uint64_t size =
+        pool_mode && argc > 5 ? *blockstore::ParseSize(argv[5]) : volume_size;
     std::unique_ptr<blockstore::Pool> pool;
     int fd = -1;
     if (pool_mode) {
       pool = OpenPool(argv[2]);
-      Check(pool->CreateVolume(argv[3], size));
+      Check(pool->CreateVolume(argv[3], volume_size));
     } else {
       fd = open(argv[2], O_WRONLY | O_CREAT | O_TRUNC, 0644);
       if (fd < 0) Die("open");

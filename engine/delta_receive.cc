@@ -309,9 +309,11 @@ absl::Status CheckBase(blockstore::Pool& pool, absl::string_view volume,
 }
 
 // Gathers WRITE chunks (without their digests) into aligned buffers and
-// hands them to the pool in batches of up to 16 MiB, so scattered chunks go
-// to disk at a high queue depth rather than one by one. Two buffers: one is
-// written by a helper thread while the caller decompresses into the other.
+// hands them to the pool in batches of up to 4 MiB, so scattered chunks go
+// to disk at a high queue depth rather than one by one. Batches are written
+// by helper threads, several at once (their chunks never overlap): one
+// batch's tree walk overlaps another's data write, while the caller
+// decompresses into the next buffer.
 class WriteBatch {
  public:
   WriteBatch(blockstore::Pool& pool, const std::string& volume,
@@ -324,12 +326,11 @@ class WriteBatch {
       b.data = blockstore::AlignedBuffer::Uninitialized(capacity_ * chunk_size);
     }
   }
-  ~WriteBatch() { Wait().IgnoreError(); }
+  ~WriteBatch() { WaitAll().IgnoreError(); }
 
   absl::Status Add(const DeltaReader::Record& r) {
     for (uint32_t i = 0; i < r.header.count_chunks; ++i) {
-      Buffer& b = buffers_[cur_];
-      if (b.writes.size() == capacity_) {
+      if (buffers_[cur_].writes.size() == capacity_) {
         if (absl::Status s = Start(); !s.ok()) return s;
       }
       Buffer& fill = buffers_[cur_];
@@ -344,41 +345,52 @@ class WriteBatch {
   // Everything added so far is in the pool when this returns OK.
   absl::Status Flush() {
     if (absl::Status s = Start(); !s.ok()) return s;
-    return Wait();
+    return WaitAll();
   }
 
  private:
+  // Batches written at once, plus the one being filled.
+  static constexpr int kBuffers = 4;
+
   struct Buffer {
     blockstore::AlignedBuffer data;
     std::vector<blockstore::Pool::ChunkWrite> writes;
+    std::future<absl::Status> pending;
   };
 
-  // Sends the current buffer off and switches to the other one.
+  // Sends the current buffer off and moves to the next, once it is free.
   absl::Status Start() {
-    if (absl::Status s = Wait(); !s.ok()) return s;
     Buffer& b = buffers_[cur_];
-    if (b.writes.empty()) return absl::OkStatus();
-    pending_ = std::async(std::launch::async, [this, &b] {
-      absl::Status s = pool_.WriteChunks(volume_, b.writes);
-      b.writes.clear();
-      return s;
-    });
-    cur_ = 1 - cur_;
-    return absl::OkStatus();
+    if (!b.writes.empty()) {
+      b.pending = std::async(std::launch::async, [this, &b] {
+        absl::Status s = pool_.WriteChunks(volume_, b.writes);
+        b.writes.clear();
+        return s;
+      });
+      cur_ = (cur_ + 1) % kBuffers;
+    }
+    return Wait(buffers_[cur_]);
   }
 
-  absl::Status Wait() {
-    if (!pending_.valid()) return absl::OkStatus();
-    return pending_.get();
+  absl::Status Wait(Buffer& b) {
+    if (!b.pending.valid()) return absl::OkStatus();
+    absl::Status s = b.pending.get();
+    if (first_error_.ok()) first_error_ = s;
+    return first_error_;
+  }
+
+  absl::Status WaitAll() {
+    for (Buffer& b : buffers_) Wait(b).IgnoreError();
+    return first_error_;
   }
 
   blockstore::Pool& pool_;
   const std::string& volume_;
   const uint32_t chunk_size_;
   const size_t capacity_;
-  Buffer buffers_[2];
+  Buffer buffers_[kBuffers];
   int cur_ = 0;
-  std::future<absl::Status> pending_;
+  absl::Status first_error_;
 };
 
 constexpr char kResumeKeyPrefix[] = "receive:";
