@@ -418,25 +418,32 @@ class DiffFeed final : public RunFeed {
     if (!started_) {
       started_ = true;
       if (absl::Status s = Walk(); !s.ok()) return s;
-      if (absl::Status s = StartBatch(batches_[cur_]); !s.ok()) return s;
-    } else if (done_) {
+    } else {
+      ++consumed_;  // the caller is done with the batch returned last
+    }
+    // Keep kReadAhead batches read or being read ahead of the caller.
+    while (!all_started_ && started_batches_ - consumed_ < kReadAhead) {
+      Batch& b = batches_[started_batches_ % kReadAhead];
+      if (absl::Status s = StartBatch(b); !s.ok()) return s;
+      ++started_batches_;
+      all_started_ = b.last;
+    }
+    if (consumed_ == started_batches_) {
       runs.clear();
       return true;
-    } else {
-      cur_ = 1 - cur_;
     }
-    Batch& b = batches_[cur_];
+    Batch& b = batches_[consumed_ % kReadAhead];
     if (absl::Status s = b.read.get(); !s.ok()) return s;
-    done_ = b.last;
-    if (!done_) {
-      if (absl::Status s = StartBatch(batches_[1 - cur_]); !s.ok()) return s;
-    }
     runs = b.runs;
     data = b.data.span();
     return false;
   }
 
  private:
+  // Batches (4 MiB each) whose chunks are read at once, ahead of the one
+  // being sent: a full delta's contiguous chunks keep 16 MiB in flight.
+  static constexpr uint64_t kReadAhead = 4;
+
   struct Batch {
     std::vector<ChangedRun> runs;
     bool last = false;
@@ -507,10 +514,10 @@ class DiffFeed final : public RunFeed {
   size_t next_run_ = 0;     // the next of walked_->runs to send
   uint64_t rest_from_ = 0;  // where the tree is walked again, past them
   SendStats& stats_;
-  Batch batches_[2];
-  int cur_ = 0;
+  Batch batches_[kReadAhead];
+  uint64_t started_batches_ = 0, consumed_ = 0;
   bool started_ = false;
-  bool done_ = false;
+  bool all_started_ = false;
 };
 
 // Listed chunks of a snapshot, each read and hashed here (hash-diff: the
