@@ -16,20 +16,21 @@
 # With TANDEM_BENCH_STRACE=1, strace -c counts each daemon's socket reads and
 # writes during the baseline (they slow it: its time is then not a figure).
 # Usage (root: drop_caches, loop devices, mounts):
-#   bench/run_daemons.sh [BUILD_DIR]
+#   bench/run_daemons.sh [--build DIR] [--out DIR]
+#     [--source-device DEV --destination-device DEV --destroy-data]
+# With devices, site a's pool, btrfs and rsync source live on the source
+# device and site b's on the destination (everything on them is lost), and
+# fio reads and writes them. Writes bench/results/run_daemons.md and .json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-build=$(realpath "${1:-build}")
-T=$build/tools/tandem
-TD=$build/tools/tandemd
-P=$build/bench/prep
+source bench/lib.sh
+(( ${#ARGS[@]} == 0 )) || die "unknown option ${ARGS[0]} (see the top of $0)"
 for tool in mkfs.btrfs:btrfs-progs rsync:rsync fio:fio socat:socat openssl:openssl \
   /usr/bin/time:time strace:strace; do
   command -v "${tool%%:*}" >/dev/null ||
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${tool##*:}" >/dev/null
 done
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/tandem-daemon-bench-XXXXXX")
 pids=() mounts=() loops=()
 cleanup() {
   for p in "${pids[@]}"; do
@@ -37,28 +38,17 @@ cleanup() {
     kill "$p" 2>/dev/null || true
   done
   wait 2>/dev/null || true
-  for m in "${mounts[@]}"; do umount "$m" 2>/dev/null || true; done
-  for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null || true; done
+  for m in "${mounts[@]+"${mounts[@]}"}"; do umount "$m" 2>/dev/null || true; done
+  for l in "${loops[@]+"${loops[@]}"}"; do losetup -d "$l" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-drop() {
-  sync
-  echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
-  "$T" --help >/dev/null
-}
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 min() { printf '%s\n' "$@" | sort -n | head -1; }
 seeds=(7 8 9)
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-echo "## machine"
-echo "nproc $(nproc); $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs);" \
-  "disk $(df -h "$work" | awk 'NR==2 {print $1}'), $(df -T "$work" | awk 'NR==2 {print $2}')"
 
 # A CA and a certificate per site (CN and DNS name = the site name).
 cd "$work"
@@ -109,22 +99,31 @@ configure() {
       else
         echo "insecure_plaintext = true"
       fi
-      printf '[pools]\np = "%s.pool"\n[peers]\n%s = "127.0.0.1:%s"\n' $s $other $them
+      local pool=$pa_pool
+      [[ $s == b ]] && pool=$pb_pool
+      printf '[pools]\np = "%s"\n[peers]\n%s = "127.0.0.1:%s"\n' "$pool" $other $them
     } >"$work/$s.toml"
   done
 }
 
 # What the disk allows for the baseline: fio reading 4 GiB (the volume's
-# content, from bench/prep) and writing 4 GiB at the same time.
+# content, from bench/prep) and writing 4 GiB at the same time (devices: the
+# source device read, the destination written).
 t_disks=()
 disk() {
-  [[ -f $work/fio.in ]] || $P fill-file "$work/fio.in" 4G
+  local in=$work/fio.in out=$work/fio.out
+  if ((devices)); then
+    in=$src_dev out=$dst_dev
+    [[ -f $work/filled ]] || { dd if=/dev/urandom of="$src_dev" bs=16M count=256 oflag=direct status=none; touch "$work/filled"; }
+  else
+    [[ -f $work/fio.in ]] || $P fill-file "$work/fio.in" 4G
+  fi
   drop
   local s
   s=$(now)
-  fio --name=read --filename="$work/fio.in" --rw=read --bs=1M --size=4G \
+  fio --name=read --filename="$in" --rw=read --bs=1M --size=4G \
     --ioengine=io_uring --direct=1 --iodepth=8 \
-    --name=write --filename="$work/fio.out" --rw=write --bs=1M --size=4G \
+    --name=write --filename="$out" --rw=write --bs=1M --size=4G \
     --ioengine=io_uring --direct=1 --iodepth=8 --output-format=terse >/dev/null
   t_disks+=("$(elapsed "$s")")
   echo "fio: ${t_disks[-1]} s"
@@ -136,10 +135,9 @@ disk
 declare -A base update updates rss_a rss_b
 for mode in tls plain; do
   echo "## through two tandemd, $mode"
-  rm -f "$work"/{a,b}.pool
-  $T pool create "$work/a.pool" --size 12G >/dev/null
-  $T pool create "$work/b.pool" --size 12G >/dev/null
-  $P fill-pool "$work/a.pool" v 4G
+  pa_pool=$(new_pool source a 12G)
+  pb_pool=$(new_pool destination b 12G)
+  $P fill-pool "$pa_pool" v 4G
   configure $mode
   start a
   start b
@@ -172,7 +170,7 @@ for mode in tls plain; do
   times=()
   for seed in "${seeds[@]}"; do
     stop a
-    $P change-pool "$work/a.pool" v 655 65536 "$seed" >/dev/null
+    $P change-pool "$pa_pool" v 655 65536 "$seed" >/dev/null
     start a
     drop
     s=$(now)
@@ -193,22 +191,21 @@ for mode in tls plain; do
     "peak RSS a ${rss_a[$mode]} MiB, b ${rss_b[$mode]} MiB"
 done
 
-echo "## in process: tandem relationship update on two pool files"
-rm -f "$work"/{a,b}.pool
-$T pool create "$work/a.pool" --size 12G >/dev/null
-$T pool create "$work/b.pool" --size 12G >/dev/null
-$P fill-pool "$work/a.pool" v 4G
-$T relationship create --source "$work/a.pool:v" --destination "$work/b.pool:v" >/dev/null
+echo "## in process: tandem relationship update on two pools"
+pa_pool=$(new_pool source a 12G)
+pb_pool=$(new_pool destination b 12G)
+$P fill-pool "$pa_pool" v 4G
+$T relationship create --source "$pa_pool:v" --destination "$pb_pool:v" >/dev/null
 drop
 s=$(now)
-$T relationship initialize "$work/a.pool:v" >/dev/null
+$T relationship initialize "$pa_pool:v" >/dev/null
 t_local_base=$(elapsed "$s")
 times=()
 for seed in "${seeds[@]}"; do
-  $P change-pool "$work/a.pool" v 655 65536 "$seed" >/dev/null
+  $P change-pool "$pa_pool" v 655 65536 "$seed" >/dev/null
   drop
   s=$(now)
-  $T relationship update "$work/a.pool:v" >/dev/null
+  $T relationship update "$pa_pool:v" >/dev/null
   times+=("$(elapsed "$s")")
 done
 t_local=$(median "${times[@]}")
@@ -217,10 +214,15 @@ rm -f "$work"/{a,b}.pool
 
 echo "## btrfs send | socat | btrfs receive over 127.0.0.1"
 for side in A B; do
-  truncate -s 12G "$work/btrfs$side.img"
-  loop=$(losetup --find --show "$work/btrfs$side.img")
-  loops+=("$loop")
-  mkfs.btrfs -q "$loop" >/dev/null 2>&1
+  if ((devices)); then
+    loop=$src_dev
+    [[ $side == B ]] && loop=$dst_dev
+  else
+    truncate -s 12G "$work/btrfs$side.img"
+    loop=$(losetup --find --show "$work/btrfs$side.img")
+    loops+=("$loop")
+  fi
+  mkfs.btrfs -f -q "$loop" >/dev/null 2>&1
   mkdir -p "$work/$side"
   mount "$loop" "$work/$side"
   mounts+=("$work/$side")
@@ -258,13 +260,20 @@ done
 t_btrfs=$(median "${times[@]}")
 t_btrfs_sync=$(median "${times_sync[@]}")
 echo "baseline $t_btrfs_base s (with sync); updates ${times[*]} s, ${times_sync[*]} s with sync"
-for m in "${mounts[@]}"; do umount "$m"; done
-for l in "${loops[@]}"; do losetup -d "$l"; done
-mounts=() loops=()
-rm -f "$work"/btrfs*.img
+# rsync: on the btrfs of each device, or in the work folder.
+if ((devices)); then
+  mkdir -p "$work/A/rs" "$work/B/rs"
+else
+  for m in "${mounts[@]}"; do umount "$m"; done
+  for l in "${loops[@]}"; do losetup -d "$l"; done
+  mounts=() loops=()
+  rm -f "$work"/btrfs*.img
+fi
 
 echo "## rsync through its daemon on 127.0.0.1"
-mkdir -p "$work/rs/src" "$work/rs/dst"
+mkdir -p "$work/rs"
+((devices)) && ln -s "$work/A/rs" "$work/rs/src" && ln -s "$work/B/rs" "$work/rs/dst"
+mkdir -p "$work/rs/src/" "$work/rs/dst/"
 $P fill-file "$work/rs/src/vol.img" 4G
 rport=$(port)
 cat >"$work/rsyncd.conf" <<EOF
@@ -303,22 +312,33 @@ disk
 rm -rf "$work/rs" "$work/fio.in"
 t_disk=$(min "${t_disks[@]}")
 
-echo "## summary"
-echo "| run | baseline 4 GiB, s | update 1%, s (median of 3) |"
-echo "|---|---|---|"
-echo "| tandemd pair, TLS 1.3 | ${base[tls]} | ${update[tls]} |"
-echo "| tandemd pair, plaintext | ${base[plain]} | ${update[plain]} |"
-echo "| tandem in process (relationship update) | $t_local_base | $t_local |"
-echo "| btrfs send \\| socat \\| receive (+ sync) | $t_btrfs_base | $t_btrfs ($t_btrfs_sync) |"
-echo "| rsync daemon | $t_rsync_base | $t_rsync |"
-echo "| fio read 4 GiB + write 4 GiB at once (faster of 2) | $t_disk | |"
-echo
-echo "| goal | figure |"
-echo "|---|---|"
-echo "| update with TLS / in process (<= 1.15) | $(ratio "${update[tls]}" "$t_local") |"
-echo "| btrfs over TCP / update with TLS (>= 2) | $(ratio "$t_btrfs" "${update[tls]}") ($(ratio "$t_btrfs_sync" "${update[tls]}") with sync) |"
-echo "| rsync / update with TLS | $(ratio "$t_rsync" "${update[tls]}") |"
-echo "| baseline with TLS / plaintext (<= 1.15) | $(ratio "${base[tls]}" "${base[plain]}") |"
-echo "| disk / baseline with TLS (>= 0.80) | $(ratio "$t_disk" "${base[tls]}") |"
-echo "| peak RSS, TLS run: site a / site b (< 128 MiB each) | ${rss_a[tls]} / ${rss_b[tls]} MiB |"
-echo "| peak RSS, plaintext run: site a / site b | ${rss_a[plain]} / ${rss_b[plain]} MiB |"
+for m in tls plain; do
+  record "daemons_${m}_baseline_4g" "${base[$m]}" site_a_peak_rss_mib "${rss_a[$m]}" site_b_peak_rss_mib "${rss_b[$m]}"
+  record "daemons_${m}_update_1pct_median" "${update[$m]}" rounds "${updates[$m]}"
+done
+record in_process_baseline_4g "$t_local_base"
+record in_process_update_1pct_median "$t_local"
+record btrfs_tcp_baseline_4g_sync "$t_btrfs_base"
+record btrfs_tcp_update_1pct_median "$t_btrfs" with_sync_seconds "$t_btrfs_sync"
+record rsync_baseline_4g_sync "$t_rsync_base"
+record rsync_update_1pct_median "$t_rsync"
+record fio_read_and_write_4g_at_once "$t_disk"
+row "| run | baseline 4 GiB, s | update 1%, s (median of 3) |"
+row "|---|---|---|"
+row "| tandemd pair, TLS 1.3 | ${base[tls]} | ${update[tls]} |"
+row "| tandemd pair, plaintext | ${base[plain]} | ${update[plain]} |"
+row "| tandem in process (relationship update) | $t_local_base | $t_local |"
+row "| btrfs send \\| socat \\| receive (+ sync) | $t_btrfs_base | $t_btrfs ($t_btrfs_sync) |"
+row "| rsync daemon | $t_rsync_base | $t_rsync |"
+row "| fio read 4 GiB + write 4 GiB at once (faster of 2) | $t_disk | |"
+row ""
+row "| goal | figure |"
+row "|---|---|"
+row "| update with TLS / in process (<= 1.15) | $(ratio "${update[tls]}" "$t_local") |"
+row "| btrfs over TCP / update with TLS (>= 2) | $(ratio "$t_btrfs" "${update[tls]}") ($(ratio "$t_btrfs_sync" "${update[tls]}") with sync) |"
+row "| rsync / update with TLS | $(ratio "$t_rsync" "${update[tls]}") |"
+row "| baseline with TLS / plaintext (<= 1.15) | $(ratio "${base[tls]}" "${base[plain]}") |"
+row "| disk / baseline with TLS (>= 0.80) | $(ratio "$t_disk" "${base[tls]}") |"
+row "| peak RSS, TLS run: site a / site b (< 128 MiB each) | ${rss_a[tls]} / ${rss_b[tls]} MiB |"
+row "| peak RSS, plaintext run: site a / site b | ${rss_a[plain]} / ${rss_b[plain]} MiB |"
+finish

@@ -1,91 +1,207 @@
 #!/usr/bin/env bash
-# End-to-end delta benchmark, every figure from this one run on one disk:
-# a 4 GiB volume of mixed content (half compressible, half random), 1% of its
-# 64 KiB chunks rewritten at random, moved by
-#   - tandem: snapshot + tandem-delta create | tandem-delta apply (a pipe, into
-#     a second pool), and create alone;
-#   - btrfs send -p | btrfs receive between two loop-mounted btrfs;
+# End-to-end delta benchmark, every figure from this one run on the same
+# disks: a 4 GiB volume of mixed content (half compressible, half random),
+# 1% of its 64 KiB chunks (655) rewritten at random, moved by
+#   - tandem: snapshot + tandem-delta create | tandem-delta apply into a
+#     second pool (the update); create alone; the same delta file applied to
+#     a pool and to a raw image; the same change in a 64 GiB sparse volume;
+#     the full 4 GiB baseline;
+#   - btrfs send -p | btrfs receive between two btrfs file systems;
 #   - rsync --inplace --no-whole-file through an rsync daemon on 127.0.0.1;
-# then the full 4 GiB delta, the limits (fio, xxhsum -b, zstd -b1) and the
-# scaling of create for the same change on a 1 GiB and a 16 GiB volume.
+# against the floors measured on the same disks: fio reading the 655 chunks'
+# worth of 64 KiB blocks at random and writing them (io_uring, O_DIRECT,
+# depth 32), fio reading 4 GiB and writing 4 GiB at once, xxhsum -b, zstd -b1.
+# And create's scaling with workers on compressible data in memory.
 # Caches are dropped before every timed step (cold cache).
-# Usage (root; loop devices and mounts): bench/run_delta.sh [BUILD_DIR]
+#
+# Usage (root: loop devices, mounts, drop_caches):
+#   bench/run_delta.sh [--build DIR] [--threads 1,2,16] [--out DIR]
+#   bench/run_delta.sh --source-device /dev/nvme0n1 \
+#     --destination-device /dev/nvme1n1 --destroy-data     # real devices
+# With devices the pools, btrfs file systems, fio and rsync all run on them
+# (everything on them is lost); without, on files under $TMPDIR. Writes
+# bench/results/run_delta.md (the table) and run_delta.json (one object per
+# case).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-build=$(realpath "${1:-build}")
-T=$build/tools/tandem
-D=$build/tools/tandem-delta
-P=$build/bench/prep
+source bench/lib.sh
+threads=1,2
+set -- "${ARGS[@]+"${ARGS[@]}"}"
+while (($#)); do
+  case $1 in
+    --threads) threads=$2; shift 2 ;;
+    *) die "unknown option $1 (see the top of $0)" ;;
+  esac
+done
 for tool in mkfs.btrfs:btrfs-progs rsync:rsync fio:fio xxhsum:xxhash zstd:zstd; do
   command -v "${tool%%:*}" >/dev/null ||
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${tool##*:}" >/dev/null
 done
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/tandem-delta-bench-XXXXXX")
 mounts=() loops=() daemon=""
 cleanup() {
   [[ -n $daemon ]] && kill "$daemon" 2>/dev/null || true
-  for m in "${mounts[@]}"; do umount "$m" 2>/dev/null || true; done
-  for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null || true; done
+  for m in "${mounts[@]+"${mounts[@]}"}"; do umount "$m" 2>/dev/null || true; done
+  for l in "${loops[@]+"${loops[@]}"}"; do losetup -d "$l" 2>/dev/null || true; done
   rm -rf "$work"
+  [[ -d /dev/shm/tandem-$bench_name-$$ ]] && rm -rf "/dev/shm/tandem-$bench_name-$$"
+  return 0
 }
 trap cleanup EXIT
-
-# Cold data: drop the page cache, then load each tool's binary again, so what
-# is timed is moving data, not loading programs.
-drop() {
-  sync
-  echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
-  "$T" --help >/dev/null
-  "$D" --help >/dev/null
-  btrfs --version >/dev/null
-  rsync --version >/dev/null
-}
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", a / b }'; }
+peak() { awk '/Maximum resident/ { printf "%.0f", $NF / 1024 }' "$1"; }  # MiB
 
 size=4G chunks=65536 changed=655
-echo "## machine"
-echo "nproc $(nproc); $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs);" \
-  "disk $(df -h "$work" | awk 'NR==2 {print $1}')"
-
-echo "## tandem"
-$T pool create "$work/a.img" --size 12G >/dev/null
-$T pool create "$work/b.img" --size 12G >/dev/null
-$P fill-pool "$work/a.img" v $size
-$D create --pool "$work/a.img" v@base 2>/dev/null | $D apply - --pool "$work/b.img" v 2>/dev/null
-$P change-pool "$work/a.img" v $changed $chunks 7 >/dev/null
+echo "## tandem: the 1% update"
+a=$(new_pool source a 24G)
+b=$(new_pool destination b 24G)
+$P fill-pool "$a" v $size
+$D create --pool "$a" v@base 2>/dev/null | $D apply - --pool "$b" v 2>/dev/null
+$P change-pool "$a" v $changed $chunks 7 >/dev/null
 drop
 s=$(now)
-$T snapshot create --pool "$work/a.img" v@new >/dev/null
-$D create --pool "$work/a.img" v@new --base base 2>/dev/null |
-  $D apply - --pool "$work/b.img" v 2>/dev/null
+$T snapshot create --pool "$a" v@new >/dev/null
+/usr/bin/time -v -o "$work/create.time" $D create --pool "$a" v@new --base base 2>/dev/null |
+  /usr/bin/time -v -o "$work/apply.time" $D apply - --pool "$b" v 2>/dev/null
 t_inc=$(elapsed "$s")
-[[ $($T digest --pool "$work/a.img" v@new) == $($T digest --pool "$work/b.img" v@new) ]] ||
-  { echo "tandem: digests differ"; exit 1; }
+[[ $($T digest --pool "$a" v@new) == $($T digest --pool "$b" v@new) ]] || die "tandem: digests differ"
+record update_1pct "$t_inc" changed_chunks $changed create_peak_rss_mib "$(peak "$work/create.time")" \
+  apply_peak_rss_mib "$(peak "$work/apply.time")"
 drop
 s=$(now)
-bytes=$($D create --pool "$work/a.img" v@new --base base 2>/dev/null | wc -c)
+$D create --pool "$a" v@new --base base -o "$work/inc.tdd" 2>/dev/null
 t_create=$(elapsed "$s")
-echo "incremental snapshot+create|apply: ${t_inc} s; create alone: ${t_create} s; stream $((bytes / 1024)) KiB"
+stream=$(stat -c %s "$work/inc.tdd")
+record create_1pct "$t_create" stream_bytes "$stream"
+echo "update ${t_inc} s; create alone ${t_create} s; stream $((stream / 1024)) KiB"
+
+echo "## tandem: the same change in a 64 GiB sparse volume (4 GiB written)"
+$P fill-pool "$a" w 64G 4G
+$D create --pool "$a" w@base 2>/dev/null | $D apply - --pool "$b" w 2>/dev/null
+$P change-pool "$a" w $changed $chunks 7 >/dev/null
+$P change-pool "$a" v $changed $chunks 8 >/dev/null
+declare -A t_scale
+for vol in v:new w:base; do
+  name=${vol%%:*} from=${vol##*:}
+  drop
+  s=$(now)
+  $T snapshot create --pool "$a" "$name@next" >/dev/null
+  $D create --pool "$a" "$name@next" --base "$from" 2>/dev/null | $D apply - --pool "$b" "$name" 2>/dev/null
+  t_scale[$name]=$(elapsed "$s")
+done
+record update_1pct_4g_volume "${t_scale[v]}"
+record update_1pct_64g_volume "${t_scale[w]}"
+echo "update 4 GiB volume ${t_scale[v]} s; 64 GiB volume ${t_scale[w]} s"
+
+echo "## tandem: one delta file applied to a pool and to a raw image"
+# Both hold v@next; the delta takes them to v@next2.
+$P change-pool "$a" v $changed $chunks 9 >/dev/null
+$T snapshot create --pool "$a" v@next2 >/dev/null
+$D create --pool "$a" v@next2 --base next -o "$work/inc2.tdd" 2>/dev/null
+if ((devices)); then image=$dst_dev; else image=$work/image.raw; fi
+$D create --pool "$a" v@next -o "$work/full-next.tdd" 2>/dev/null
 drop
-$T pool create "$work/c.img" --size 12G >/dev/null
+cat "$work/inc2.tdd" >/dev/null
 s=$(now)
-$D create --pool "$work/a.img" v@base 2>/dev/null | $D apply - --pool "$work/c.img" v 2>/dev/null
+$D apply "$work/inc2.tdd" --pool "$b" v 2>/dev/null
+t_apply_pool=$(elapsed "$s")
+# The pool is done with: a device takes the image now.
+$D apply "$work/full-next.tdd" --image "$image" --state "$work/image.state" 2>/dev/null
+rm -f "$work/full-next.tdd"
+drop
+cat "$work/inc2.tdd" >/dev/null
+s=$(now)
+$D apply "$work/inc2.tdd" --image "$image" --state "$work/image.state" 2>"$work/image.err"
+t_apply_image=$(elapsed "$s")
+grep -q "applied" "$work/image.err" || die "image apply: $(cat "$work/image.err")"
+record apply_delta_file_to_pool "$t_apply_pool"
+record apply_delta_file_to_image "$t_apply_image" image "$image"
+echo "apply to a pool ${t_apply_pool} s; to an image ${t_apply_image} s"
+
+echo "## tandem: the full 4 GiB baseline"
+c=$(new_pool destination c 24G)
+drop
+s=$(now)
+/usr/bin/time -v -o "$work/fcreate.time" $D create --pool "$a" v@base 2>/dev/null |
+  /usr/bin/time -v -o "$work/fapply.time" $D apply - --pool "$c" v 2>/dev/null
 t_full=$(elapsed "$s")
-echo "full 4 GiB create|apply: ${t_full} s"
-rm -f "$work/b.img" "$work/c.img"
+record full_4g "$t_full" create_peak_rss_mib "$(peak "$work/fcreate.time")" \
+  apply_peak_rss_mib "$(peak "$work/fapply.time")"
+echo "full create | apply ${t_full} s"
+
+echo "## floors: fio on the same disks"
+# Reads from the source pool's data (the volume's blocks), writes where the
+# destination pool was (a device) or into a new file beside it.
+if ((devices)); then rsrc=$src_dev wdst=$dst_dev; else rsrc=$a wdst=$work/fio.out; fi
+fio_job() {  # fio_job NAME FILE RW BS DEPTH IO_SIZE -> seconds
+  local extra=()
+  [[ $2 == "$work"/fio.out ]] && extra=(--fallocate=none)
+  fio --name="$1" --filename="$2" --rw="$3" --bs="$4" --iodepth="$5" --io_size="$6" \
+    --ioengine=io_uring --direct=1 --offset=64M --size=4G "${extra[@]}" \
+    --output-format=terse --terse-version=3 |
+    awk -F';' -v rw="$3" '{ ms = (rw ~ /read/) ? $9 : $50; printf "%.3f", ms / 1000 }'
+}
+drop
+t_fio_read=$(fio_job r "$rsrc" randread 64k 32 $((changed * 64))k)
+rm -f "$work/fio.out"
+t_fio_write=$(fio_job w "$wdst" randwrite 64k 32 $((changed * 64))k)
+rm -f "$work/fio.out"
+floor=$(awk -v a="$t_fio_read" -v b="$t_fio_write" 'BEGIN { printf "%.3f", a + b }')
+drop
+s=$(now)
+fio_job r "$rsrc" read 1M 8 4G >/dev/null &
+fio_job w "$wdst" write 1M 8 4G >/dev/null
+wait
+t_fio_both=$(elapsed "$s")
+rm -f "$work/fio.out"
+record fio_randread_1pct "$t_fio_read" bytes $((changed * 65536))
+record fio_randwrite_1pct "$t_fio_write" bytes $((changed * 65536))
+record fio_read_and_write_4g_at_once "$t_fio_both"
+xxh=$(xxhsum -b 2>&1 | tr '\r' '\n' | grep -E '#XXH128 ' | tail -1 | sed 's/.*(\(.*\)).*/\1/')
+$T read --pool "$a" v@base --length 256M >"$work/sample"
+zstd_b=$(zstd -b1 -T1 "$work/sample" 2>&1 | tr '\r' '\n' | grep -E 'MB/s.*MB/s' | tail -1 | sed 's/.*(x/(x/')
+rm -f "$work/sample"
+echo "fio 1% read ${t_fio_read} s + write ${t_fio_write} s; 4 GiB read + write at once ${t_fio_both} s"
+
+echo "## create's CPU work with workers (compressible data, in memory)"
+shm=/dev/shm/tandem-$bench_name-$$
+mkdir -p "$shm"
+$T pool create "$shm/m.pool" --size 3G >/dev/null
+$P fill-pool "$shm/m.pool" v 1G
+$D create --pool "$shm/m.pool" v@base >/dev/null 2>&1  # warm
+declare -A t_workers
+for n in ${threads//,/ }; do
+  best=""
+  for _ in 1 2 3; do
+    s=$(now)
+    $D create --pool "$shm/m.pool" v@base --threads "$n" 2>/dev/null >/dev/null
+    t=$(elapsed "$s")
+    best=$(awk -v a="$t" -v b="${best:-1e9}" 'BEGIN { print (a < b) ? a : b }')
+  done
+  t_workers[$n]=$best
+  record create_full_1g_in_memory "$best" workers "$n"
+done
+rm -rf "$shm"
+echo "create in memory: $(for n in ${threads//,/ }; do printf '%s workers %s s; ' "$n" "${t_workers[$n]}"; done)"
 
 echo "## btrfs send -p | receive"
+if ((devices)); then
+  bdevs=("$src_dev" "$dst_dev")
+else
+  bdevs=()
+  for side in A B; do
+    truncate -s 24G "$work/btrfs$side.img"
+    loop=$(losetup --find --show "$work/btrfs$side.img")
+    loops+=("$loop")
+    bdevs+=("$loop")
+  done
+fi
+i=0
 for side in A B; do
-  truncate -s 12G "$work/btrfs$side.img"
-  loop=$(losetup --find --show "$work/btrfs$side.img")
-  loops+=("$loop")
-  mkfs.btrfs -q "$loop" >/dev/null 2>&1
+  mkfs.btrfs -f -q "${bdevs[i]}" >/dev/null 2>&1
   mkdir -p "$work/$side"
-  mount "$loop" "$work/$side"
+  mount "${bdevs[i]}" "$work/$side"
   mounts+=("$work/$side")
+  i=$((i + 1))
 done
 btrfs -q subvolume create "$work/A/sv"
 $P fill-file "$work/A/sv/vol.img" $size
@@ -101,7 +217,7 @@ t_btrfs=$(elapsed "$s")
 # returns once its commit is durable. The same guarantee costs a sync.
 sync -f "$work/B"
 t_btrfs_sync=$(elapsed "$s")
-cmp "$work/A/new/vol.img" "$work/B/new/vol.img" || { echo "btrfs: copies differ"; exit 1; }
+cmp "$work/A/new/vol.img" "$work/B/new/vol.img" || die "btrfs: copies differ"
 mkdir "$work/B/full"
 drop
 s=$(now)
@@ -109,24 +225,30 @@ btrfs -q send "$work/A/base" | btrfs -q receive "$work/B/full"
 t_btrfs_full=$(elapsed "$s")
 sync -f "$work/B"
 t_btrfs_full_sync=$(elapsed "$s")
-echo "incremental: ${t_btrfs} s (${t_btrfs_sync} s with sync); full: ${t_btrfs_full} s (${t_btrfs_full_sync} s with sync)"
-for m in "${mounts[@]}"; do umount "$m"; done
-for l in "${loops[@]}"; do losetup -d "$l"; done
-mounts=() loops=()
-rm -f "$work"/btrfs*.img
+record btrfs_update_1pct "$t_btrfs" with_sync_seconds "$t_btrfs_sync"
+record btrfs_full_4g "$t_btrfs_full" with_sync_seconds "$t_btrfs_full_sync"
+echo "incremental ${t_btrfs} s (${t_btrfs_sync} s with sync); full ${t_btrfs_full} s (${t_btrfs_full_sync} s with sync)"
 
-echo "## rsync --inplace --no-whole-file --ignore-times via rsync daemon on 127.0.0.1"
-mkdir -p "$work/rs/src" "$work/rs/dst"
-$P fill-file "$work/rs/src/vol.img" $size
-cp "$work/rs/src/vol.img" "$work/rs/dst/vol.img"
-$P change-file "$work/rs/src/vol.img" $changed $chunks 7 >/dev/null
+echo "## rsync --inplace --no-whole-file --ignore-times via an rsync daemon on 127.0.0.1"
+# On the btrfs of each side (devices) or in the work folder (files).
+if ((devices)); then rsrc_dir=$work/A rdst_dir=$work/B; else
+  for m in "${mounts[@]}"; do umount "$m"; done
+  for l in "${loops[@]}"; do losetup -d "$l"; done
+  mounts=() loops=()
+  rm -f "$work"/btrfs*.img
+  rsrc_dir=$work/rs/src rdst_dir=$work/rs/dst
+fi
+mkdir -p "$rsrc_dir/rsync" "$rdst_dir/rsync"
+$P fill-file "$rsrc_dir/rsync/vol.img" $size
+cp "$rsrc_dir/rsync/vol.img" "$rdst_dir/rsync/vol.img"
+$P change-file "$rsrc_dir/rsync/vol.img" $changed $chunks 7 >/dev/null
 port=$((20000 + RANDOM % 20000))
 cat >"$work/rsyncd.conf" <<EOF
 address = 127.0.0.1
 port = $port
 use chroot = false
 [bench]
-path = $work/rs/dst
+path = $rdst_dir/rsync
 read only = false
 uid = root
 gid = root
@@ -136,50 +258,32 @@ daemon=$!
 sleep 1
 drop
 s=$(now)
-rsync --inplace --no-whole-file --ignore-times "$work/rs/src/vol.img" "rsync://127.0.0.1:$port/bench/vol.img"
+rsync --inplace --no-whole-file --ignore-times "$rsrc_dir/rsync/vol.img" "rsync://127.0.0.1:$port/bench/vol.img"
 t_rsync=$(elapsed "$s")
-cmp "$work/rs/src/vol.img" "$work/rs/dst/vol.img" || { echo "rsync: copies differ"; exit 1; }
+cmp "$rsrc_dir/rsync/vol.img" "$rdst_dir/rsync/vol.img" || die "rsync: copies differ"
 kill "$daemon"
 daemon=""
-echo "incremental: ${t_rsync} s"
+record rsync_update_1pct "$t_rsync"
+echo "incremental ${t_rsync} s"
 
-echo "## limits"
-drop
-fio_read=$(fio --name=read --filename="$work/rs/src/vol.img" --rw=read --bs=1M \
-  --ioengine=io_uring --direct=1 --iodepth=8 --output-format=terse --terse-version=3 |
-  awk -F';' '{ printf "%.0f", $7 / 1024 }')
-echo "fio sequential read (1 MiB, QD8, O_DIRECT): ${fio_read} MiB/s"
-echo "xxhsum -b (XXH128): $(xxhsum -b 2>&1 | tr '\r' '\n' | grep -E '#XXH128 ' | tail -1 |
-  sed 's/.*(\(.*\)).*/\1/')"
-head -c 256M "$work/rs/src/vol.img" >"$work/sample"
-echo "zstd -b1 -T1 on 256 MiB of the volume: $(zstd -b1 -T1 "$work/sample" 2>&1 |
-  tr '\r' '\n' | grep -E 'MB/s.*MB/s' | tail -1 | sed 's/.*(x/(x/')"
-rm -rf "$work/rs" "$work/sample"
-
-echo "## scaling: the same 164-chunk change in a 1 GiB and a 16 GiB volume"
-$T pool create "$work/s.img" --size 24G >/dev/null
-for gib in 1 16; do
-  $P fill-pool "$work/s.img" "v$gib" ${gib}G
-  $P change-pool "$work/s.img" "v$gib" 164 16384 9 >/dev/null
-  $T snapshot create --pool "$work/s.img" "v$gib@new" >/dev/null
+row "| case | seconds | ratio | goal |"
+row "|---|---|---|---|"
+row "| tandem update: snapshot + create \\| apply | $t_inc | $(ratio "$t_inc" "$floor") of the floor | <= 1.7 |"
+row "| floor: fio reads the 655 chunks + writes them (64 KiB, depth 32) | $floor ($t_fio_read + $t_fio_write) | | |"
+row "| btrfs snapshot + send -p \\| receive (data not yet durable) | $t_btrfs | $(ratio "$t_btrfs" "$t_inc")x tandem | >= 3 |"
+row "| btrfs, + sync (durable, like tandem) | $t_btrfs_sync | $(ratio "$t_btrfs_sync" "$t_inc")x tandem | |"
+row "| rsync daemon, --inplace --no-whole-file | $t_rsync | $(ratio "$t_rsync" "$t_inc")x tandem | |"
+row "| tandem create alone | $t_create | | |"
+row "| update, 64 GiB sparse volume / 4 GiB volume (same change) | ${t_scale[w]} / ${t_scale[v]} | $(ratio "${t_scale[w]}" "${t_scale[v]}") | <= 1.2 |"
+row "| the delta file applied to a raw image / to a pool | $t_apply_image / $t_apply_pool | $(ratio "$t_apply_image" "$t_apply_pool") | <= 1.5 |"
+row "| tandem full 4 GiB create \\| apply | $t_full | $(ratio "$t_full" "$t_fio_both") of the disk | <= 1.1 |"
+row "| disk: fio reads 4 GiB and writes 4 GiB at once (1 MiB, depth 8) | $t_fio_both | | |"
+row "| btrfs full 4 GiB send \\| receive (+ sync) | $t_btrfs_full ($t_btrfs_full_sync) | $(ratio "$t_btrfs_full_sync" "$t_full")x tandem (with sync) | |"
+first=${threads%%,*}
+for n in ${threads//,/ }; do
+  row "| create, 1 GiB in memory, $n workers | ${t_workers[$n]} | $(ratio "${t_workers[$first]}" "${t_workers[$n]}")x $first worker(s) | 1 -> 2: >= 1.8 |"
 done
-for gib in 1 16; do
-  drop
-  s=$(now)
-  $D create --pool "$work/s.img" "v$gib@new" --base base 2>/dev/null >/dev/null
-  eval "t_scale$gib=$(elapsed "$s")"
-done
-echo "create: 1 GiB ${t_scale1} s, 16 GiB ${t_scale16} s"
-
-echo "## summary"
-echo "| run | seconds | tandem is faster by |"
-echo "|---|---|---|"
-echo "| tandem snapshot + create \\| apply | $t_inc | |"
-echo "| tandem create alone | $t_create | |"
-echo "| btrfs snapshot + send -p \\| receive (data not yet durable) | $t_btrfs | $(ratio "$t_btrfs" "$t_inc")x |"
-echo "| btrfs snapshot + send -p \\| receive + sync (durable, like tandem) | $t_btrfs_sync | $(ratio "$t_btrfs_sync" "$t_inc")x |"
-echo "| rsync daemon, --inplace --no-whole-file | $t_rsync | $(ratio "$t_rsync" "$t_inc")x |"
-echo "| tandem full 4 GiB create \\| apply | $t_full | |"
-echo "| btrfs full 4 GiB send \\| receive (not yet durable) | $t_btrfs_full | $(ratio "$t_btrfs_full" "$t_full")x |"
-echo "| btrfs full 4 GiB send \\| receive + sync | $t_btrfs_full_sync | $(ratio "$t_btrfs_full_sync" "$t_full")x |"
-echo "| create, 16 GiB / 1 GiB volume (same change) | $(ratio "$t_scale16" "$t_scale1")x | |"
+row "| peak RSS: update create / apply; full create / apply (MiB) | $(peak "$work/create.time") / $(peak "$work/apply.time"); $(peak "$work/fcreate.time") / $(peak "$work/fapply.time") | | |"
+row ""
+row "xxhsum -b (XXH128): $xxh; zstd -b1 -T1 on 256 MiB of the delta stream: $zstd_b"
+finish
