@@ -549,7 +549,11 @@ absl::Status Pool::PlaceLocked(absl::string_view volume,
   mu_.unlock();
   for (Placement& p : places) {
     p.zero = IsAllZero(p.data);
-    p.digest = p.zero ? NullEntryDigest(0) : Hash128(p.data);
+    if (p.zero) {
+      p.digest = NullEntryDigest(0);
+    } else if (!p.hashed) {
+      p.digest = Hash128(p.data);
+    }
   }
   mu_.lock();
 
@@ -788,7 +792,14 @@ absl::Status Pool::WriteChunks(absl::string_view volume,
     }
     std::vector<Placement> places;
     places.reserve(writes.size());
-    for (const ChunkWrite& w : writes) places.push_back({w.chunk, w.data});
+    for (const ChunkWrite& w : writes) {
+      Placement p{w.chunk, w.data};
+      if (w.digest != nullptr) {
+        p.digest = *w.digest;
+        p.hashed = true;
+      }
+      places.push_back(p);
+    }
     s = PlaceLocked(volume, places);
   }
   if (s.ok()) s = MaybeCommit();

@@ -205,6 +205,9 @@ class Pool {
   struct ChunkWrite {
     uint64_t chunk;
     std::span<const std::byte> data;
+    // The data's XXH3-128 where the caller has it checked already (a
+    // received chunk): not computed again. Null: computed here.
+    const Digest* digest = nullptr;
   };
   absl::Status WriteChunks(absl::string_view volume,
                            std::span<const ChunkWrite> writes);
@@ -537,7 +540,8 @@ class Pool {
     std::span<const std::byte> data;  // one whole chunk
     bool zero = false;
     Digest digest = {};
-    uint64_t phys = 0;  // reserved chunk (not zero)
+    bool hashed = false;  // `digest` given by the caller
+    uint64_t phys = 0;    // reserved chunk (not zero)
   };
   // Hashes `p` (outside the lock), reserves chunks, writes them (outside),
   // walks and installs the entries: the write path's common part.

@@ -324,6 +324,7 @@ class WriteBatch {
         capacity_(std::max<size_t>(1, (4u << 20) / chunk_size)) {
     for (Buffer& b : buffers_) {
       b.data = blockstore::AlignedBuffer::Uninitialized(capacity_ * chunk_size);
+      b.digests.resize(capacity_);
     }
   }
   ~WriteBatch() { WaitAll().IgnoreError(); }
@@ -334,10 +335,15 @@ class WriteBatch {
         if (absl::Status s = Start(); !s.ok()) return s;
       }
       Buffer& fill = buffers_[cur_];
-      std::byte* slot = fill.data.data() + fill.writes.size() * chunk_size_;
-      std::memcpy(slot, r.payload.data() + size_t{i} * (16 + chunk_size_) + 16,
-                  chunk_size_);
-      fill.writes.push_back({r.header.first_chunk + i, {slot, chunk_size_}});
+      const size_t n = fill.writes.size();
+      std::byte* slot = fill.data.data() + n * chunk_size_;
+      const std::byte* in = r.payload.data() + size_t{i} * (16 + chunk_size_);
+      std::memcpy(slot, in + 16, chunk_size_);
+      // The reader checked the chunk against this digest: the pool takes
+      // it rather than hashing the chunk again.
+      std::memcpy(fill.digests[n].bytes.data(), in, 16);
+      fill.writes.push_back(
+          {r.header.first_chunk + i, {slot, chunk_size_}, &fill.digests[n]});
     }
     return absl::OkStatus();
   }
@@ -354,6 +360,7 @@ class WriteBatch {
 
   struct Buffer {
     blockstore::AlignedBuffer data;
+    std::vector<Digest> digests;  // capacity_, one a slot
     std::vector<blockstore::Pool::ChunkWrite> writes;
     std::future<absl::Status> pending;
   };
