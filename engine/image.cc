@@ -143,6 +143,22 @@ class FileImage final : public RawImage {
       }
       can_punch_ = false;
     }
+    if (!regular_ && can_punch_ && offset % kIoAlign == 0 &&
+        length >= kIoAlign) {
+      // A device zeroes whole blocks itself (WRITE ZEROES, or the kernel
+      // writes them); the bytes past the last whole block are written.
+      const uint64_t whole = RoundDown(length, kIoAlign);
+      if (fallocate(fd_, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                    static_cast<off_t>(offset),
+                    static_cast<off_t>(whole)) == 0) {
+        return ZeroByWriting(*this, offset + whole, length - whole);
+      }
+      if (errno != EOPNOTSUPP && errno != EINVAL) {
+        return ErrnoError(errno, absl::StrCat("zero ", whole, " bytes of ",
+                                              path_, " at ", offset));
+      }
+      can_punch_ = false;
+    }
     return ZeroByWriting(*this, offset, length);
   }
 
@@ -207,7 +223,7 @@ class FileImage final : public RawImage {
   const std::string path_;
   const bool regular_;
   uint64_t size_;
-  bool can_punch_ = true;
+  bool can_punch_ = true;  // a file's holes, a device's zeroed ranges
 };
 
 class IoImage final : public RawImage {
