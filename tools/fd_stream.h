@@ -18,6 +18,17 @@
 
 namespace tools {
 
+// A pipe between two tools carries the stream in 1 MiB rather than 64 KiB
+// (the default): fewer wake-ups on either end. Best effort: nothing for
+// what is not a pipe, or where the limit (/proc/sys/fs/pipe-max-size) is
+// lower.
+inline void WidenPipe(int fd) {
+  struct stat st {};
+  if (::fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode)) {
+    ::fcntl(fd, F_SETPIPE_SZ, 1 << 20);
+  }
+}
+
 class FdSink final : public engine::ByteSink {
  public:
   FdSink(int fd, std::string name) : fd_(fd), name_(std::move(name)) {}
@@ -115,6 +126,7 @@ class InputFile {
       if (fd < 0)
         return blockstore::ErrnoError(errno, absl::StrCat("open ", file));
     }
+    WidenPipe(fd);
     return std::unique_ptr<InputFile>(
         new InputFile(fd, file == "-" ? "standard input" : file));
   }

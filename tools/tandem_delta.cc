@@ -86,6 +86,7 @@ absl::Status Create(const std::string& pool_path, const std::string& ref,
       if (!done && !in_place) unlink(partial.c_str());
     }
   };
+  WidenPipe(fd);
   FdSink sink(fd, output == "-" ? "standard output" : partial);
   Progress progress("sending");
   engine::SendOptions options;
