@@ -1,7 +1,8 @@
 // Test data for the end-to-end benchmarks, the same bytes into a pool
 // volume or a plain file, so tandem and its peers move identical changes.
-//   prep fill-pool POOL VOLUME SIZE [DATA]  create VOLUME, fill it (its
-//                                        first DATA bytes), snapshot @base
+//   prep fill-pool POOL VOLUME SIZE [DATA [words]]  create VOLUME, fill it
+//                                        (its first DATA bytes; words: all
+//                                        text), snapshot @base
 //   prep fill-file FILE SIZE
 //   prep change-pool POOL VOLUME N RANGE SEED   rewrite N random chunks of
 //   prep change-file FILE N RANGE SEED          the first RANGE (64 KiB each)
@@ -36,9 +37,40 @@ void Check(const absl::Status& s) {
   if (!s.ok()) Die(std::string(s.message()));
 }
 
+// Text of words drawn at random from a vocabulary of 512 made-up ones:
+// compressible (zstd -1 about 2.5x) but not trivially, so that compressing
+// it costs what real text does.
+void FillWords(std::byte* p, std::mt19937_64& rng) {
+  static const std::vector<std::string> kWords = [] {
+    std::vector<std::string> w;
+    std::mt19937_64 g(42);
+    const char* syl[] = {"ka", "to", "re", "mi", "su", "lo", "ne", "vi",
+                         "da", "pe", "ru", "xo", "ba", "fi", "go", "ha"};
+    for (int i = 0; i < 512; ++i) {
+      std::string word;
+      for (uint64_t k = 0, n = 1 + g() % 4; k < n; ++k) word += syl[g() % 16];
+      w.push_back(word);
+    }
+    return w;
+  }();
+  for (uint64_t i = 0; i < kChunk;) {
+    const std::string& word = kWords[rng() % kWords.size()];
+    for (char ch : word) {
+      if (i == kChunk) break;
+      p[i++] = static_cast<std::byte>(ch);
+    }
+    if (i < kChunk)
+      p[i++] = static_cast<std::byte>(rng() % 8 == 0 ? '\n' : ' ');
+  }
+}
+
+bool g_words = false;  // every chunk FillWords
+
 void FillChunk(std::byte* p, uint64_t chunk, uint64_t seed) {
   std::mt19937_64 rng(chunk * 1000003 + seed);
-  if ((chunk + seed) % 2 == 0) {
+  if (g_words) {
+    FillWords(p, rng);
+  } else if ((chunk + seed) % 2 == 0) {
     for (uint64_t i = 0; i < kChunk; i += 8) {
       uint64_t v = rng();
       std::memcpy(p + i, &v, 8);
@@ -81,6 +113,7 @@ std::unique_ptr<blockstore::Pool> OpenPool(const char* path) {
 int main(int argc, char** argv) {
   if (argc < 3) Die("usage: see the comment at the top of bench/prep.cc");
   std::string cmd = argv[1];
+  g_words = argc > 6 && std::string(argv[6]) == "words";
   blockstore::AlignedBuffer buf(kPiece);
   if (cmd == "fill-pool" || cmd == "fill-file") {
     bool pool_mode = cmd == "fill-pool";
