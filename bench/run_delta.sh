@@ -11,11 +11,12 @@
 # against the floors measured on the same disks: fio reading the 655 chunks'
 # worth of 64 KiB blocks at random and writing them (io_uring, O_DIRECT,
 # depth 32), fio reading 4 GiB and writing 4 GiB at once, xxhsum -b, zstd -b1.
-# And create's scaling with workers on compressible data in memory.
+# And create's scaling with cores (N workers on N cores) on compressible text
+# in memory (--threads 1,2,16: the core counts).
 # Caches are dropped before every timed step (cold cache).
 #
 # Usage (root: loop devices, mounts, drop_caches):
-#   bench/run_delta.sh [--build DIR] [--threads 1,2,16] [--out DIR]
+#   bench/run_delta.sh [--build DIR] [--threads 1,2[,16]] [--out DIR]
 #   bench/run_delta.sh --source-device /dev/nvme0n1 \
 #     --destination-device /dev/nvme1n1 --destroy-data     # real devices
 # With devices the pools, btrfs file systems, fio and rsync all run on them
@@ -176,18 +177,20 @@ $P fill-pool "$shm/m.pool" v 1G 1G words
 $D create --pool "$shm/m.pool" v@base >/dev/null 2>&1  # warm
 declare -A t_workers
 for n in ${threads//,/ }; do
+  ((n <= $(nproc))) || { echo "skipping $n cores: this machine has $(nproc)"; continue; }
   best=""
   for _ in 1 2 3; do
     s=$(now)
-    $D create --pool "$shm/m.pool" v@base --threads "$n" 2>/dev/null >/dev/null
+    # N workers on N cores: the caller, reader and writer threads share them.
+    taskset -c "0-$((n - 1))" $D create --pool "$shm/m.pool" v@base --threads "$n" 2>/dev/null >/dev/null
     t=$(elapsed "$s")
     best=$(awk -v a="$t" -v b="${best:-1e9}" 'BEGIN { print (a < b) ? a : b }')
   done
   t_workers[$n]=$best
-  record create_full_1g_in_memory "$best" workers "$n"
+  record create_full_1g_text_in_memory "$best" cores "$n" workers "$n"
 done
 rm -rf "$shm"
-echo "create in memory: $(for n in ${threads//,/ }; do printf '%s workers %s s; ' "$n" "${t_workers[$n]}"; done)"
+echo "create in memory: $(for n in "${!t_workers[@]}"; do printf '%s cores %s s; ' "$n" "${t_workers[$n]}"; done)"
 
 echo "## btrfs send -p | receive"
 if ((devices)); then
@@ -287,9 +290,10 @@ row "| disk: fio reads 4 GiB and writes 4 GiB at once (1 MiB, depth 8) | $t_fio_
 row "| btrfs full 4 GiB send \\| receive (+ sync) | $t_btrfs_full ($t_btrfs_full_sync) | $(ratio "$t_btrfs_full_sync" "$t_full")x tandem (with sync) | |"
 first=${threads%%,*}
 for n in ${threads//,/ }; do
-  row "| create, 1 GiB of text in memory, $n workers (best of 3) | ${t_workers[$n]} | $(ratio "${t_workers[$first]}" "${t_workers[$n]}")x $first worker(s) | 1 -> 2: >= 1.8 |"
+  [[ -n ${t_workers[$n]:-} ]] || continue
+  row "| create, 1 GiB of text in memory, $n cores and workers (best of 3) | ${t_workers[$n]} | $(ratio "${t_workers[$first]}" "${t_workers[$n]}")x on $first | 1 -> 2: >= 1.8 |"
 done
 row "| peak RSS: update create / apply; full create / apply (MiB) | $(peak "$work/create.time") / $(peak "$work/apply.time"); $(peak "$work/fcreate.time") / $(peak "$work/fapply.time") | | |"
 row ""
-row "xxhsum -b (XXH128): $xxh; zstd -b1 -T1 on 256 MiB of the delta stream: $zstd_b"
+row "xxhsum -b (XXH128): $xxh; zstd -b1 -T1 on 256 MiB of the volume: $zstd_b"
 finish
