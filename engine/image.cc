@@ -298,7 +298,7 @@ constexpr uint32_t kRecordVersion = 1;
 constexpr size_t kRecordFixedBytes = 144;
 
 void PutBytes(std::string& out, const void* p, size_t n) {
-  out.append(static_cast<const char*>(p), n);
+  if (n > 0) out.append(static_cast<const char*>(p), n);
 }
 void Put64(std::string& out, uint64_t v) {
   std::byte b[8];
@@ -367,7 +367,9 @@ std::optional<ImageRecord> DecodeRecord(const std::string& in) {
   r.header_checksum = blockstore::GetLe64(p + 120);
   r.segments_done = blockstore::GetLe64(p + 128);
   r.chunk_digests.resize(count);
-  std::memcpy(r.chunk_digests.data(), p + kRecordFixedBytes, count * 16);
+  if (count > 0) {
+    std::memcpy(r.chunk_digests.data(), p + kRecordFixedBytes, count * 16);
+  }
   return r;
 }
 
