@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <type_traits>
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
@@ -86,43 +87,10 @@ class FileImage final : public RawImage {
   std::string name() const override { return path_; }
 
   absl::Status Read(std::span<const ReadOp> ops) override {
-    std::vector<ReadOp> direct;
-    for (const ReadOp& op : ops) {
-      if (absl::Status s = Check(op.offset_bytes, op.out.size()); !s.ok()) {
-        return s;
-      }
-      const uint64_t n = DirectPart(op.offset_bytes, op.out.size());
-      if (n > 0) direct.push_back({op.offset_bytes, op.out.first(n)});
-      if (n < op.out.size()) {
-        if (absl::Status s =
-                Buffered(false, op.offset_bytes + n, op.out.subspan(n));
-            !s.ok()) {
-          return s;
-        }
-      }
-    }
-    return direct.empty() ? absl::OkStatus() : io_->Read(direct);
+    return Transfer<ReadOp, &ReadOp::out>(ops);
   }
-
   absl::Status Write(std::span<const WriteOp> ops) override {
-    std::vector<WriteOp> direct;
-    for (const WriteOp& op : ops) {
-      if (absl::Status s = Check(op.offset_bytes, op.data.size()); !s.ok()) {
-        return s;
-      }
-      const uint64_t n = DirectPart(op.offset_bytes, op.data.size());
-      if (n > 0) direct.push_back({op.offset_bytes, op.data.first(n)});
-      if (n < op.data.size()) {
-        std::span<const std::byte> rest = op.data.subspan(n);
-        if (absl::Status s =
-                Buffered(true, op.offset_bytes + n,
-                         {const_cast<std::byte*>(rest.data()), rest.size()});
-            !s.ok()) {
-          return s;
-        }
-      }
-    }
-    return direct.empty() ? absl::OkStatus() : io_->Write(direct);
+    return Transfer<WriteOp, &WriteOp::data>(ops);
   }
 
   absl::Status Zero(uint64_t offset, uint64_t length) override {
@@ -192,6 +160,37 @@ class FileImage final : public RawImage {
                        " are not aligned or past its end (", size_, " bytes)"));
     }
     return absl::OkStatus();
+  }
+
+  // Whole blocks of each op through the direct Io, in one batch; the bytes
+  // past the last whole block of the file through the buffered descriptor.
+  template <typename Op, auto kBuffer>
+  absl::Status Transfer(std::span<const Op> ops) {
+    constexpr bool kWrite = std::is_same_v<Op, WriteOp>;
+    std::vector<Op> direct;
+    for (const Op& op : ops) {
+      const auto buffer = op.*kBuffer;
+      if (absl::Status s = Check(op.offset_bytes, buffer.size()); !s.ok()) {
+        return s;
+      }
+      const uint64_t n = DirectPart(op.offset_bytes, buffer.size());
+      if (n > 0) direct.push_back({op.offset_bytes, buffer.first(n)});
+      if (n < buffer.size()) {
+        const auto rest = buffer.subspan(n);
+        if (absl::Status s =
+                Buffered(kWrite, op.offset_bytes + n,
+                         {const_cast<std::byte*>(rest.data()), rest.size()});
+            !s.ok()) {
+          return s;
+        }
+      }
+    }
+    if (direct.empty()) return absl::OkStatus();
+    if constexpr (kWrite) {
+      return io_->Write(direct);
+    } else {
+      return io_->Read(direct);
+    }
   }
 
   // How much of [offset, offset + len) goes through the direct Io.

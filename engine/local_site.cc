@@ -92,23 +92,21 @@ absl::StatusOr<ChangeCount> LocalSite::CountChanges(const std::string& volume,
   absl::StatusOr<WalkedDiff> walked = WalkDiff(pool_, volume, base, target, 0);
   if (!walked.ok()) return walked.status();
   ChangeCount c;
-  for (const blockstore::ChangedRun& r : walked->runs) {
-    c.all_chunks += r.count_chunks;
-    if (r.kind == blockstore::ChangedRun::Kind::kData) {
-      c.data_chunks += r.count_chunks;
-    }
-  }
-  // Past what the walk keeps: counted, and walked again by the send.
-  for (uint64_t from = walked->next_chunk; !walked->complete;) {
-    absl::StatusOr<blockstore::DiffBatch> b =
-        pool_.Diff(volume, base, target, from, 8192);
-    if (!b.ok()) return b.status();
-    for (const blockstore::ChangedRun& r : b->runs) {
+  auto count = [&c](const std::vector<blockstore::ChangedRun>& runs) {
+    for (const blockstore::ChangedRun& r : runs) {
       c.all_chunks += r.count_chunks;
       if (r.kind == blockstore::ChangedRun::Kind::kData) {
         c.data_chunks += r.count_chunks;
       }
     }
+  };
+  count(walked->runs);
+  // Past what the walk keeps: counted, and walked again by the send.
+  for (uint64_t from = walked->next_chunk; !walked->complete;) {
+    absl::StatusOr<blockstore::DiffBatch> b =
+        pool_.Diff(volume, base, target, from, 8192);
+    if (!b.ok()) return b.status();
+    count(b->runs);
     if (b->done) break;
     from = b->next_chunk;
   }

@@ -266,8 +266,8 @@ absl::Status Read(const std::string& file, bool inspect, bool as_json) {
 
 // The record beside an image: next to a regular file (or where --state
 // says); a block device has none unless --state names one.
-absl::StatusOr<std::string> ImageRecordPath(const std::string& image,
-                                            const std::string& state) {
+std::string ImageRecordPath(const std::string& image,
+                            const std::string& state) {
   if (!state.empty()) return state;
   struct stat st;
   if (stat(image.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) return "";
@@ -299,8 +299,7 @@ absl::Status ApplyToImage(const std::string& file,
         "of its base '",
         h.volume_name, "@", h.base_name, "': apply the full delta first"));
   }
-  absl::StatusOr<std::string> record_path = ImageRecordPath(image_path, state);
-  if (!record_path.ok()) return record_path.status();
+  const std::string record_path = ImageRecordPath(image_path, state);
   // A new file starts at the volume's size (at least one byte: a file of
   // none would be opened, not created).
   absl::StatusOr<std::unique_ptr<engine::RawImage>> image = engine::OpenImage(
@@ -308,7 +307,7 @@ absl::Status ApplyToImage(const std::string& file,
   if (!image.ok()) return image.status();
   Progress progress("applying");
   engine::ImageApplyOptions options;
-  options.record_path = *record_path;
+  options.record_path = record_path;
   options.verify = verify;
   options.verify_base = verify_base;
   options.checkpoint_bytes = *checkpoint;

@@ -260,7 +260,7 @@ TEST_F(ImageTest, ADeviceTooSmallIsRefusedBeforeAnythingIsWritten) {
 
 // Runs `tandem-delta apply - --image IMAGE` fed `delta` through a pipe and
 // kills it (SIGKILL) once it has taken `upto` bytes of it.
-void ApplyKilled(const std::string& dir, const std::string& delta, size_t upto,
+void ApplyKilled(const std::string& delta, size_t upto,
                  const std::string& image) {
   int p[2];
   ASSERT_EQ(pipe(p), 0);
@@ -294,7 +294,6 @@ void ApplyKilled(const std::string& dir, const std::string& delta, size_t upto,
   int status = 0;
   waitpid(pid, &status, 0);
   close(p[1]);
-  (void)dir;
 }
 
 TEST_F(ImageTest, AKilledApplyIsCompletedByRunningItAgain) {
@@ -310,7 +309,7 @@ TEST_F(ImageTest, AKilledApplyIsCompletedByRunningItAgain) {
         ASSERT_EQ(Delta({"apply", deltas_[0], "--image", image}).code, 0);
       }
       const size_t upto = delta.size() * k / 12 + 4096 * (k % 3);
-      ApplyKilled(dir_, delta, std::min(upto, delta.size()), image);
+      ApplyKilled(delta, std::min(upto, delta.size()), image);
       Result r = Delta({"apply", deltas_[which], "--image", image});
       ASSERT_EQ(r.code, 0) << r.err;
       resumed += r.err.find("(resumed)") != std::string::npos;
