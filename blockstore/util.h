@@ -3,8 +3,10 @@
 #ifndef TANDEM_BLOCKSTORE_UTIL_H_
 #define TANDEM_BLOCKSTORE_UTIL_H_
 
+#include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <span>
 #include <string>
@@ -74,11 +76,34 @@ class AlignedBuffer {
 // True if every byte of `data` is zero.
 bool IsAllZero(std::span<const std::byte> data);
 
-// Little-endian fixed-width encoding into / out of byte arrays.
-void PutLe64(std::byte* p, uint64_t v);
-void PutLe32(std::byte* p, uint32_t v);
-uint64_t GetLe64(const std::byte* p);
-uint32_t GetLe32(const std::byte* p);
+// Little-endian fixed-width encoding into / out of byte arrays. Inline:
+// decoding a node or a reference-count page calls them for every entry.
+inline uint64_t LittleEndian(uint64_t v) {
+  if constexpr (std::endian::native == std::endian::little) return v;
+  return __builtin_bswap64(v);
+}
+inline uint32_t LittleEndian(uint32_t v) {
+  if constexpr (std::endian::native == std::endian::little) return v;
+  return __builtin_bswap32(v);
+}
+inline void PutLe64(std::byte* p, uint64_t v) {
+  v = LittleEndian(v);
+  std::memcpy(p, &v, 8);
+}
+inline void PutLe32(std::byte* p, uint32_t v) {
+  v = LittleEndian(v);
+  std::memcpy(p, &v, 4);
+}
+inline uint64_t GetLe64(const std::byte* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return LittleEndian(v);
+}
+inline uint32_t GetLe32(const std::byte* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return LittleEndian(v);
+}
 
 }  // namespace blockstore
 
