@@ -178,10 +178,16 @@ PoolInfo Pool::Info() {
   info.pool_guid = sb_.pool_guid;
   info.chunk_size_bytes = shape_.chunk_size;
   info.capacity_bytes = shape_.data_count * shape_.chunk_size;
-  info.used_bytes = space_.used_chunks() * shape_.chunk_size;
+  // Read-only with the table not loaded: the totals the last commit wrote
+  // in its superblock, exact while nothing can change them.
+  const uint64_t used_chunks =
+      counts_loaded_ ? space_.used_chunks() : sb_.used_chunks;
+  const uint64_t used_nodes =
+      counts_loaded_ ? space_.used_nodes() : sb_.used_nodes;
+  info.used_bytes = used_chunks * shape_.chunk_size;
   info.free_bytes = info.capacity_bytes - info.used_bytes;
   info.metadata_capacity_bytes = shape_.meta_count * kNodeSize;
-  info.metadata_used_bytes = space_.used_nodes() * kNodeSize;
+  info.metadata_used_bytes = used_nodes * kNodeSize;
   info.generation = sb_.generation;
   info.volume_count = catalog_.volumes.size();
   for (const auto& [name, v] : catalog_.volumes) {

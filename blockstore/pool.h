@@ -396,6 +396,10 @@ class Pool {
   // `repair`: open read-write even with damaged counts (see Repair).
   absl::Status LoadLocked(bool repair = false)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The reference-count table, into space_ (LoadLocked's second part).
+  absl::Status LoadCountsLocked(bool repair) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Loads it if a read-only open has not yet.
+  absl::Status EnsureCountsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static absl::StatusOr<Repaired> RepairPool(std::unique_ptr<Pool> pool);
   absl::Status FormatLocked(const CreatePoolOptions& options)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -571,6 +575,14 @@ class Pool {
                                                         int level,
                                                         DiffState& st)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The children of `ref` at `level` given its node (null: none, or above
+  // the root).
+  static std::array<WalkRef, kFanout> ChildrenOf(const WalkRef& ref, int level,
+                                                 const Node* node);
+  // Reads, a level at a time, the nodes DiffWalk(st, b, t, top, 0) will
+  // visit (bounded by kMaxPrefetchNodes and st.max_data).
+  absl::Status PrefetchDiff(DiffState& st, const WalkRef& b, const WalkRef& t,
+                            int top) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   struct CheckState;
   // Walks the catalog and every tree of `st` (a copy, as of a commit) from
   // disk into `st` (computed counts, problems). Needs no lock: the caller
@@ -625,6 +637,9 @@ class Pool {
   std::vector<InFlightWrite> writes_ ABSL_GUARDED_BY(mu_);
 
   SpaceMap space_ ABSL_GUARDED_BY(mu_);
+  // False until the table is in space_: a read-only pool loads it only for
+  // Info and Check (reads and diffs never use it).
+  bool counts_loaded_ ABSL_GUARDED_BY(mu_) = false;
   // Pages the last commit changed: the next one, writing the other table
   // copy, writes them too.
   std::vector<uint64_t> prev_dirty_pages_ ABSL_GUARDED_BY(mu_);

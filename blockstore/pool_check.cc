@@ -204,6 +204,7 @@ absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
   if (absl::Status s = Fail(CommitLocked(CommitLock::kHold)); !s.ok()) {
     return s;
   }
+  if (absl::Status s = EnsureCountsLocked(); !s.ok()) return s;
   const std::vector<uint32_t> counts = space_.counts();
   const Superblock sb = sb_;
   const std::string count_damage = count_damage_;

@@ -77,6 +77,7 @@ absl::Status Pool::FormatLocked(const CreatePoolOptions& options) {
   if (absl::Status s = io_.Flush(); !s.ok()) return s;
   InitDigests();
   space_ = SpaceMap(shape_);
+  counts_loaded_ = true;
   gen_ = 1;
   changed_ = true;
   full_table_writes_ = 2;
@@ -131,25 +132,6 @@ absl::Status Pool::LoadLocked(bool repair) {
   shape_ = sb_;
   InitDigests();
 
-  // Reference counts of this commit. Both table copies in one device batch:
-  // this commit's, and the other one, compared below.
-  AlignedBuffer table(sb_.refcount_pages * 4096);
-  AlignedBuffer other(sb_.refcount_pages * 4096);
-  const ReadOp table_reads[] = {
-      {sb_.refcount_copy_offset(sb_.generation), table.span()},
-      {sb_.refcount_copy_offset(sb_.generation + 1), other.span()}};
-  if (absl::Status s = io_.Read(table_reads); !s.ok()) return s;
-  space_ = SpaceMap(shape_);
-  std::vector<uint64_t> damaged;  // pages; rebuilt below from the trees
-  for (uint64_t p = 0; p < sb_.refcount_pages; ++p) {
-    std::span<const std::byte, 4096> page(table.data() + p * 4096, 4096);
-    if (!RefcountPageValid(p, page)) {
-      damaged.push_back(p);
-      continue;
-    }
-    space_.LoadPage(p, page);
-  }
-
   // The catalog: a chain of nodes holding volume and snapshot records.
   // Without it no volume can be found: said so, with what is left to do.
   auto catalog_damaged = [&](absl::string_view what) {
@@ -198,12 +180,49 @@ absl::Status Pool::LoadLocked(bool repair) {
   }
   committed_catalog_ = std::move(catalog);
   gen_ = sb_.generation + 1;
+  // Reads and diffs never look at the reference counts: a read-only open
+  // loads them when something asks (Info, Check), a read-write one now.
+  if (mode_ == OpenMode::kReadOnly && !repair) return absl::OkStatus();
+  return LoadCountsLocked(repair);
+}
+
+absl::Status Pool::EnsureCountsLocked() {
+  if (counts_loaded_) return absl::OkStatus();
+  return LoadCountsLocked(/*repair=*/false);
+}
+
+absl::Status Pool::LoadCountsLocked(bool repair) {
+  // Reference counts of this commit. Read-write, both table copies in one
+  // device batch: this commit's, and the other one, compared below (the
+  // next commit writes it).
+  const bool writable = mode_ == OpenMode::kReadWrite;
+  AlignedBuffer table(sb_.refcount_pages * 4096);
+  AlignedBuffer other(writable ? sb_.refcount_pages * 4096 : 0);
+  const ReadOp table_reads[] = {
+      {sb_.refcount_copy_offset(sb_.generation), table.span()},
+      {sb_.refcount_copy_offset(sb_.generation + 1), other.span()}};
+  if (absl::Status s =
+          io_.Read(std::span<const ReadOp>(table_reads, writable ? 2 : 1));
+      !s.ok()) {
+    return s;
+  }
+  space_ = SpaceMap(shape_);
+  std::vector<uint64_t> damaged;  // pages; rebuilt below from the trees
+  for (uint64_t p = 0; p < sb_.refcount_pages; ++p) {
+    std::span<const std::byte, 4096> page(table.data() + p * 4096, 4096);
+    if (!RefcountPageValid(p, page)) {
+      damaged.push_back(p);
+      continue;
+    }
+    space_.LoadPage(p, page);
+  }
+
   if (!damaged.empty()) {
     count_damage_ = absl::StrCat(
         "reference count page", damaged.size() > 1 ? "s " : " ",
         absl::StrJoin(damaged, ", "), " of generation ", sb_.generation,
         damaged.size() > 1 ? " are" : " is", " damaged (checksum mismatch)");
-    if (mode_ == OpenMode::kReadWrite && !repair) {
+    if (writable && !repair) {
       return absl::DataLossError(absl::StrCat(
           io_.name(), ": ", count_damage_,
           "; the volumes are intact and open read-only; rebuild the counts "
@@ -223,13 +242,14 @@ absl::Status Pool::LoadLocked(bool repair) {
   // one wherever that commit changes nothing. It may be older, or torn by a
   // crash: compare it page by page and have the first commit rewrite the
   // pages that differ (after a clean shutdown: usually none).
-  for (uint64_t p = 0; p < sb_.refcount_pages; ++p) {
+  for (uint64_t p = 0; writable && p < sb_.refcount_pages; ++p) {
     if (std::memcmp(table.data() + p * 4096, other.data() + p * 4096, 4096) !=
         0) {
       prev_dirty_pages_.push_back(p);
     }
   }
   full_table_writes_ = 0;
+  counts_loaded_ = true;
   return absl::OkStatus();
 }
 

@@ -50,8 +50,9 @@ struct Pool::DiffState {
   }
 };
 
-absl::StatusOr<std::array<Pool::WalkRef, kFanout>> Pool::Children(
-    const WalkRef& ref, int level, DiffState& st) {
+std::array<Pool::WalkRef, kFanout> Pool::ChildrenOf(const WalkRef& ref,
+                                                    int level,
+                                                    const Node* node) {
   std::array<WalkRef, kFanout> out;
   if (ref.above_root) {
     // Only child 0 exists: the real root, or another level above it.
@@ -63,15 +64,88 @@ absl::StatusOr<std::array<Pool::WalkRef, kFanout>> Pool::Children(
     }
     return out;
   }
-  if (ref.e.ptr == 0) {
+  if (node == nullptr) {
     for (WalkRef& c : out) c = WalkRef{{0, ref.e.birth, {}}};
     return out;
   }
+  for (int i = 0; i < kFanout; ++i) out[i] = WalkRef{node->e[i]};
+  return out;
+}
+
+absl::StatusOr<std::array<Pool::WalkRef, kFanout>> Pool::Children(
+    const WalkRef& ref, int level, DiffState& st) {
+  if (ref.above_root || ref.e.ptr == 0) return ChildrenOf(ref, level, nullptr);
   absl::StatusOr<Node*> node = Load(ref.e.ptr, level, st.loaded);
   if (!node.ok()) return node.status();
   ++st.batch.nodes_visited;
-  for (int i = 0; i < kFanout; ++i) out[i] = WalkRef{(*node)->e[i]};
-  return out;
+  return ChildrenOf(ref, level, *node);
+}
+
+absl::Status Pool::PrefetchDiff(DiffState& st, const WalkRef& b,
+                                const WalkRef& t, int top) {
+  struct Pair {
+    WalkRef b, t;
+    uint64_t base;  // first chunk
+  };
+  // A walk that stops after max_data chunks needs few of them: at most two
+  // leaves a chunk (the base's and the target's), or the paths to them.
+  size_t budget = std::min(kMaxPrefetchNodes, 2 * st.max_data + 2 * (top + 1));
+  std::vector<Pair> pairs = {{b, t, 0}};
+  for (int level = top; level >= 0 && !pairs.empty(); --level) {
+    // This level's nodes, in one batch: the first pairs (in chunk order)
+    // within the budget; the walk reads the rest as it meets them.
+    std::vector<uint64_t> ids;
+    size_t taken = 0;
+    for (; taken < pairs.size(); ++taken) {
+      const size_t before = ids.size();
+      for (const WalkRef* r : {&pairs[taken].b, &pairs[taken].t}) {
+        if (!r->above_root && r->e.ptr != 0) ids.push_back(r->e.ptr);
+      }
+      if (ids.size() > budget) {
+        ids.resize(before);
+        break;
+      }
+    }
+    pairs.resize(taken);
+    budget -= ids.size();
+    if (absl::Status s = Prefetch(ids, level, st.loaded); !s.ok()) return s;
+    if (level == 0) break;  // the children of leaves are chunks
+    // The child pairs DiffWalk will descend into, from the nodes in memory.
+    auto find = [&](const WalkRef& r) -> const Node* {
+      if (r.above_root || r.e.ptr == 0) return nullptr;
+      if (const Node* n = cache_.Find(r.e.ptr)) return n;
+      if (st.loaded == nullptr) return nullptr;
+      auto it = st.loaded->find(r.e.ptr);
+      return it == st.loaded->end() ? nullptr : it->second.get();
+    };
+    const uint64_t child_span = Span(level);
+    std::vector<Pair> next;
+    for (const Pair& p : pairs) {
+      const Node* bn = find(p.b);
+      const Node* tn = find(p.t);
+      // Not read (a bad node): the walk reports it.
+      if ((bn == nullptr && !p.b.above_root && p.b.e.ptr != 0) ||
+          (tn == nullptr && !p.t.above_root && p.t.e.ptr != 0)) {
+        continue;
+      }
+      const std::array<WalkRef, kFanout> bc = ChildrenOf(p.b, level, bn);
+      const std::array<WalkRef, kFanout> tc = ChildrenOf(p.t, level, tn);
+      for (int i = 0; i < kFanout; ++i) {
+        const uint64_t cb = p.base + i * child_span;
+        if (cb + child_span <= st.from || cb >= st.end) continue;
+        const WalkRef& bi = bc[i];
+        const WalkRef& ti = tc[i];
+        if (!bi.above_root && !ti.above_root && bi.e.ptr == ti.e.ptr &&
+            bi.e.birth == ti.e.birth) {
+          continue;  // the same subtree
+        }
+        if (!ti.above_root && ti.e.ptr == 0) continue;  // unmapped: no read
+        next.push_back({bi, ti, cb});
+      }
+    }
+    pairs = std::move(next);
+  }
+  return absl::OkStatus();
 }
 
 // Compares the subtrees `b` (base) and `t` (target) whose nodes are at
@@ -190,8 +264,12 @@ absl::StatusOr<DiffBatch> Pool::Diff(absl::string_view volume,
     }
     return r;
   };
+  // The nodes the walk will read, a level at a time, one device batch a
+  // level: as many round trips as the tree has levels, not one a node.
   absl::Status s =
-      DiffWalk(st, ref(base_root, db), ref(target_root, dt), top, 0);
+      PrefetchDiff(st, ref(base_root, db), ref(target_root, dt), top);
+  if (s.ok())
+    s = DiffWalk(st, ref(base_root, db), ref(target_root, dt), top, 0);
   diff_nodes_visited_.fetch_add(st.batch.nodes_visited,
                                 std::memory_order_relaxed);
   TrimCache();

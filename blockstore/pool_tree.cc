@@ -258,8 +258,9 @@ absl::Status Pool::LoadMissing(std::vector<Missing>& missing, Loaded& loaded) {
     const uint64_t id = (*node)->id;
     // Shared with others only if still in use: a node freed while the lock
     // was out stays this walk's (its id is not reused before the walk ends,
-    // but may be after).
-    if (!cache_.Contains(id) && space_.NodeRefs(id) > 0) {
+    // but may be after). A read-only pool frees nothing, and may not have
+    // loaded its counts.
+    if (!cache_.Contains(id) && (!counts_loaded_ || space_.NodeRefs(id) > 0)) {
       cache_.Insert(std::make_unique<Node>(**node));
     }
     loaded.emplace(id, std::move(*node));

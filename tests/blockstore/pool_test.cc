@@ -170,6 +170,82 @@ TEST(PoolTest, WriteChunksReadsTheTreeOneBatchPerLevel) {
   }
 }
 
+TEST(PoolTest, DiffReadsTheTreesOneBatchPerLevel) {
+  // 64 chunks changed between two snapshots, one in every other leaf of a
+  // three-level tree: the walk reads both trees' nodes a level at a time
+  // (root, interior, leaves), not a batch per interior node.
+  constexpr uint64_t kStride = 2 * 126;
+  constexpr uint64_t kChunks = 64 * kStride;
+  MemIo io(64 << 20);
+  {
+    auto pool = MakePool(io, kChunk);
+    ASSERT_TRUE(pool->CreateVolume("v", kChunks * kChunk).ok());
+    for (int round = 0; round < 2; ++round) {
+      for (uint64_t i = 0; i < 64; ++i) {
+        // Seeds 4k + 3: random bytes (4k would be zeros).
+        ASSERT_TRUE(pool->Write("v", i * kStride * kChunk,
+                                TestData(kChunk, 4 * (round * 64 + i) + 3))
+                        .ok());
+      }
+      ASSERT_TRUE(pool->CreateSnapshot("v", absl::StrCat("s", round)).ok());
+    }
+  }
+  testing_util::CountingIo counting(io);
+  absl::StatusOr<std::unique_ptr<Pool>> pool =
+      Pool::Open(counting, OpenMode::kReadOnly);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  const int before = counting.read_calls();
+  absl::StatusOr<DiffBatch> d = (*pool)->Diff("v", "s0", "s1", 0, 65536);
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ(counting.read_calls() - before, 3);
+  ASSERT_EQ(d->runs.size(), 64u);
+  for (uint64_t i = 0; i < 64; ++i) {
+    EXPECT_EQ(d->runs[i].kind, ChangedRun::Kind::kData);
+    EXPECT_EQ(d->runs[i].first_chunk, i * kStride);
+    EXPECT_EQ(d->runs[i].digest, Hash128(TestData(kChunk, 4 * (64 + i) + 3)));
+  }
+  EXPECT_TRUE(d->done);
+  // A walk that stops early, on a pool with nothing cached.
+  pool = Pool::Open(counting, OpenMode::kReadOnly);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  absl::StatusOr<DiffBatch> two = (*pool)->Diff("v", "s0", "s1", 0, 2);
+  ASSERT_TRUE(two.ok()) << two.status();
+  ASSERT_EQ(two->runs.size(), 2u);
+  EXPECT_EQ(two->runs[1].first_chunk, kStride);
+  EXPECT_EQ(two->next_chunk, kStride + 1);
+  EXPECT_FALSE(two->done);
+}
+
+TEST(PoolTest, ReadOnlyOpenLeavesTheReferenceCountsOnDisk) {
+  // Reads and diffs never look at the counts (a table as large as the
+  // device's chunk count): a read-only open reads the superblocks and the
+  // catalog only, and still reports what a read-write open does.
+  MemIo io(64 << 20);
+  {
+    auto pool = MakePool(io, kChunk);
+    ASSERT_TRUE(pool->CreateVolume("v", 1 << 20).ok());
+    ASSERT_TRUE(pool->Write("v", 8192, TestData(3 * kChunk, 7)).ok());
+    ASSERT_TRUE(pool->CreateSnapshot("v", "s").ok());
+    ASSERT_TRUE(pool->Flush().ok());
+  }
+  PoolInfo rw = Reopen(io)->Info();
+  testing_util::CountingIo counting(io);
+  absl::StatusOr<std::unique_ptr<Pool>> ro =
+      Pool::Open(counting, OpenMode::kReadOnly);
+  ASSERT_TRUE(ro.ok()) << ro.status();
+  EXPECT_EQ(counting.read_calls(), 2);  // superblocks, one catalog node
+  PoolInfo info = (*ro)->Info();
+  EXPECT_EQ(info.used_bytes, rw.used_bytes);
+  EXPECT_EQ(info.metadata_used_bytes, rw.metadata_used_bytes);
+  EXPECT_EQ(info.used_bytes, 3 * kChunk);
+  EXPECT_EQ(counting.read_calls(), 2);
+  // The check needs them: it loads them, and finds them right.
+  absl::StatusOr<Pool::CheckReport> r = (*ro)->Check(true);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_THAT(r->problems, ::testing::IsEmpty());
+  EXPECT_GT(counting.read_calls(), 2);
+}
+
 TEST(PoolTest, ReadOnlyVolumeRefusesChangesAndSurvivesReopen) {
   MemIo io(64 << 20);
   {
