@@ -43,7 +43,7 @@ double Since(Clock::time_point t) {
 
 absl::Status Create(const std::string& pool_path, const std::string& ref,
                     const std::string& base, const std::string& output,
-                    int level, int threads) {
+                    int level, int threads, bool take_snapshot) {
   size_t at = ref.find('@');
   if (at == std::string::npos || at + 1 == ref.size()) {
     return absl::InvalidArgumentError(
@@ -58,9 +58,32 @@ absl::Status Create(const std::string& pool_path, const std::string& ref,
     return absl::InvalidArgumentError(
         "refusing to write a delta to a terminal: use -o FILE or a pipe");
   }
+  if (take_snapshot) {
+    // Taken and committed with the pool open read-write, then closed: the
+    // send reads it with the shared lock of any create.
+    absl::StatusOr<std::unique_ptr<blockstore::Pool>> rw =
+        OpenPool(pool_path, OpenMode::kReadWrite);
+    if (!rw.ok()) return rw.status();
+    if (!base.empty()) {  // a delta that cannot be sent takes no snapshot
+      absl::StatusOr<blockstore::SnapshotInfo> b =
+          (*rw)->GetSnapshot(volume, base);
+      if (!b.ok()) return b.status();
+    }
+    absl::StatusOr<blockstore::SnapshotInfo> taken =
+        (*rw)->CreateSnapshot(volume, target);
+    if (!taken.ok()) return taken.status();
+  }
+  // After --snapshot, a failure keeps the snapshot: say how to go on.
+  auto failed = [&](absl::Status s) {
+    if (!take_snapshot) return s;
+    return absl::Status(
+        s.code(), absl::StrCat(s.message(), "; snapshot '", ref,
+                               "' was taken: send it with the same command "
+                               "without --snapshot"));
+  };
   absl::StatusOr<std::unique_ptr<blockstore::Pool>> pool =
       OpenPool(pool_path, OpenMode::kReadOnly);
-  if (!pool.ok()) return pool.status();
+  if (!pool.ok()) return failed(pool.status());
   // A regular file is written under a temporary name and renamed when
   // complete, so a failed create never leaves a partial delta behind.
   // Anything else that exists (a device, a FIFO, /dev/stdout) is written in
@@ -75,8 +98,8 @@ absl::Status Create(const std::string& pool_path, const std::string& ref,
                   : open(partial.c_str(),
                          O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) {
-      return blockstore::ErrnoError(
-          errno, absl::StrCat(in_place ? "open " : "create ", partial));
+      return failed(blockstore::ErrnoError(
+          errno, absl::StrCat(in_place ? "open " : "create ", partial)));
     }
   }
   bool done = false;
@@ -97,13 +120,15 @@ absl::Status Create(const std::string& pool_path, const std::string& ref,
   absl::StatusOr<engine::SendStats> stats =
       engine::SendDelta(**pool, volume, base, target, sink, options);
   progress.Clear();
-  if (!stats.ok()) return stats.status();
+  if (!stats.ok()) return failed(stats.status());
   if (!in_place) {
     if (fsync(fd) != 0) {
-      return blockstore::ErrnoError(errno, absl::StrCat("sync ", partial));
+      return failed(
+          blockstore::ErrnoError(errno, absl::StrCat("sync ", partial)));
     }
     if (rename(partial.c_str(), output.c_str()) != 0) {
-      return blockstore::ErrnoError(errno, absl::StrCat("rename to ", output));
+      return failed(
+          blockstore::ErrnoError(errno, absl::StrCat("rename to ", output)));
     }
   }
   done = true;
@@ -381,7 +406,7 @@ int Run(int argc, char** argv) {
                                     checkpoint = "64M";
   int level = 1, threads = 0;
   bool as_json = false, rollback = false, no_verify_base = false,
-       verify_image = false;
+       verify_image = false, take_snapshot = false;
 
   CLI::App* create =
       app.add_subcommand("create", "write the delta of a snapshot");
@@ -394,8 +419,11 @@ int Run(int argc, char** argv) {
   create->add_option("--level", level, "zstd level, 0 to store (default 1)");
   create->add_option("--threads", threads,
                      "compression threads (default: cores)");
-  create->callback(
-      [&] { act(Create(pool_path, ref, base, output, level, threads)); });
+  create->add_flag("--snapshot", take_snapshot,
+                   "take snapshot TARGET of the volume now, then send it");
+  create->callback([&] {
+    act(Create(pool_path, ref, base, output, level, threads, take_snapshot));
+  });
 
   CLI::App* inspect =
       app.add_subcommand("inspect", "print the header and every record");

@@ -497,6 +497,34 @@ TEST_P(CliTest, DeltaFilesBetweenTwoPoolsAndAnImage) {
   testing_util::Spit(dir_ + "/piped.tdd", piped);
   EXPECT_EQ(delta({"verify", dir_ + "/piped.tdd"}).code, 0);
   EXPECT_THAT(Ok({"pool", "check", b, "--data"}), HasSubstr("consistent"));
+
+  // --snapshot takes the target now and sends it: applied, b holds what a
+  // holds. A base that is not there takes no snapshot; a target that is
+  // there already is refused.
+  const std::string third = RandomBytes(200000, 15);
+  Ok({"write", "--pool", a, "v", "--offset", "1000000"}, third);
+  r = delta({"create", "--pool", a, "v@three", "--base", "nope", "--snapshot",
+             "-o", dir_ + "/x.tdd"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(r.err, "tandem-delta: no snapshot 'v@nope' in pool " + a + "\n");
+  EXPECT_THAT(Ok({"snapshot", "list", "--pool", a, "v"}),
+              ::testing::Not(HasSubstr("three")));
+  std::string snap_inc = dir_ + "/three.tdd";
+  r = delta({"create", "--pool", a, "v@three", "--base", "two", "--snapshot",
+             "-o", snap_inc});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("delta v@two..v@three"));
+  r = delta({"apply", snap_inc, "--pool", b, "v"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(Ok({"digest", "--pool", b, "v@three"}),
+            Ok({"digest", "--pool", a, "v@three"}));
+  EXPECT_EQ(Ok({"read", "--pool", b, "v@three"}).substr(1000000, 200000),
+            third);
+  r = delta(
+      {"create", "--pool", a, "v@three", "--snapshot", "-o", dir_ + "/x.tdd"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("'v@three' already exists"));
+  EXPECT_NE(access((dir_ + "/x.tdd").c_str(), F_OK), 0);
 }
 
 TEST_P(CliTest, RelationshipProcedureAndStatus) {
