@@ -3,7 +3,8 @@
 # disks: a 4 GiB volume of mixed content (half compressible, half random),
 # 1% of its 64 KiB chunks (655) rewritten at random, moved by
 #   - tandem: snapshot + tandem-delta create | tandem-delta apply into a
-#     second pool (the update); create alone; the same delta file applied to
+#     second pool (the update), and the same as one command (create
+#     --snapshot | apply); create alone; the same delta file applied to
 #     a pool and to a raw image; the same change in a 64 GiB sparse volume;
 #     the full 4 GiB baseline;
 #   - btrfs send -p | btrfs receive between two btrfs file systems;
@@ -67,20 +68,28 @@ t_inc=$(elapsed "$s")
 [[ $($T digest --pool "$a" v@new) == $($T digest --pool "$b" v@new) ]] || die "tandem: digests differ"
 record update_1pct "$t_inc" changed_chunks $changed create_peak_rss_mib "$(peak "$work/create.time")" \
   apply_peak_rss_mib "$(peak "$work/apply.time")"
+# The same in one command: create takes the snapshot itself.
+$P change-pool "$a" v $changed $chunks 8 >/dev/null
+drop
+s=$(now)
+$D create --pool "$a" v@one --base new --snapshot 2>/dev/null | $D apply - --pool "$b" v 2>/dev/null
+t_one=$(elapsed "$s")
+[[ $($T digest --pool "$a" v@one) == $($T digest --pool "$b" v@one) ]] || die "tandem: digests differ"
+record update_1pct_one_command "$t_one" changed_chunks $changed
 drop
 s=$(now)
 $D create --pool "$a" v@new --base base -o "$work/inc.tdd" 2>/dev/null
 t_create=$(elapsed "$s")
 stream=$(stat -c %s "$work/inc.tdd")
 record create_1pct "$t_create" stream_bytes "$stream"
-echo "update ${t_inc} s; create alone ${t_create} s; stream $((stream / 1024)) KiB"
+echo "update ${t_inc} s (one command ${t_one} s); create alone ${t_create} s; stream $((stream / 1024)) KiB"
 
 echo "## tandem: the same change in a 64 GiB sparse volume (4 GiB written)"
 $P fill-pool "$a" w 64G 4G
 $D create --pool "$a" w@base 2>/dev/null | $D apply - --pool "$b" w 2>/dev/null
 # Three rounds, the two volumes in turn, each changed anew: medians.
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-declare -A t_scale from=([v]=new [w]=base)
+declare -A t_scale from=([v]=one [w]=base)
 scale_v=() scale_w=()
 for round in 1 2 3; do
   for name in v w; do
@@ -278,6 +287,7 @@ echo "incremental ${t_rsync} s"
 row "| case | seconds | ratio | goal |"
 row "|---|---|---|---|"
 row "| tandem update: snapshot + create \\| apply | $t_inc | $(ratio "$t_inc" "$floor") of the floor | <= 1.7 |"
+row "| the same, one command: create --snapshot \\| apply | $t_one | $(ratio "$t_one" "$floor") of the floor | |"
 row "| floor: fio reads the 655 chunks + writes them (64 KiB, depth 32) | $floor ($t_fio_read + $t_fio_write) | | |"
 row "| btrfs snapshot + send -p \\| receive (data not yet durable) | $t_btrfs | $(ratio "$t_btrfs" "$t_inc")x tandem | >= 3 |"
 row "| btrfs, + sync (durable, like tandem) | $t_btrfs_sync | $(ratio "$t_btrfs_sync" "$t_inc")x tandem | |"
