@@ -119,13 +119,13 @@ machine_json() {
 }
 
 cases_json=() table=()
-# record CASE SECONDS [KEY VALUE]...: one measured case (numbers as numbers).
+# record CASE SECONDS [KEY VALUE]...: one measured case (numbers and [arrays] as JSON).
 record() {
   local name=$1 secs=$2
   shift 2
   local extra=""
   while (($# >= 2)); do
-    if [[ $2 =~ ^-?[0-9]+(\.[0-9]+)?$ ]]; then
+    if [[ $2 =~ ^-?[0-9]+(\.[0-9]+)?$ || $2 =~ ^\[.*\]$ ]]; then  # numbers, arrays
       extra+=", \"$1\": $2"
     else
       extra+=", \"$1\": \"$2\""
