@@ -111,12 +111,16 @@ absl::Status Pool::PrefetchDiff(DiffState& st, const WalkRef& b,
     if (absl::Status s = Prefetch(ids, level, st.loaded); !s.ok()) return s;
     if (level == 0) break;  // the children of leaves are chunks
     // The child pairs DiffWalk will descend into, from the nodes in memory.
-    auto find = [&](const WalkRef& r) -> const Node* {
-      if (r.above_root || r.e.ptr == 0) return nullptr;
-      if (const Node* n = cache_.Find(r.e.ptr)) return n;
-      if (st.loaded == nullptr) return nullptr;
-      auto it = st.loaded->find(r.e.ptr);
-      return it == st.loaded->end() ? nullptr : it->second.get();
+    auto find = [&](const WalkRef& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      const Node* n = nullptr;
+      if (!r.above_root && r.e.ptr != 0) {
+        n = cache_.Find(r.e.ptr);
+        if (n == nullptr && st.loaded != nullptr) {
+          auto it = st.loaded->find(r.e.ptr);
+          if (it != st.loaded->end()) n = it->second.get();
+        }
+      }
+      return n;
     };
     const uint64_t child_span = Span(level);
     std::vector<Pair> next;
