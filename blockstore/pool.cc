@@ -205,6 +205,7 @@ Pool::Stats Pool::stats() {
   MutexLock lock(mu_);
   Stats s = stats_;
   s.cached_nodes = cache_.size();
+  s.reads_in_flight = space_.readers();
   return s;
 }
 

@@ -357,6 +357,7 @@ class Pool {
     uint64_t data_bytes_discarded = 0;  // freed chunks given back to the disk
     uint64_t nodes_loaded = 0;
     uint64_t cached_nodes = 0;
+    uint64_t reads_in_flight = 0;  // holding a read ticket now
   };
   Stats stats();
 

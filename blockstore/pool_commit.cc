@@ -76,7 +76,7 @@ absl::Status Pool::FormatLocked(const CreatePoolOptions& options) {
   if (absl::Status s = io_.WriteAt(0, zeros.span()); !s.ok()) return s;
   if (absl::Status s = io_.Flush(); !s.ok()) return s;
   InitDigests();
-  space_ = SpaceMap(shape_);
+  space_.Reset(shape_);
   counts_loaded_ = true;
   gen_ = 1;
   changed_ = true;
@@ -206,7 +206,9 @@ absl::Status Pool::LoadCountsLocked(bool repair) {
       !s.ok()) {
     return s;
   }
-  space_ = SpaceMap(shape_);
+  // Reads may be in flight (a read-only pool loading its table for Check):
+  // their tickets stay valid.
+  space_.Reset(shape_);
   std::vector<uint64_t> damaged;  // pages; rebuilt below from the trees
   for (uint64_t p = 0; p < sb_.refcount_pages; ++p) {
     std::span<const std::byte, 4096> page(table.data() + p * 4096, 4096);

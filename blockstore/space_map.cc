@@ -9,11 +9,17 @@
 
 namespace blockstore {
 
-SpaceMap::SpaceMap(const Superblock& shape) : shape_(shape) {
+SpaceMap::SpaceMap(const Superblock& shape) { Reset(shape); }
+
+void SpaceMap::Reset(const Superblock& shape) {
+  shape_ = shape;
   uint64_t total = shape.meta_count + shape.data_count;
   counts_.assign(total, 0);
   state_.assign(total, kInUseOrFree);
   reuse_.assign(total, false);
+  reusable_.clear();
+  dirty_pages_.clear();
+  node_cursor_ = chunk_cursor_ = 0;
   Recount();
 }
 

@@ -47,6 +47,10 @@ class SpaceMap {
   // Every block free. `shape` gives where nodes and chunks lie.
   explicit SpaceMap(const Superblock& shape);
   SpaceMap() = default;
+  // Every block free for `shape` again, keeping the read tickets handed out
+  // (a read-only pool loads its table while reads are in flight). Only
+  // with nothing held, deferred or reserved.
+  void Reset(const Superblock& shape);
 
   // Loading a table: counts from page `page` (already checked with
   // RefcountPageValid), then Recount() once every page is in.

@@ -495,6 +495,41 @@ TEST(PoolConcurrencyTest, TheScrubDoesNotStopOtherCalls) {
   EXPECT_THAT(p.Check(true)->problems, ::testing::IsEmpty());
 }
 
+// A read-only pool loads its reference counts only when the check asks:
+// a read in flight meanwhile (its data read stopped) ends normally after.
+TEST(PoolConcurrencyTest, ReadOnlyCountsLoadWhileAReadIsInFlight) {
+  MemIo mem(32 << 20);
+  {
+    std::unique_ptr<Pool> pool = testing_util::MakePool(mem, kChunk);
+    ASSERT_TRUE(pool->CreateVolume("v", 1 << 20).ok());
+    ASSERT_TRUE(pool->Write("v", 0, TestData(1 << 20, 7)).ok());
+    ASSERT_TRUE(pool->Flush().ok());
+  }
+  GateIo io(mem);
+  absl::StatusOr<std::unique_ptr<Pool>> opened =
+      Pool::Open(io, OpenMode::kReadOnly);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  Pool& p = **opened;
+  std::vector<std::byte> got(1 << 20);
+  ASSERT_TRUE(p.Read("v", "", 0, got).ok());  // the tree is cached now
+  absl::Status read;
+  std::vector<std::byte> again(1 << 20);
+  std::thread reader([&] {
+    io.Hold(std::this_thread::get_id());
+    read = p.Read("v", "", 0, again);  // stops in its data read
+  });
+  io.WaitUntilHolding();
+  absl::StatusOr<Pool::CheckReport> report = p.Check(false);
+  io.Open();
+  reader.join();
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_THAT(report->problems, ::testing::IsEmpty());
+  ASSERT_TRUE(read.ok()) << read;
+  EXPECT_EQ(again, TestData(1 << 20, 7));
+  EXPECT_EQ(p.Info().used_bytes, uint64_t{1} << 20);
+  EXPECT_EQ(p.stats().reads_in_flight, 0u);  // the reader's ticket ended
+}
+
 // Deleting a snapshot reads the nodes only it holds outside the lock: while
 // those reads are stopped, another volume is written and read.
 TEST(PoolConcurrencyTest, DeletingASnapshotReadsItsNodesOutsideTheLock) {
