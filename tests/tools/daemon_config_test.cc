@@ -2,9 +2,11 @@
 // resolve against the file's folder, and each mistake names its key.
 #include "tools/daemon_config.h"
 
+#include <cstdio>
 #include <fstream>
 #include <string>
 
+#include "absl/cleanup/cleanup.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -35,6 +37,7 @@ TEST(DaemonConfigTest, TheDocumentedExampleIsValid) {
 
 TEST(DaemonConfigTest, NbdOffLoopbackNeedsAnAllowList) {
   const std::string dir = ::testing::TempDir();
+  absl::Cleanup remove = [&] { std::remove((dir + "/n.toml").c_str()); };
   auto load = [&](const std::string& text) {
     std::ofstream(dir + "/n.toml")
         << "site = \"a\"\nlisten = \"127.0.0.1:1\"\ncontrol = \"a.sock\"\n"
@@ -63,6 +66,7 @@ TEST(DaemonConfigTest, NbdOffLoopbackNeedsAnAllowList) {
 
 TEST(DaemonConfigTest, PskAndPlaintextAndTheirMistakes) {
   const std::string dir = ::testing::TempDir();
+  absl::Cleanup remove = [&] { std::remove((dir + "/c.toml").c_str()); };
   auto load = [&](const std::string& text) {
     std::ofstream(dir + "/c.toml") << text;
     return LoadDaemonConfig(dir + "/c.toml");
