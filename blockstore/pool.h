@@ -475,6 +475,10 @@ class Pool {
   void TrimCache() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Nodes (pool_tree.cc).
+  // The node `id` if it is in memory: the cache, else `loaded` (may be
+  // null); null if in neither.
+  const Node* InMemory(uint64_t id, const Loaded* loaded)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The node `id` at `level`: from the cache, else from `loaded` (moved
   // into the cache), else read from disk with the lock held (a path the
   // data paths avoid by walking first).
@@ -568,6 +572,15 @@ class Pool {
     Entry e;
     bool above_root = false;  // a level above the real root (depths differ)
     int root_level = 0;       // the real root's level when above_root
+
+    // A node on disk to read (not an empty subtree, not above the root).
+    bool HasNode() const { return !above_root && e.ptr != 0; }
+    // The very same subtree: the same pointer and birth (node ids are
+    // reused only after a free, and a rewrite always carries a newer birth).
+    bool SameAs(const WalkRef& o) const {
+      return !above_root && !o.above_root && e.ptr == o.e.ptr &&
+             e.birth == o.e.birth;
+    }
   };
   absl::Status DiffWalk(DiffState& st, const WalkRef& b, const WalkRef& t,
                         int level, uint64_t base)

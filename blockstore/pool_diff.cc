@@ -24,6 +24,10 @@ struct Pool::DiffState {
   bool stop = false;
   uint64_t stopped_at = 0;
   DiffBatch batch;
+  // True if chunks [base, base + span) lie outside [from, end).
+  bool Outside(uint64_t base, uint64_t span) const {
+    return base + span <= from || base >= end;
+  }
   // Nodes read outside the lock (a diff between snapshots, whose trees do
   // not change); null when the target is the live volume, whose dirty
   // nodes may change whenever the lock is out, so that walk keeps it.
@@ -74,7 +78,7 @@ std::array<Pool::WalkRef, kFanout> Pool::ChildrenOf(const WalkRef& ref,
 
 absl::StatusOr<std::array<Pool::WalkRef, kFanout>> Pool::Children(
     const WalkRef& ref, int level, DiffState& st) {
-  if (ref.above_root || ref.e.ptr == 0) return ChildrenOf(ref, level, nullptr);
+  if (!ref.HasNode()) return ChildrenOf(ref, level, nullptr);
   absl::StatusOr<Node*> node = Load(ref.e.ptr, level, st.loaded);
   if (!node.ok()) return node.status();
   ++st.batch.nodes_visited;
@@ -99,7 +103,7 @@ absl::Status Pool::PrefetchDiff(DiffState& st, const WalkRef& b,
     for (; taken < pairs.size(); ++taken) {
       const size_t before = ids.size();
       for (const WalkRef* r : {&pairs[taken].b, &pairs[taken].t}) {
-        if (!r->above_root && r->e.ptr != 0) ids.push_back(r->e.ptr);
+        if (r->HasNode()) ids.push_back(r->e.ptr);
       }
       if (ids.size() > budget) {
         ids.resize(before);
@@ -111,40 +115,23 @@ absl::Status Pool::PrefetchDiff(DiffState& st, const WalkRef& b,
     if (absl::Status s = Prefetch(ids, level, st.loaded); !s.ok()) return s;
     if (level == 0) break;  // the children of leaves are chunks
     // The child pairs DiffWalk will descend into, from the nodes in memory.
-    auto find = [&](const WalkRef& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      const Node* n = nullptr;
-      if (!r.above_root && r.e.ptr != 0) {
-        n = cache_.Find(r.e.ptr);
-        if (n == nullptr && st.loaded != nullptr) {
-          auto it = st.loaded->find(r.e.ptr);
-          if (it != st.loaded->end()) n = it->second.get();
-        }
-      }
-      return n;
-    };
     const uint64_t child_span = Span(level);
     std::vector<Pair> next;
     for (const Pair& p : pairs) {
-      const Node* bn = find(p.b);
-      const Node* tn = find(p.t);
+      const Node* bn = p.b.HasNode() ? InMemory(p.b.e.ptr, st.loaded) : nullptr;
+      const Node* tn = p.t.HasNode() ? InMemory(p.t.e.ptr, st.loaded) : nullptr;
       // Not read (a bad node): the walk reports it.
-      if ((bn == nullptr && !p.b.above_root && p.b.e.ptr != 0) ||
-          (tn == nullptr && !p.t.above_root && p.t.e.ptr != 0)) {
+      if ((bn == nullptr && p.b.HasNode()) ||
+          (tn == nullptr && p.t.HasNode())) {
         continue;
       }
       const std::array<WalkRef, kFanout> bc = ChildrenOf(p.b, level, bn);
       const std::array<WalkRef, kFanout> tc = ChildrenOf(p.t, level, tn);
       for (int i = 0; i < kFanout; ++i) {
         const uint64_t cb = p.base + i * child_span;
-        if (cb + child_span <= st.from || cb >= st.end) continue;
-        const WalkRef& bi = bc[i];
-        const WalkRef& ti = tc[i];
-        if (!bi.above_root && !ti.above_root && bi.e.ptr == ti.e.ptr &&
-            bi.e.birth == ti.e.birth) {
-          continue;  // the same subtree
-        }
-        if (!ti.above_root && ti.e.ptr == 0) continue;  // unmapped: no read
-        next.push_back({bi, ti, cb});
+        if (st.Outside(cb, child_span) || bc[i].SameAs(tc[i])) continue;
+        if (!tc[i].above_root && tc[i].e.ptr == 0) continue;  // unmapped
+        next.push_back({bc[i], tc[i], cb});
       }
     }
     pairs = std::move(next);
@@ -157,13 +144,7 @@ absl::Status Pool::PrefetchDiff(DiffState& st, const WalkRef& b,
 absl::Status Pool::DiffWalk(DiffState& st, const WalkRef& b, const WalkRef& t,
                             int level, uint64_t base) {
   const uint64_t span = level < 0 ? 1 : Span(level + 1);
-  if (st.stop || base + span <= st.from || base >= st.end) {
-    return absl::OkStatus();
-  }
-  // Same pointer and same birth: the very same subtree (node ids are reused
-  // only after a free, and a rewrite always carries a newer birth).
-  if (!b.above_root && !t.above_root && b.e.ptr == t.e.ptr &&
-      b.e.birth == t.e.birth) {
+  if (st.stop || st.Outside(base, span) || b.SameAs(t)) {
     return absl::OkStatus();
   }
   using Kind = ChangedRun::Kind;
@@ -195,13 +176,9 @@ absl::Status Pool::DiffWalk(DiffState& st, const WalkRef& b, const WalkRef& t,
       const WalkRef& bi = (*bc)[i];
       const WalkRef& ti = (*tc)[i];
       uint64_t cb = base + i * child_span;
-      if (cb + child_span <= st.from || cb >= st.end) continue;
-      if (!bi.above_root && !ti.above_root && bi.e.ptr == ti.e.ptr &&
-          bi.e.birth == ti.e.birth) {
-        continue;
-      }
-      if (!bi.above_root && bi.e.ptr != 0) ids.push_back(bi.e.ptr);
-      if (!ti.above_root && ti.e.ptr != 0) ids.push_back(ti.e.ptr);
+      if (st.Outside(cb, child_span) || bi.SameAs(ti)) continue;
+      if (bi.HasNode()) ids.push_back(bi.e.ptr);
+      if (ti.HasNode()) ids.push_back(ti.e.ptr);
     }
     if (absl::Status s = Prefetch(ids, level - 1, st.loaded); !s.ok()) {
       return s;

@@ -160,12 +160,8 @@ absl::Status Pool::PrefetchExclusive(const Entry& root, int depth,
     std::vector<Missing> next;
     for (const Missing& m : frontier) {
       if (m.level == 0) continue;  // its children are data chunks
-      const Node* n = cache_.Find(m.id);
-      if (n == nullptr) {
-        auto it = loaded.find(m.id);
-        if (it == loaded.end()) continue;
-        n = it->second.get();
-      }
+      const Node* n = InMemory(m.id, &loaded);
+      if (n == nullptr) continue;
       for (const Entry& e : n->e) {
         if (e.ptr != 0 && ValidNodeId(e.ptr) && space_.NodeRefs(e.ptr) == 1) {
           next.push_back({e.ptr, m.level - 1});
@@ -179,6 +175,13 @@ absl::Status Pool::PrefetchExclusive(const Entry& root, int depth,
 
 // ---------------------------------------------------------------------------
 // Loading nodes
+
+const Node* Pool::InMemory(uint64_t id, const Loaded* loaded) {
+  if (const Node* n = cache_.Find(id)) return n;
+  if (loaded == nullptr) return nullptr;
+  auto it = loaded->find(id);
+  return it == loaded->end() ? nullptr : it->second.get();
+}
 
 absl::StatusOr<Node*> Pool::Load(uint64_t id, int level, Loaded* loaded) {
   if (Node* n = cache_.Find(id)) {
@@ -286,11 +289,7 @@ absl::StatusOr<bool> Pool::WalkCached(const Entry& root, uint64_t size_bytes,
         e = {kPhysUnmapped, e.birth, NullEntryDigest(0)};
         break;
       }
-      const Node* n = cache_.Find(e.ptr);
-      if (n == nullptr) {
-        auto it = loaded.find(e.ptr);
-        if (it != loaded.end()) n = it->second.get();
-      }
+      const Node* n = InMemory(e.ptr, &loaded);
       if (n == nullptr) {
         missing.push_back({e.ptr, level});
         found = false;

@@ -41,6 +41,73 @@ double Since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
+// Writes the delta of VOLUME@TARGET (`ref`) since `base` to `output`.
+absl::Status Send(const std::string& pool_path, const std::string& volume,
+                  const std::string& target, const std::string& ref,
+                  const std::string& base, const std::string& output, int level,
+                  int threads) {
+  absl::StatusOr<std::unique_ptr<blockstore::Pool>> pool =
+      OpenPool(pool_path, OpenMode::kReadOnly);
+  if (!pool.ok()) return pool.status();
+  // A regular file is written under a temporary name and renamed when
+  // complete, so a failed create never leaves a partial delta behind.
+  // Anything else that exists (a device, a FIFO, /dev/stdout) is written in
+  // place: renaming over it would replace the device node itself.
+  struct stat st;
+  const bool in_place =
+      output == "-" || (stat(output.c_str(), &st) == 0 && !S_ISREG(st.st_mode));
+  std::string partial = in_place ? output : output + ".partial";
+  int fd = 1;
+  if (output != "-") {
+    fd = in_place ? open(output.c_str(), O_WRONLY | O_CLOEXEC)
+                  : open(partial.c_str(),
+                         O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+      return blockstore::ErrnoError(
+          errno, absl::StrCat(in_place ? "open " : "create ", partial));
+    }
+  }
+  bool done = false;
+  absl::Cleanup cleanup = [&] {
+    if (fd != 1) {
+      close(fd);
+      if (!done && !in_place) unlink(partial.c_str());
+    }
+  };
+  WidenPipe(fd);
+  FdSink sink(fd, output == "-" ? "standard output" : partial);
+  Progress progress("sending");
+  engine::SendOptions options;
+  options.zstd_level = level;
+  options.threads = threads;
+  options.progress = [&](uint64_t d, uint64_t t) { progress.Update(d, t); };
+  auto start = Clock::now();
+  absl::StatusOr<engine::SendStats> stats =
+      engine::SendDelta(**pool, volume, base, target, sink, options);
+  progress.Clear();
+  if (!stats.ok()) return stats.status();
+  if (!in_place) {
+    if (fsync(fd) != 0) {
+      return blockstore::ErrnoError(errno, absl::StrCat("sync ", partial));
+    }
+    if (rename(partial.c_str(), output.c_str()) != 0) {
+      return blockstore::ErrnoError(errno, absl::StrCat("rename to ", output));
+    }
+  }
+  done = true;
+  std::fprintf(stderr,
+               "delta %s%s%s: %llu records, %llu chunks written, %llu cleared; "
+               "%s raw, %s stream; %.2f s\n",
+               base.empty() ? "" : (volume + "@" + base + "..").c_str(),
+               base.empty() ? "full " : "", ref.c_str(),
+               static_cast<unsigned long long>(stats->records),
+               static_cast<unsigned long long>(stats->chunks_written),
+               static_cast<unsigned long long>(stats->chunks_cleared),
+               FormatBytes(stats->record_bytes).c_str(),
+               FormatBytes(stats->stream_bytes).c_str(), Since(start));
+  return absl::OkStatus();
+}
+
 absl::Status Create(const std::string& pool_path, const std::string& ref,
                     const std::string& base, const std::string& output,
                     int level, int threads, bool take_snapshot) {
@@ -73,76 +140,14 @@ absl::Status Create(const std::string& pool_path, const std::string& ref,
         (*rw)->CreateSnapshot(volume, target);
     if (!taken.ok()) return taken.status();
   }
-  // After --snapshot, a failure keeps the snapshot: say how to go on.
-  auto failed = [&](absl::Status s) {
-    if (!take_snapshot) return s;
-    return absl::Status(
-        s.code(), absl::StrCat(s.message(), "; snapshot '", ref,
-                               "' was taken: send it with the same command "
-                               "without --snapshot"));
-  };
-  absl::StatusOr<std::unique_ptr<blockstore::Pool>> pool =
-      OpenPool(pool_path, OpenMode::kReadOnly);
-  if (!pool.ok()) return failed(pool.status());
-  // A regular file is written under a temporary name and renamed when
-  // complete, so a failed create never leaves a partial delta behind.
-  // Anything else that exists (a device, a FIFO, /dev/stdout) is written in
-  // place: renaming over it would replace the device node itself.
-  struct stat st;
-  const bool in_place =
-      output == "-" || (stat(output.c_str(), &st) == 0 && !S_ISREG(st.st_mode));
-  std::string partial = in_place ? output : output + ".partial";
-  int fd = 1;
-  if (output != "-") {
-    fd = in_place ? open(output.c_str(), O_WRONLY | O_CLOEXEC)
-                  : open(partial.c_str(),
-                         O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-      return failed(blockstore::ErrnoError(
-          errno, absl::StrCat(in_place ? "open " : "create ", partial)));
-    }
-  }
-  bool done = false;
-  absl::Cleanup cleanup = [&] {
-    if (fd != 1) {
-      close(fd);
-      if (!done && !in_place) unlink(partial.c_str());
-    }
-  };
-  WidenPipe(fd);
-  FdSink sink(fd, output == "-" ? "standard output" : partial);
-  Progress progress("sending");
-  engine::SendOptions options;
-  options.zstd_level = level;
-  options.threads = threads;
-  options.progress = [&](uint64_t d, uint64_t t) { progress.Update(d, t); };
-  auto start = Clock::now();
-  absl::StatusOr<engine::SendStats> stats =
-      engine::SendDelta(**pool, volume, base, target, sink, options);
-  progress.Clear();
-  if (!stats.ok()) return failed(stats.status());
-  if (!in_place) {
-    if (fsync(fd) != 0) {
-      return failed(
-          blockstore::ErrnoError(errno, absl::StrCat("sync ", partial)));
-    }
-    if (rename(partial.c_str(), output.c_str()) != 0) {
-      return failed(
-          blockstore::ErrnoError(errno, absl::StrCat("rename to ", output)));
-    }
-  }
-  done = true;
-  std::fprintf(stderr,
-               "delta %s%s%s: %llu records, %llu chunks written, %llu cleared; "
-               "%s raw, %s stream; %.2f s\n",
-               base.empty() ? "" : (volume + "@" + base + "..").c_str(),
-               base.empty() ? "full " : "", ref.c_str(),
-               static_cast<unsigned long long>(stats->records),
-               static_cast<unsigned long long>(stats->chunks_written),
-               static_cast<unsigned long long>(stats->chunks_cleared),
-               FormatBytes(stats->record_bytes).c_str(),
-               FormatBytes(stats->stream_bytes).c_str(), Since(start));
-  return absl::OkStatus();
+  absl::Status s =
+      Send(pool_path, volume, target, ref, base, output, level, threads);
+  if (s.ok() || !take_snapshot) return s;
+  // The snapshot stays: say how to go on.
+  return absl::Status(s.code(),
+                      absl::StrCat(s.message(), "; snapshot '", ref,
+                                   "' was taken: send it with the same command "
+                                   "without --snapshot"));
 }
 
 std::string TypeName(engine::RecordType t) {

@@ -525,6 +525,16 @@ TEST_P(CliTest, DeltaFilesBetweenTwoPoolsAndAnImage) {
   EXPECT_EQ(r.code, 1);
   EXPECT_THAT(r.err, HasSubstr("'v@three' already exists"));
   EXPECT_NE(access((dir_ + "/x.tdd").c_str(), F_OK), 0);
+  // A send that fails after the snapshot keeps it, and says so.
+  r = delta({"create", "--pool", a, "v@four", "--base", "three", "--snapshot",
+             "-o", dir_ + "/no-such-folder/x.tdd"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("; snapshot 'v@four' was taken: send it with "
+                               "the same command without --snapshot\n"));
+  EXPECT_THAT(Ok({"snapshot", "list", "--pool", a, "v"}), HasSubstr("four"));
+  r = delta({"create", "--pool", a, "v@four", "--base", "three", "-o",
+             dir_ + "/four.tdd"});
+  EXPECT_EQ(r.code, 0) << r.err;
 }
 
 TEST_P(CliTest, RelationshipProcedureAndStatus) {
