@@ -203,6 +203,9 @@ class UringIo final : public FileIo {
   // call keeps at most this much of its writes there instead, so a read
   // waits behind a few of them, not 8 MiB: the writer yields to readers
   // (the kernel's writeback throttling does the same for buffered writes).
+  // A writer's reads for its own writes (WritePathReads) do not count: a
+  // cold receive reads the tree nodes it rewrites, and yielding to those
+  // kept its writes at 128 KiB, one request at a time.
   static constexpr size_t kWriteBytesBesideReads = 128 << 10;
   static constexpr std::chrono::milliseconds kReadWindow{5};
 
@@ -343,9 +346,11 @@ class UringIo final : public FileIo {
     if (!acquired.ok()) return acquired.status();
     io_uring* ring = acquired->get();
     const bool reading = !todo.front()->write;
-    if (reading) reads_in_flight_.fetch_add(1, std::memory_order_relaxed);
+    // Readers that writes yield to: not a writer's reads for its own write.
+    const bool reader = reading && !WritePathReads::active();
+    if (reader) reads_in_flight_.fetch_add(1, std::memory_order_relaxed);
     absl::Cleanup read_ended = [&] {
-      if (!reading) return;
+      if (!reader) return;
       last_read_end_ns_.store(NowNs(), std::memory_order_relaxed);
       reads_in_flight_.fetch_sub(1, std::memory_order_relaxed);
     };

@@ -100,6 +100,24 @@ class IoWrapper : public Io {
   Io& target_;
 };
 
+// While one lives on a thread, that thread's reads are a writer's own: the
+// tree nodes a write rewrites, the rest of a partial chunk it fills in. A
+// backend that makes writes yield to readers (io_uring: see file_io.cc) does
+// not count them as readers, so a receive's own tree reads do not throttle
+// its data writes (or those of its other batches) to a trickle. Nests.
+class WritePathReads {
+ public:
+  WritePathReads() { ++depth_; }
+  ~WritePathReads() { --depth_; }
+  WritePathReads(const WritePathReads&) = delete;
+  WritePathReads& operator=(const WritePathReads&) = delete;
+
+  static bool active() { return depth_ > 0; }
+
+ private:
+  static inline thread_local int depth_ = 0;
+};
+
 // Checks alignment and bounds of `offset_bytes`/`len` for a backend of
 // `size_bytes`; `buf` is the buffer address.
 absl::Status CheckIoOp(absl::string_view what, absl::string_view name,

@@ -678,6 +678,7 @@ absl::Status Pool::PlaceLocked(absl::string_view volume,
 
 absl::Status Pool::WriteLocked(absl::string_view volume, uint64_t offset_bytes,
                                std::span<const std::byte> data) {
+  WritePathReads own_reads;  // the tree it rewrites, partial chunks' rest
   const uint64_t c_size = shape_.chunk_size;
   const uint64_t end = offset_bytes + data.size();
   std::vector<Placement> places;
@@ -760,6 +761,7 @@ absl::Status Pool::Write(absl::string_view volume, uint64_t offset_bytes,
 
 absl::Status Pool::WriteChunks(absl::string_view volume,
                                std::span<const ChunkWrite> writes) {
+  WritePathReads own_reads;  // the tree nodes it rewrites
   MutexLock lock(mu_);
   if (absl::Status s = CheckWritable(); !s.ok()) return s;
   if (writes.empty()) return absl::OkStatus();
@@ -844,6 +846,7 @@ absl::Status Pool::Trim(absl::string_view volume, uint64_t offset_bytes,
 absl::Status Pool::TrimLocked(absl::string_view volume, uint64_t offset_bytes,
                               uint64_t length_bytes) {
   if (length_bytes == 0) return absl::OkStatus();
+  WritePathReads own_reads;  // the tree nodes it rewrites
   absl::StatusOr<VolumeRec*> v = FindVolume(volume);
   if (!v.ok()) return v.status();
   const uint64_t c_size = shape_.chunk_size;

@@ -216,6 +216,58 @@ TEST(PoolTest, DiffReadsTheTreesOneBatchPerLevel) {
   EXPECT_FALSE(two->done);
 }
 
+// Records, for each read call, whether it was made as a writer's own
+// (WritePathReads alive on the calling thread).
+class ReadPurposeIo : public blockstore::IoWrapper {
+ public:
+  explicit ReadPurposeIo(blockstore::Io& target) : IoWrapper(target) {}
+  absl::Status Read(std::span<const blockstore::ReadOp> ops) override {
+    (blockstore::WritePathReads::active() ? writer_reads_ : reader_reads_)++;
+    return target().Read(ops);
+  }
+  int writer_reads() const { return writer_reads_; }
+  int reader_reads() const { return reader_reads_; }
+
+ private:
+  int writer_reads_ = 0, reader_reads_ = 0;
+};
+
+TEST(PoolTest, AWritesOwnTreeReadsAreMarkedAsAWriters) {
+  // The io_uring backend makes writes yield to readers; a write's reads of
+  // the nodes it rewrites (and of a partial chunk's rest) must not count as
+  // readers, or a cold receive throttles itself. Reads for a read must.
+  constexpr uint64_t kChunks = 4 * 126;  // two tree levels
+  MemIo io(64 << 20);
+  {
+    auto pool = MakePool(io, kChunk);
+    ASSERT_TRUE(pool->CreateVolume("v", kChunks * kChunk).ok());
+    for (uint64_t i = 0; i < kChunks; i += 63) {
+      ASSERT_TRUE(
+          pool->Write("v", i * kChunk, TestData(kChunk, 4 * i + 3)).ok());
+    }
+    ASSERT_TRUE(pool->Flush().ok());
+  }
+  ReadPurposeIo purpose(io);
+  absl::StatusOr<std::unique_ptr<Pool>> pool =
+      Pool::Open(purpose, OpenMode::kReadWrite);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  const int opened = purpose.reader_reads();
+  EXPECT_EQ(purpose.writer_reads(), 0);
+  // Nothing of the tree is cached: a whole-chunk write reads its leaf path,
+  // a partial one also the chunk's old bytes.
+  ASSERT_TRUE((*pool)->Write("v", 126 * kChunk, TestData(kChunk, 11)).ok());
+  ASSERT_TRUE(
+      (*pool)->Write("v", 3 * 126 * kChunk + 100, TestData(4096, 15)).ok());
+  EXPECT_GE(purpose.writer_reads(), 2);
+  EXPECT_EQ(purpose.reader_reads(), opened);
+  EXPECT_FALSE(blockstore::WritePathReads::active());  // the scope ended
+  // A read of data the writes did not touch: its own reads count.
+  std::vector<std::byte> out(kChunk);
+  ASSERT_TRUE((*pool)->Read("v", "", 2 * 126 * kChunk, out).ok());
+  EXPECT_GT(purpose.reader_reads(), opened);
+  EXPECT_TRUE(out == TestData(kChunk, 4 * (2 * 126) + 3));
+}
+
 TEST(PoolTest, ReadOnlyOpenLeavesTheReferenceCountsOnDisk) {
   // Reads and diffs never look at the counts (a table as large as the
   // device's chunk count): a read-only open reads the superblocks and the
