@@ -1,5 +1,7 @@
 #include "blockstore/util.h"
 
+#include <sys/mman.h>
+
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -141,20 +143,37 @@ absl::StatusOr<std::vector<std::byte>> Unhex(absl::string_view hex) {
   return out;
 }
 
-AlignedBuffer::AlignedBuffer(size_t size_bytes) : size_(size_bytes) {
+namespace {
+
+constexpr size_t kHugePage = size_t{2} << 20;
+
+// Aborts when out of memory: nothing sane to do.
+std::byte* AllocateAligned(size_t size_bytes) {
+  size_t align = kIoAlign;
   size_t alloc = RoundUp(size_bytes == 0 ? 1 : size_bytes, kIoAlign);
-  void* p = std::aligned_alloc(kIoAlign, alloc);
-  if (p == nullptr) std::abort();  // Out of memory: nothing sane to do.
-  std::memset(p, 0, alloc);
-  data_.reset(static_cast<std::byte*>(p));
+  if (alloc >= kHugeBufferBytes) {
+    align = kHugePage;
+    alloc = RoundUp(alloc, kHugePage);
+  }
+  void* p = std::aligned_alloc(align, alloc);
+  if (p == nullptr) std::abort();
+  // Best effort: without huge pages it is 4 KiB pages, as without asking.
+  if (align == kHugePage) madvise(p, alloc, MADV_HUGEPAGE);
+  return static_cast<std::byte*>(p);
+}
+
+}  // namespace
+
+AlignedBuffer::AlignedBuffer(size_t size_bytes)
+    : data_(AllocateAligned(size_bytes)), size_(size_bytes) {
+  // Up to the next kIoAlign, as a whole-block I/O of it reads.
+  std::memset(data_.get(), 0,
+              RoundUp(size_bytes == 0 ? 1 : size_bytes, kIoAlign));
 }
 
 AlignedBuffer AlignedBuffer::Uninitialized(size_t size_bytes) {
   AlignedBuffer b;
-  size_t alloc = RoundUp(size_bytes == 0 ? 1 : size_bytes, kIoAlign);
-  void* p = std::aligned_alloc(kIoAlign, alloc);
-  if (p == nullptr) std::abort();
-  b.data_.reset(static_cast<std::byte*>(p));
+  b.data_.reset(AllocateAligned(size_bytes));
   b.size_ = size_bytes;
   return b;
 }

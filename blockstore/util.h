@@ -21,6 +21,7 @@ namespace blockstore {
 // Every offset, length and buffer address handed to an Io is a multiple of
 // this, so the same code runs with O_DIRECT on files and block devices.
 inline constexpr size_t kIoAlign = 4096;
+inline constexpr size_t kHugeBufferBytes = size_t{1} << 20;
 
 // The one place errno (or a negated io_uring result) becomes a Status.
 // `context` says what was being done, e.g. "read pool.img at 8192".
@@ -49,7 +50,13 @@ inline constexpr bool IsPowerOfTwo(uint64_t v) {
   return v != 0 && (v & (v - 1)) == 0;
 }
 
-// A zero-filled heap buffer aligned to kIoAlign. Move-only.
+// A zero-filled heap buffer aligned to kIoAlign. Move-only. One of at least
+// kHugeBufferBytes is aligned to and rounded up to 2 MiB and asks for
+// transparent huge pages (madvise; where the kernel has them on): memory is
+// paid for on first touch, a fault per 4 KiB page (2-4 us on the VMs
+// bench/RESULTS.md runs on), and the read-ahead and write buffers of a
+// delta, 16 MiB each side, cost 4096 of those on a 4 KiB page, 8 on a 2 MiB
+// one.
 class AlignedBuffer {
  public:
   AlignedBuffer() = default;

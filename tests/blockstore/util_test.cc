@@ -1,6 +1,7 @@
 #include "blockstore/util.h"
 
 #include <cerrno>
+#include <cstring>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -61,6 +62,22 @@ TEST(AlignedBufferTest, IsAlignedAndZeroed) {
   AlignedBuffer b(10000);
   EXPECT_EQ(reinterpret_cast<uintptr_t>(b.data()) % kIoAlign, 0u);
   EXPECT_TRUE(IsAllZero(b.span()));
+  // To the next block too: a whole-block I/O of it reads zeros there.
+  EXPECT_TRUE(IsAllZero({b.data(), RoundUp(10000, kIoAlign)}));
+}
+
+TEST(AlignedBufferTest, LargeOnesStartOnAHugePage) {
+  // So that madvise(MADV_HUGEPAGE) can back them with 2 MiB pages.
+  for (size_t size : {kHugeBufferBytes, size_t{3} << 20, size_t{16} << 20}) {
+    AlignedBuffer zeroed(size);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(zeroed.data()) % (2 << 20), 0u);
+    EXPECT_EQ(zeroed.size(), size);
+    EXPECT_TRUE(IsAllZero(zeroed.span()));
+    AlignedBuffer raw = AlignedBuffer::Uninitialized(size);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(raw.data()) % (2 << 20), 0u);
+    EXPECT_EQ(raw.size(), size);
+    std::memset(raw.data(), 0xab, size);  // all of it is there to write
+  }
 }
 
 }  // namespace
