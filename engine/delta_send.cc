@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <future>
@@ -22,11 +23,39 @@ namespace {
 
 using blockstore::ChangedRun;
 
+// Bytes of a fixed capacity whose length changes without writing them: a
+// segment's records are copied in and its compressed form written by zstd,
+// nothing is read before it is written. (A std::vector zero-fills what it
+// grows by: each segment's 2 MiB were written twice, and their pages faulted
+// in for the zeros.)
+class Bytes {
+ public:
+  explicit Bytes(size_t capacity)
+      : buf_(blockstore::AlignedBuffer::Uninitialized(capacity)) {}
+  std::byte* data() { return buf_.data(); }
+  size_t size() const { return size_; }
+  bool empty() const { return size_ == 0; }
+  std::span<const std::byte> span() const { return {buf_.data(), size_}; }
+  // The first min(size(), n) bytes stay; the rest are undefined until
+  // written. n is at most the capacity.
+  void resize(size_t n) {
+    if (n > buf_.size()) std::abort();  // a bug: capacity is fixed
+    size_ = n;
+  }
+  void clear() { size_ = 0; }
+
+ private:
+  blockstore::AlignedBuffer buf_;
+  size_t size_ = 0;
+};
+
+// Made once each and reused (Pipeline::TakeSegment): a send fills at most
+// 2N + 1 of them whatever its size, and their pages fault in once.
 struct Segment {
   uint64_t sequence = 0;
   uint32_t record_count = 0;
-  std::vector<std::byte> records;  // record bytes
-  std::vector<std::byte> stored;   // after compression (empty: raw)
+  Bytes records{kMaxSegmentRecordBytes};                     // record bytes
+  Bytes stored{ZSTD_compressBound(kMaxSegmentRecordBytes)};  // empty: raw
 };
 
 // The send pipeline:
@@ -67,6 +96,19 @@ class Pipeline {
     todo_.push_back(std::move(seg));
     work_.notify_one();
     return absl::OkStatus();
+  }
+
+  // An empty segment to fill: one already written out, or a new one.
+  std::unique_ptr<Segment> TakeSegment() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!free_.empty()) {
+        std::unique_ptr<Segment> seg = std::move(free_.back());
+        free_.pop_back();
+        return seg;
+      }
+    }
+    return std::make_unique<Segment>();
   }
 
   // Waits for everything pushed; returns the first error and the final
@@ -153,7 +195,7 @@ class Pipeline {
       }
       bool raw = seg->stored.empty();
       std::span<const std::byte> payload =
-          raw ? std::span<const std::byte>(seg->records) : seg->stored;
+          raw ? seg->records.span() : seg->stored.span();
       SegmentHeader h;
       h.codec = raw ? Codec::kRaw : Codec::kZstd;
       h.sequence = seg->sequence;
@@ -179,6 +221,10 @@ class Pipeline {
       }
       chain_ = h.chain;
       stored_bytes_ += payload.size();
+      seg->record_count = 0;
+      seg->records.clear();
+      seg->stored.clear();
+      free_.push_back(std::move(seg));
       --in_flight_;
       room_.notify_one();
       ++next;
@@ -203,6 +249,7 @@ class Pipeline {
   absl::Status error_;
   std::deque<std::unique_ptr<Segment>> todo_;
   std::map<uint64_t, std::unique_ptr<Segment>> done_;
+  std::vector<std::unique_ptr<Segment>> free_;  // written out, to refill
   const SendOptions& options_;
   const uint64_t total_;
   std::vector<std::thread> workers_;
@@ -281,9 +328,8 @@ class SegmentBuilder {
   static constexpr size_t kNone = ~size_t{0};
 
   void Start() {
-    seg_ = std::make_unique<Segment>();
+    seg_ = pipeline_.TakeSegment();
     seg_->sequence = next_sequence_++;
-    seg_->records.reserve(kMaxSegmentRecordBytes);
   }
 
   absl::Status Record(const RecordHeader& r) {
