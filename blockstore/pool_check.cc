@@ -154,7 +154,7 @@ absl::Status Pool::RebuildCounts() {
         st.report.problems.size(),
         " problem(s), the first: ", st.report.problems.front(), ")"));
   }
-  space_.SetCounts(std::move(st.refs));
+  space_.SetCounts(st.refs);
   return absl::OkStatus();
 }
 
@@ -205,7 +205,8 @@ absl::StatusOr<Pool::CheckReport> Pool::Check(bool verify_data) {
     return s;
   }
   if (absl::Status s = EnsureCountsLocked(); !s.ok()) return s;
-  const std::vector<uint32_t> counts = space_.counts();
+  const std::vector<uint32_t> counts(space_.counts().begin(),
+                                     space_.counts().end());
   const Superblock sb = sb_;
   const std::string count_damage = count_damage_;
   CheckState st;

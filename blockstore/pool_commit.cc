@@ -196,8 +196,9 @@ absl::Status Pool::LoadCountsLocked(bool repair) {
   // device batch: this commit's, and the other one, compared below (the
   // next commit writes it).
   const bool writable = mode_ == OpenMode::kReadWrite;
-  AlignedBuffer table(sb_.refcount_pages * 4096);
-  AlignedBuffer other(writable ? sb_.refcount_pages * 4096 : 0);
+  AlignedBuffer table = AlignedBuffer::Uninitialized(sb_.refcount_pages * 4096);
+  AlignedBuffer other =
+      AlignedBuffer::Uninitialized(writable ? sb_.refcount_pages * 4096 : 0);
   const ReadOp table_reads[] = {
       {sb_.refcount_copy_offset(sb_.generation), table.span()},
       {sb_.refcount_copy_offset(sb_.generation + 1), other.span()}};

@@ -35,8 +35,8 @@ void SpaceMap::LoadPage(uint64_t page, std::span<const std::byte, 4096> raw) {
   }
 }
 
-void SpaceMap::SetCounts(std::vector<uint32_t> counts) {
-  counts_ = std::move(counts);
+void SpaceMap::SetCounts(std::span<const uint32_t> counts) {
+  counts_.assign(counts.begin(), counts.end());
   reuse_.assign(counts_.size(), false);
   reusable_.clear();
 }

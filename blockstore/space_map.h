@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "blockstore/format.h"
+#include "blockstore/util.h"
 
 namespace blockstore {
 
@@ -56,7 +57,7 @@ class SpaceMap {
   // RefcountPageValid), then Recount() once every page is in.
   void LoadPage(uint64_t page, std::span<const std::byte, 4096> raw);
   // Replaces every count (a rebuild from the trees); Recount() after.
-  void SetCounts(std::vector<uint32_t> counts);
+  void SetCounts(std::span<const uint32_t> counts);
   // Used and free totals from the counts.
   void Recount();
 
@@ -137,7 +138,7 @@ class SpaceMap {
   void EncodePage(uint64_t page, std::span<std::byte, 4096> out) const;
   // The flat table (the check compares it with what the trees say), and
   // where a node or chunk is in it.
-  const std::vector<uint32_t>& counts() const { return counts_; }
+  std::span<const uint32_t> counts() const { return counts_; }
   uint64_t NodeIndex(uint64_t id) const { return id - shape_.meta_start; }
   uint64_t ChunkIndex(uint64_t phys) const {
     return shape_.meta_count + (phys - shape_.data_start);
@@ -169,8 +170,8 @@ class SpaceMap {
   bool ReleaseDeferred();
 
   Superblock shape_;
-  std::vector<uint32_t> counts_;
-  std::vector<State> state_;
+  LargeVector<uint32_t> counts_;
+  LargeVector<State> state_;
   std::vector<uint64_t> held_;  // indices, this transaction's frees
   struct Batch {
     uint64_t epoch;

@@ -144,10 +144,9 @@ absl::StatusOr<std::vector<std::byte>> Unhex(absl::string_view hex) {
 }
 
 namespace {
-
 constexpr size_t kHugePage = size_t{2} << 20;
+}  // namespace
 
-// Aborts when out of memory: nothing sane to do.
 std::byte* AllocateAligned(size_t size_bytes) {
   size_t align = kIoAlign;
   size_t alloc = RoundUp(size_bytes == 0 ? 1 : size_bytes, kIoAlign);
@@ -161,8 +160,6 @@ std::byte* AllocateAligned(size_t size_bytes) {
   if (align == kHugePage) madvise(p, alloc, MADV_HUGEPAGE);
   return static_cast<std::byte*>(p);
 }
-
-}  // namespace
 
 AlignedBuffer::AlignedBuffer(size_t size_bytes)
     : data_(AllocateAligned(size_bytes)), size_(size_bytes) {

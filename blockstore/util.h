@@ -6,6 +6,7 @@
 #include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <span>
@@ -49,6 +50,28 @@ inline constexpr uint64_t DivRoundUp(uint64_t v, uint64_t d) {
 inline constexpr bool IsPowerOfTwo(uint64_t v) {
   return v != 0 && (v & (v - 1)) == 0;
 }
+
+// Uninitialized memory aligned to kIoAlign, from kHugeBufferBytes on to a
+// 2 MiB boundary on transparent huge pages (see AlignedBuffer). Never null
+// (aborts when out of memory: nothing sane to do); std::free frees it.
+std::byte* AllocateAligned(size_t size_bytes);
+
+// For std::vectors as large as a pool's chunk count (its reference counts):
+// AllocateAligned's memory, so that filling one faults in 2 MiB pages.
+template <typename T>
+struct LargeArrayAllocator {
+  using value_type = T;
+  LargeArrayAllocator() = default;
+  template <typename U>
+  LargeArrayAllocator(const LargeArrayAllocator<U>&) {}
+  T* allocate(size_t n) {
+    return reinterpret_cast<T*>(AllocateAligned(n * sizeof(T)));
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  bool operator==(const LargeArrayAllocator&) const = default;
+};
+template <typename T>
+using LargeVector = std::vector<T, LargeArrayAllocator<T>>;
 
 // A zero-filled heap buffer aligned to kIoAlign. Move-only. One of at least
 // kHugeBufferBytes is aligned to and rounded up to 2 MiB and asks for

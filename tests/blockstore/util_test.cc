@@ -80,5 +80,14 @@ TEST(AlignedBufferTest, LargeOnesStartOnAHugePage) {
   }
 }
 
+TEST(LargeVectorTest, IsAVectorOnHugePageBoundaries) {
+  LargeVector<uint32_t> counts(size_t{1} << 20, 7);  // 4 MiB
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(counts.data()) % (2 << 20), 0u);
+  EXPECT_EQ(counts.size(), size_t{1} << 20);
+  EXPECT_EQ(counts.front() + counts.back(), 14u);
+  counts.assign(10, 3);  // small ones are 4 KiB-aligned blocks
+  EXPECT_EQ(counts, LargeVector<uint32_t>(10, 3));
+}
+
 }  // namespace
 }  // namespace blockstore
