@@ -53,6 +53,7 @@ cleanup() {
 }
 trap cleanup EXIT
 peak() { awk '/Maximum resident/ { printf "%.0f", $NF / 1024 }' "$1"; }  # MiB
+faults() { awk '/Minor .*page faults/ { printf "%d", $NF }' "$1"; }  # first touches
 
 size=4G chunks=65536 changed=655
 a=$(new_pool source a 24G)
@@ -143,7 +144,8 @@ for round in 1 2 3; do
 done
 t_inc=$(best "${t_incs[@]}") t_one=$(best "${t_ones[@]}")
 record update_1pct "$t_inc" changed_chunks $changed rounds "$(list "${t_incs[@]}")" \
-  create_peak_rss_mib "$(peak "$work/create.time")" apply_peak_rss_mib "$(peak "$work/apply.time")"
+  create_peak_rss_mib "$(peak "$work/create.time")" apply_peak_rss_mib "$(peak "$work/apply.time")" \
+  create_page_faults "$(faults "$work/create.time")" apply_page_faults "$(faults "$work/apply.time")"
 record update_1pct_one_command "$t_one" changed_chunks $changed rounds "$(list "${t_ones[@]}")"
 drop
 s=$(now)
@@ -344,6 +346,7 @@ for n in ${threads//,/ }; do
   row "| create, 1 GiB of text in memory, $n cores and workers (best of 3) | ${t_workers[$n]} | $(ratio "${t_workers[$first]}" "${t_workers[$n]}")x on $first | 1 -> 2: >= 1.8 |"
 done
 row "| peak RSS: update create / apply; full create / apply (MiB) | $(peak "$work/create.time") / $(peak "$work/apply.time"); $(peak "$work/fcreate.time") / $(peak "$work/fapply.time") | | |"
+row "| page faults of the update's create / apply (its last round) | $(faults "$work/create.time") / $(faults "$work/apply.time") | | |"
 row ""
 row "xxhsum -b (XXH128): $xxh; zstd -b1 -T1 on 256 MiB of the volume: $zstd_b"
 finish
