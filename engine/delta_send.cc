@@ -66,7 +66,8 @@ struct Segment {
 //      in ~1 MiB segments                                -> ByteSink
 //
 // `Push` blocks while 2N segments are in flight, so memory is bounded by
-// about 2N x 2 MiB plus the caller's read batch (16 MiB), whatever the
+// 2N + 1 segments (4 MiB each on huge pages: records and compressed form
+// rounded up to 2 MiB) plus the caller's read-ahead (16 MiB), whatever the
 // delta's size.
 class Pipeline {
  public:
@@ -165,7 +166,7 @@ class Pipeline {
             ZSTD_compressCCtx(cctx, seg->stored.data(), seg->stored.size(),
                               seg->records.data(), seg->records.size(), level_);
         if (ZSTD_isError(n) || n >= seg->records.size()) {
-          seg->stored.clear();  // does not shrink: store raw
+          seg->stored.clear();  // no gain: store raw
         } else {
           seg->stored.resize(n);
         }
