@@ -76,10 +76,9 @@ using LargeVector = std::vector<T, LargeArrayAllocator<T>>;
 // A zero-filled heap buffer aligned to kIoAlign. Move-only. One of at least
 // kHugeBufferBytes is aligned to and rounded up to 2 MiB and asks for
 // transparent huge pages (madvise; where the kernel has them on): memory is
-// paid for on first touch, a fault per 4 KiB page (2-4 us on the VMs
-// bench/RESULTS.md runs on), and the read-ahead and write buffers of a
-// delta, 16 MiB each side, cost 4096 of those on a 4 KiB page, 8 on a 2 MiB
-// one.
+// paid for on first touch, a fault per page, and the read-ahead and write
+// buffers of a delta, 16 MiB each side, cost 4096 of those on 4 KiB pages,
+// 8 on 2 MiB ones (bench/run_delta.sh records the update's faults).
 class AlignedBuffer {
  public:
   AlignedBuffer() = default;

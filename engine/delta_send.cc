@@ -545,7 +545,11 @@ class DiffFeed final : public RunFeed {
     for (const ChangedRun& r : b.runs) {
       if (r.kind == ChangedRun::Kind::kData) b.reads.push_back(r);
     }
-    if (b.data.size() == 0) b.data = blockstore::AlignedBuffer(batch_ * chunk_);
+    // Not zeroed: ReadChunks fills every slot a run of the batch is read
+    // into, and only those are sent.
+    if (b.data.size() == 0) {
+      b.data = blockstore::AlignedBuffer::Uninitialized(batch_ * chunk_);
+    }
     b.read = std::async(std::launch::async, [this, &b] {
       return pool_.ReadChunks(b.reads, b.data.span());
     });

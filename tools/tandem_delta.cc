@@ -41,11 +41,11 @@ double Since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
-// Writes the delta of VOLUME@TARGET (`ref`) since `base` to `output`.
+// Writes the delta of `volume`@`target` since `base` to `output`.
 absl::Status Send(const std::string& pool_path, const std::string& volume,
-                  const std::string& target, const std::string& ref,
-                  const std::string& base, const std::string& output, int level,
-                  int threads) {
+                  const std::string& target, const std::string& base,
+                  const std::string& output, int level, int threads) {
+  const std::string ref = absl::StrCat(volume, "@", target);
   absl::StatusOr<std::unique_ptr<blockstore::Pool>> pool =
       OpenPool(pool_path, OpenMode::kReadOnly);
   if (!pool.ok()) return pool.status();
@@ -141,7 +141,7 @@ absl::Status Create(const std::string& pool_path, const std::string& ref,
     if (!taken.ok()) return taken.status();
   }
   absl::Status s =
-      Send(pool_path, volume, target, ref, base, output, level, threads);
+      Send(pool_path, volume, target, base, output, level, threads);
   if (s.ok() || !take_snapshot) return s;
   // The snapshot stays: say how to go on.
   return absl::Status(s.code(),
