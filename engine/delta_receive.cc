@@ -96,7 +96,7 @@ DeltaReader::~DeltaReader() { ZSTD_freeDCtx(static_cast<ZSTD_DCtx*>(dctx_)); }
 absl::Status DeltaReader::ReadSegment() {
   std::array<std::byte, kSegmentHeaderBytes> hdr;
   // The first four bytes were read by Next() to tell a segment from the end.
-  std::memcpy(hdr.data(), stored_.data(), 4);
+  std::memcpy(hdr.data(), lead_.data(), 4);
   if (absl::Status s = ReadFull(in_, std::span(hdr).subspan(4),
                                 "a segment header", offset_ + 4);
       !s.ok()) {
@@ -106,35 +106,41 @@ absl::Status DeltaReader::ReadSegment() {
       DecodeSegmentHeader(hdr, next_segment_, header_.features, offset_);
   if (!h.ok()) return h.status();
   offset_ += kSegmentHeaderBytes;
-  stored_.resize(h->stored_bytes);
-  if (absl::Status s = ReadFull(in_, stored_, "a segment", offset_); !s.ok()) {
+  if (stored_buf_.size() == 0) {
+    // DecodeSegmentHeader bounds both sizes by this.
+    const size_t most = ZSTD_compressBound(kMaxSegmentRecordBytes);
+    stored_buf_ = blockstore::AlignedBuffer::Uninitialized(most);
+    records_buf_ = blockstore::AlignedBuffer::Uninitialized(most);
+  }
+  std::span<std::byte> stored = stored_buf_.span().first(h->stored_bytes);
+  if (absl::Status s = ReadFull(in_, stored, "a segment", offset_); !s.ok()) {
     return s;
   }
-  if (ChainChecksum(stored_, chain_) != h->chain) {
+  if (ChainChecksum(stored, chain_) != h->chain) {
     return absl::DataLossError(absl::StrCat(
         "delta segment ", h->sequence, " at stream offset ", offset_,
         ": checksum mismatch (corrupt, or out of order)"));
   }
   if (h->codec == Codec::kRaw) {
-    records_ = stored_;
+    std::swap(stored_buf_, records_buf_);
   } else {
     unsigned long long declared =
-        ZSTD_getFrameContentSize(stored_.data(), stored_.size());
+        ZSTD_getFrameContentSize(stored.data(), stored.size());
     if (declared != h->record_bytes) {
       return absl::DataLossError(absl::StrCat(
           "delta segment ", h->sequence,
           ": zstd frame does not declare its size as ", h->record_bytes));
     }
-    records_.resize(h->record_bytes);
     size_t n =
-        ZSTD_decompressDCtx(static_cast<ZSTD_DCtx*>(dctx_), records_.data(),
-                            records_.size(), stored_.data(), stored_.size());
+        ZSTD_decompressDCtx(static_cast<ZSTD_DCtx*>(dctx_), records_buf_.data(),
+                            h->record_bytes, stored.data(), stored.size());
     if (ZSTD_isError(n) || n != h->record_bytes) {
       return absl::DataLossError(absl::StrCat(
           "delta segment ", h->sequence, ": zstd frame does not decode (",
           ZSTD_isError(n) ? ZSTD_getErrorName(n) : "wrong size", ")"));
     }
   }
+  records_ = records_buf_.span().first(h->record_bytes);
   offset_ += h->stored_bytes;
   chain_ = h->chain;
   record_pos_ = 0;
@@ -205,14 +211,13 @@ absl::StatusOr<std::optional<DeltaReader::Record>> DeltaReader::Next() {
           absl::StrCat("delta segment ", next_segment_ - 1,
                        ": bytes left after its last record"));
     }
-    stored_.resize(4);
-    if (absl::Status s = ReadFull(in_, std::span(stored_).first(4),
-                                  "the next segment or the end", offset_);
+    if (absl::Status s =
+            ReadFull(in_, lead_, "the next segment or the end", offset_);
         !s.ok()) {
       return s;
     }
-    if (IsEndMagic(stored_)) {
-      if (absl::Status s = FinishStream(std::span(stored_).first(4)); !s.ok()) {
+    if (IsEndMagic(lead_)) {
+      if (absl::Status s = FinishStream(lead_); !s.ok()) {
         return s;
       }
       ended_ = true;
@@ -220,8 +225,7 @@ absl::StatusOr<std::optional<DeltaReader::Record>> DeltaReader::Next() {
     }
     if (absl::Status s = ReadSegment(); !s.ok()) return s;
   }
-  std::span<const std::byte> rest =
-      std::span<const std::byte>(records_).subspan(record_pos_);
+  std::span<const std::byte> rest = records_.subspan(record_pos_);
   absl::StatusOr<RecordHeader> r =
       DecodeRecord(rest, header_, order_, next_segment_ - 1, record_index_);
   if (!r.ok()) return r.status();
@@ -355,8 +359,11 @@ class WriteBatch {
   }
 
  private:
-  // Batches written at once, plus the one being filled.
-  static constexpr int kBuffers = 4;
+  // Batches written at once, plus the one being filled: up to 128 MiB
+  // behind the decompression, as deep as the send's read-ahead (see
+  // DiffFeed::kReadAhead for what it bought). A buffer's pages are touched
+  // only once a batch fills it.
+  static constexpr int kBuffers = 32;
 
   struct Buffer {
     blockstore::AlignedBuffer data;

@@ -3,6 +3,7 @@
 #ifndef TANDEM_ENGINE_DELTA_RECEIVE_H_
 #define TANDEM_ENGINE_DELTA_RECEIVE_H_
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -13,6 +14,7 @@
 #include "absl/strings/string_view.h"
 #include "blockstore/io.h"
 #include "blockstore/pool.h"
+#include "blockstore/util.h"
 #include "engine/delta_format.h"
 #include "engine/stream.h"
 
@@ -64,8 +66,13 @@ class DeltaReader {
   uint64_t header_checksum_ = 0;
   uint64_t chain_ = 0;
   uint64_t next_segment_ = 0;
-  std::vector<std::byte> stored_;
-  std::vector<std::byte> records_;
+  // A segment as stored and its records, each as large as the largest
+  // segment allows, made on the first segment and never zero-filled: every
+  // byte used is read or decoded into first. A raw segment's buffer is
+  // swapped in as the records.
+  blockstore::AlignedBuffer stored_buf_, records_buf_;
+  std::array<std::byte, 4> lead_;       // a segment's or the end's first 4
+  std::span<const std::byte> records_;  // the current segment's records
   size_t record_pos_ = 0;
   uint32_t records_left_ = 0;
   uint64_t record_index_ = 0;
