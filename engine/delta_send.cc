@@ -489,11 +489,10 @@ class DiffFeed final : public RunFeed {
  private:
   // Batches (4 MiB each) whose chunks are read at once, ahead of the one
   // being sent: up to 128 MiB read ahead. A receiver writing the same disk
-  // takes it from the reads in bursts; with 16 MiB the send stalled
-  // through them, and the full baseline of bench/run_delta.sh took 1.3x
-  // of fio's 4 GiB read and write at once, with 128 MiB (and the receive's
-  // as deep, WriteBatch) about 1.15x (bench/RESULTS.md). Buffers are made
-  // as batches start: a small delta holds only its own chunks.
+  // takes it from the reads in bursts, and with 16 MiB (on both sides) the
+  // send stalled through them: the full baseline of bench/run_delta.sh
+  // measures what the depth buys (bench/RESULTS.md). Buffers are made as
+  // batches start: a small delta holds only its own chunks.
   static constexpr uint64_t kReadAhead = 32;
 
   struct Batch {
