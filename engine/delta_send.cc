@@ -497,8 +497,8 @@ class DiffFeed final : public RunFeed {
   // Of those, the oldest kInFlight are read at a time: issued all at once,
   // the disk serves them side by side and the first batch comes in with the
   // last (a 1% update's 10 batches together, compression starting only then);
-  // two at a time keep a sequential read at the disk's speed and hand the
-  // caller batches in order as they finish.
+  // two at a time hand the caller batches in order as they finish, while
+  // the next is already at the disk.
   static constexpr uint64_t kInFlight = 2;
 
   struct Batch {
