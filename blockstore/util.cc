@@ -177,6 +177,24 @@ AlignedBuffer AlignedBuffer::Uninitialized(size_t size_bytes) {
 
 void AlignedBuffer::Free::operator()(std::byte* p) const { std::free(p); }
 
+AlignedBuffer BufferRecycler::Take() {
+  {
+    std::lock_guard lock(mu_);
+    if (!free_.empty()) {
+      AlignedBuffer b = std::move(free_.back());
+      free_.pop_back();
+      return b;
+    }
+  }
+  return AlignedBuffer::Uninitialized(size_);
+}
+
+void BufferRecycler::Give(AlignedBuffer buffer) {
+  if (buffer.size() != size_) return;  // not one of ours: freed
+  std::lock_guard lock(mu_);
+  free_.push_back(std::move(buffer));
+}
+
 bool IsAllZero(std::span<const std::byte> data) {
   if (data.empty()) return true;
   // Check a word first so typical non-zero data exits at once, then compare

@@ -325,11 +325,9 @@ class WriteBatch {
       : pool_(pool),
         volume_(volume),
         chunk_size_(chunk_size),
-        capacity_(std::max<size_t>(1, (4u << 20) / chunk_size)) {
-    for (Buffer& b : buffers_) {
-      b.data = blockstore::AlignedBuffer::Uninitialized(capacity_ * chunk_size);
-      b.digests.resize(capacity_);
-    }
+        capacity_(std::max<size_t>(1, (4u << 20) / chunk_size)),
+        recycler_(capacity_ * chunk_size) {
+    for (Buffer& b : buffers_) b.digests.resize(capacity_);
   }
   ~WriteBatch() { WaitAll().IgnoreError(); }
 
@@ -340,6 +338,7 @@ class WriteBatch {
       }
       Buffer& fill = buffers_[cur_];
       const size_t n = fill.writes.size();
+      if (n == 0) fill.data = recycler_.Take();
       std::byte* slot = fill.data.data() + n * chunk_size_;
       const std::byte* in = r.payload.data() + size_t{i} * (16 + chunk_size_);
       std::memcpy(slot, in + 16, chunk_size_);
@@ -361,8 +360,9 @@ class WriteBatch {
  private:
   // Batches written at once, plus the one being filled: up to 128 MiB
   // behind the decompression, as deep as the send's read-ahead (see
-  // DiffFeed::kReadAhead for what it bought). A buffer's pages are touched
-  // only once a batch fills it.
+  // DiffFeed::kReadAhead for what it bought). A buffer is taken as a batch
+  // starts filling, one whose write is done if there is one (memory already
+  // touched): a receive whose writes keep up holds a few, not one a batch.
   static constexpr int kBuffers = 32;
 
   struct Buffer {
@@ -379,6 +379,7 @@ class WriteBatch {
       b.pending = std::async(std::launch::async, [this, &b] {
         absl::Status s = pool_.WriteChunks(volume_, b.writes);
         b.writes.clear();
+        recycler_.Give(std::move(b.data));
         return s;
       });
       cur_ = (cur_ + 1) % kBuffers;
@@ -402,6 +403,7 @@ class WriteBatch {
   const std::string& volume_;
   const uint32_t chunk_size_;
   const size_t capacity_;
+  blockstore::BufferRecycler recycler_;  // the buffers' memory
   Buffer buffers_[kBuffers];
   int cur_ = 0;
   absl::Status first_error_;

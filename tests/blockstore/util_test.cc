@@ -80,6 +80,39 @@ TEST(AlignedBufferTest, LargeOnesStartOnAHugePage) {
   }
 }
 
+TEST(AlignedBufferTest, AMovedFromBufferIsEmpty) {
+  AlignedBuffer a = AlignedBuffer::Uninitialized(8192);
+  std::byte* p = a.data();
+  AlignedBuffer b = std::move(a);
+  EXPECT_EQ(b.data(), p);
+  EXPECT_EQ(b.size(), 8192u);
+  EXPECT_EQ(a.data(), nullptr);  // NOLINT(bugprone-use-after-move)
+  EXPECT_EQ(a.size(), 0u);       // NOLINT(bugprone-use-after-move)
+  AlignedBuffer c(4096);
+  c = std::move(b);
+  EXPECT_EQ(c.data(), p);
+  EXPECT_EQ(b.size(), 0u);  // NOLINT(bugprone-use-after-move)
+}
+
+TEST(BufferRecyclerTest, HandsOutWhatWasGivenBack) {
+  BufferRecycler r(1 << 20);
+  AlignedBuffer first = r.Take();
+  ASSERT_EQ(first.size(), size_t{1} << 20);
+  std::byte* memory = first.data();
+  first.data()[0] = std::byte{7};
+  r.Give(std::move(first));
+  AlignedBuffer again = r.Take();
+  EXPECT_EQ(again.data(), memory);  // the same memory, as it was left
+  EXPECT_EQ(again.data()[0], std::byte{7});
+  AlignedBuffer other = r.Take();  // none left: a new one
+  EXPECT_NE(other.data(), memory);
+  EXPECT_EQ(other.size(), size_t{1} << 20);
+  // One of another size (or an empty one) is freed, not kept.
+  r.Give(AlignedBuffer::Uninitialized(4096));
+  r.Give(AlignedBuffer());
+  EXPECT_EQ(r.Take().size(), size_t{1} << 20);
+}
+
 TEST(LargeVectorTest, IsAVectorOnHugePageBoundaries) {
   LargeVector<uint32_t> counts(size_t{1} << 20, 7);  // 4 MiB
   EXPECT_EQ(reinterpret_cast<uintptr_t>(counts.data()) % (2 << 20), 0u);
