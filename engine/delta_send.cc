@@ -427,6 +427,7 @@ class DiffFeed final : public RunFeed {
         from_(from),
         chunk_(pool.chunk_size()),
         batch_(std::max<size_t>(1, (4u << 20) / chunk_)),
+        recycler_(batch_ * chunk_),
         walked_(walked && walked->from == from ? std::move(walked) : nullptr),
         stats_(stats) {}
 
@@ -466,7 +467,10 @@ class DiffFeed final : public RunFeed {
       started_ = true;
       if (absl::Status s = Walk(); !s.ok()) return s;
     } else {
-      ++consumed_;  // the caller is done with the batch returned last
+      // The caller is done with the batch returned last: its buffer goes to
+      // the reads to come.
+      recycler_.Give(std::move(batches_[consumed_ % kReadAhead].data));
+      ++consumed_;
     }
     // Keep kReadAhead batches read or being read ahead of the caller.
     while (!all_started_ && started_batches_ - consumed_ < kReadAhead) {
@@ -491,8 +495,9 @@ class DiffFeed final : public RunFeed {
   // being sent: up to 128 MiB read ahead. A receiver writing the same disk
   // takes it from the reads in bursts, and with 16 MiB (on both sides) the
   // send stalled through them: the full baseline of bench/run_delta.sh
-  // measures what the depth buys (bench/RESULTS.md). Buffers are made as
-  // batches start: a small delta holds only its own chunks.
+  // measures what the depth buys (bench/RESULTS.md). A read takes its
+  // buffer as it starts, one the caller gave back if there is one: a send
+  // that keeps up with its reads holds a few buffers, not one a batch.
   static constexpr uint64_t kReadAhead = 32;
   // Of those, the oldest kInFlight are read at a time: issued all at once,
   // the disk serves them side by side and the first batch comes in with the
@@ -509,26 +514,58 @@ class DiffFeed final : public RunFeed {
     std::future<absl::Status> read;
   };
 
+  // Walks the diff a batch at a time (each pool walk stops after batch_ data
+  // chunks, and the next takes up where it stopped), starting each batch's
+  // read as soon as its runs are known: the disk reads the first chunks
+  // while the rest of the tree is walked, where a walk of the whole diff
+  // first kept the data reads waiting for all of it (the tree's leaves read,
+  // decoded and compared).
   absl::Status Walk() {
     if (walked_) return absl::OkStatus();
-    absl::StatusOr<WalkedDiff> w =
-        WalkDiff(pool_, volume_, base_, target_, from_);
-    if (!w.ok()) return w.status();
+    auto w = std::make_shared<WalkedDiff>();
+    w->from = from_;
+    w->next_chunk = from_;
+    walking_ = w.get();
+    while (!w->complete && w->runs.size() < kMaxWalkedRuns) {
+      absl::StatusOr<blockstore::DiffBatch> d =
+          pool_.Diff(volume_, base_, target_, w->next_chunk, batch_);
+      if (!d.ok()) return d.status();
+      w->nodes_visited += d->nodes_visited;
+      w->runs.insert(w->runs.end(), d->runs.begin(), d->runs.end());
+      w->complete = d->done;
+      w->next_chunk = d->next_chunk;
+      // One pool walk's runs are one batch: it stopped at batch_ data
+      // chunks. The last batch starts in Next, with the walk complete.
+      if (!w->complete && started_batches_ - consumed_ < kReadAhead) {
+        if (absl::Status s =
+                StartBatch(batches_[started_batches_ % kReadAhead]);
+            !s.ok()) {
+          return s;
+        }
+        ++started_batches_;
+      }
+    }
+    walking_ = nullptr;
     stats_.nodes_visited += w->nodes_visited;
-    walked_ = std::make_shared<const WalkedDiff>(std::move(*w));
+    walked_ = std::move(w);
     return absl::OkStatus();
   }
 
-  // The next batch_ data chunks' runs: from the walk, then (past what it
-  // kept) from the tree again.
+  // The next batch_ data chunks' runs: from the walk (or what of it is done
+  // while it runs), then (past what it kept) from the tree again.
   absl::Status TakeRuns(Batch& b) {
     b.runs.clear();
-    const std::vector<ChangedRun>& kept = walked_->runs;
+    const WalkedDiff& walk = walking_ != nullptr ? *walking_ : *walked_;
+    const std::vector<ChangedRun>& kept = walk.runs;
     size_t data = 0;
     while (next_run_ < kept.size() && data < batch_) {
       const ChangedRun& r = kept[next_run_++];
       data += r.kind == ChangedRun::Kind::kData;
       b.runs.push_back(r);
+    }
+    if (walking_ != nullptr) {
+      b.last = false;  // more to come: the walk goes on
+      return absl::OkStatus();
     }
     if (next_run_ < kept.size() || walked_->complete) {
       b.last = next_run_ == kept.size();
@@ -555,17 +592,17 @@ class DiffFeed final : public RunFeed {
     for (const ChangedRun& r : b.runs) {
       if (r.kind == ChangedRun::Kind::kData) b.reads.push_back(r);
     }
-    // Not zeroed: ReadChunks fills every slot a run of the batch is read
-    // into, and only those are sent.
-    if (b.data.size() == 0) {
-      b.data = blockstore::AlignedBuffer::Uninitialized(batch_ * chunk_);
-    }
     const uint64_t n = started_batches_;
     b.read = std::async(std::launch::async, [this, &b, n] {
       {
         std::unique_lock lock(gate_mu_);
         gate_.wait(lock, [&] { return n < reads_done_ + kInFlight; });
       }
+      // Taken only now, when the read starts: by then the caller has most
+      // often given back a buffer (memory already touched) for it. Not
+      // zeroed: ReadChunks fills every slot a run of the batch is read
+      // into, and only those are sent.
+      b.data = recycler_.Take();
       absl::Status s = pool_.ReadChunks(b.reads, b.data.span());
       {
         std::lock_guard lock(gate_mu_);
@@ -582,9 +619,11 @@ class DiffFeed final : public RunFeed {
   const uint64_t from_;
   const uint32_t chunk_;
   const size_t batch_;
+  blockstore::BufferRecycler recycler_;  // the batches' buffers
   std::shared_ptr<const WalkedDiff> walked_;
-  size_t next_run_ = 0;     // the next of walked_->runs to send
-  uint64_t rest_from_ = 0;  // where the tree is walked again, past them
+  WalkedDiff* walking_ = nullptr;  // the walk under way, in Walk
+  size_t next_run_ = 0;            // the next of walked_->runs to send
+  uint64_t rest_from_ = 0;         // where the tree is walked again, past them
   SendStats& stats_;
   Batch batches_[kReadAhead];
   uint64_t started_batches_ = 0, consumed_ = 0;

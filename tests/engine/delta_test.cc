@@ -504,6 +504,47 @@ TEST(DeltaTest, SendChunksCarriesOnlyTheListedChunksOntoTheReceiversBase) {
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kDataLoss);
 }
 
+TEST(DeltaTest, ADeltaOfMoreBatchesThanTheSendReadsAheadRoundTrips) {
+  // The send walks the diff a batch (4 MiB of data chunks) at a time and
+  // starts each batch's read as it is found, up to 32 batches ahead: a
+  // full delta of 36 batches and an incremental of every third chunk (12
+  // batches, with gaps) arrive byte for byte.
+  constexpr uint64_t kChunks = 36 * 1024;
+  MemIo src_io(224 << 20), dst_io(224 << 20);
+  auto src = MakePool(src_io);
+  auto dst = MakePool(dst_io);
+  ASSERT_TRUE(src->CreateVolume("v", kChunks * kChunk).ok());
+  // Every chunk different (its index in it), and compressible.
+  std::vector<std::byte> data(kChunks * kChunk, std::byte{0x5a});
+  for (uint64_t c = 0; c < kChunks; ++c) {
+    std::memcpy(data.data() + c * kChunk, &c, sizeof c);
+  }
+  ASSERT_TRUE(src->Write("v", 0, data).ok());
+  ASSERT_TRUE(src->CreateSnapshot("v", "a").ok());
+  for (uint64_t c = 0; c < kChunks; c += 3) {
+    const uint64_t stamp = c + (1ull << 40);
+    std::memcpy(data.data() + c * kChunk, &stamp, sizeof stamp);
+    ASSERT_TRUE(
+        src->Write("v", c * kChunk, {data.data() + c * kChunk, kChunk}).ok());
+  }
+  ASSERT_TRUE(src->CreateSnapshot("v", "b").ok());
+  SendStats full, incremental;
+  ASSERT_TRUE(Apply(*dst, "v", Send(*src, "v", "", "a", &full)).ok());
+  EXPECT_EQ(full.chunks_written, kChunks);
+  ASSERT_TRUE(Apply(*dst, "v", Send(*src, "v", "a", "b", &incremental)).ok());
+  EXPECT_EQ(incremental.chunks_written, kChunks / 3);
+  // Compared 4 MiB at a time (whole copies would take a gigabyte).
+  std::vector<std::byte> got(4 << 20), want(4 << 20);
+  for (uint64_t off = 0; off < data.size(); off += got.size()) {
+    ASSERT_TRUE(dst->Read("v", "b", off, got).ok());
+    ASSERT_TRUE(std::equal(got.begin(), got.end(), data.begin() + off))
+        << "v@b differs at byte " << off;
+    ASSERT_TRUE(dst->Read("v", "a", off, got).ok());
+    ASSERT_TRUE(src->Read("v", "a", off, want).ok());
+    ASSERT_EQ(got, want) << "v@a differs at byte " << off;
+  }
+}
+
 TEST(DeltaTest, DiffCostFollowsTheChangeNotTheVolumeSize) {
   // The same change (40 chunks rewritten) on a volume and on a 64x larger
   // sparse one: the diff reads about the same number of tree nodes.
