@@ -71,12 +71,31 @@ new_pool() {  # new_pool source|destination NAME SIZE -> prints the path
   fi
 }
 
-# Cold data: drop the page cache, then load the tools again.
-drop() {
+# Cold data, warm programs: drop the page cache, then read back in full the
+# programs the timed steps run and their libraries (a --help pages in only
+# the code it runs; the rest came from disk inside the timing, 20-40 ms a
+# process on these VMs). A host that replicates on a schedule has its tools
+# in memory, and fio's floors leave out its start too (fio times its jobs
+# itself). `warm PROGRAM...` adds a peer's programs; drop_all drops the
+# programs too.
+warm_files=()
+warm() {
+  local p
+  for p; do
+    p=$(command -v "$p") || continue
+    warm_files+=("$p")
+    mapfile -t -O "${#warm_files[@]}" warm_files < <(ldd "$p" 2>/dev/null |
+      awk '$3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
+  done
+}
+warm "$T" "$D" "$TD"
+drop_all() {
   sync
   echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
-  "$T" --help >/dev/null
-  "$D" --help >/dev/null
+}
+drop() {
+  drop_all
+  cat "${warm_files[@]}" >/dev/null
 }
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }

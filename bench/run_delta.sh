@@ -13,10 +13,13 @@
 # worth of 64 KiB blocks at random and writing them (io_uring, O_DIRECT,
 # depth 32), fio reading 4 GiB and writing 4 GiB at once (both floors measured
 # before and after the tandem runs; the best pass counts), xxhsum -b, zstd -b1.
-# The update is the best of 3 rounds of each form, the baseline of its 2.
+# The update is the best of 3 rounds of each form (btrfs's too), the baseline
+# of its 2.
 # And create's scaling with cores (N workers on N cores) on compressible text
 # in memory (--threads 1,2,16: the core counts).
-# Caches are dropped before every timed step (cold cache).
+# Caches are dropped before every timed step (cold data), then the programs
+# the steps run (tandem's, btrfs's, rsync's) read back (bench/lib.sh: drop);
+# one more round of the update runs with the programs cold too.
 #
 # Usage (root: loop devices, mounts, drop_caches):
 #   bench/run_delta.sh [--build DIR] [--threads 1,2[,16]] [--out DIR]
@@ -41,6 +44,7 @@ for tool in mkfs.btrfs:btrfs-progs rsync:rsync fio:fio xxhsum:xxhash zstd:zstd; 
   command -v "${tool%%:*}" >/dev/null ||
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${tool##*:}" >/dev/null
 done
+warm btrfs rsync  # the peers' programs, as tandem's (bench/lib.sh)
 
 mounts=() loops=() daemon=""
 cleanup() {
@@ -142,6 +146,18 @@ for round in 1 2 3; do
     die "tandem: digests differ"
   prev=one$round
 done
+# Once more with the programs cold too (loaded from disk inside the timing,
+# as every timed step was before run N): what a first run on a host costs.
+$P change-pool "$a" v $changed $chunks 31 >/dev/null
+drop_all
+s=$(now)
+$T snapshot create --pool "$a" v@cold >/dev/null
+$D create --pool "$a" v@cold --base "$prev" 2>/dev/null | $D apply - --pool "$b" v 2>/dev/null
+t_cold=$(elapsed "$s")
+[[ $($T digest --pool "$a" v@cold) == $($T digest --pool "$b" v@cold) ]] ||
+  die "tandem: digests differ"
+prev=cold
+record update_1pct_programs_cold "$t_cold" changed_chunks $changed
 t_inc=$(best "${t_incs[@]}") t_one=$(best "${t_ones[@]}")
 record update_1pct "$t_inc" changed_chunks $changed rounds "$(list "${t_incs[@]}")" \
   create_peak_rss_mib "$(peak "$work/create.time")" apply_peak_rss_mib "$(peak "$work/apply.time")" \
@@ -267,17 +283,23 @@ btrfs -q subvolume create "$work/A/sv"
 $P fill-file "$work/A/sv/vol.img" $size
 btrfs -q subvolume snapshot -r "$work/A/sv" "$work/A/base"
 btrfs -q send "$work/A/base" | btrfs -q receive "$work/B"
-$P change-file "$work/A/sv/vol.img" $changed $chunks 7 >/dev/null
-drop
-s=$(now)
-btrfs -q subvolume snapshot -r "$work/A/sv" "$work/A/new"
-btrfs -q send -p "$work/A/base" "$work/A/new" | btrfs -q receive "$work/B"
-t_btrfs=$(elapsed "$s")
+# Best of 3 rounds, as tandem's update, each changing 1% anew.
 # btrfs receive returns with its data in the page cache; tandem's apply
 # returns once its commit is durable. The same guarantee costs a sync.
-sync -f "$work/B"
-t_btrfs_sync=$(elapsed "$s")
-cmp "$work/A/new/vol.img" "$work/B/new/vol.img" || die "btrfs: copies differ"
+parent=base t_btrfss=() t_btrfs_syncs=()
+for round in 1 2 3; do
+  $P change-file "$work/A/sv/vol.img" $changed $chunks $((6 + round)) >/dev/null
+  drop
+  s=$(now)
+  btrfs -q subvolume snapshot -r "$work/A/sv" "$work/A/new$round"
+  btrfs -q send -p "$work/A/$parent" "$work/A/new$round" | btrfs -q receive "$work/B"
+  t_btrfss+=("$(elapsed "$s")")
+  sync -f "$work/B"
+  t_btrfs_syncs+=("$(elapsed "$s")")
+  cmp "$work/A/new$round/vol.img" "$work/B/new$round/vol.img" || die "btrfs: copies differ"
+  parent=new$round
+done
+t_btrfs=$(best "${t_btrfss[@]}") t_btrfs_sync=$(best "${t_btrfs_syncs[@]}")
 mkdir "$work/B/full"
 drop
 s=$(now)
@@ -285,7 +307,8 @@ btrfs -q send "$work/A/base" | btrfs -q receive "$work/B/full"
 t_btrfs_full=$(elapsed "$s")
 sync -f "$work/B"
 t_btrfs_full_sync=$(elapsed "$s")
-record btrfs_update_1pct "$t_btrfs" with_sync_seconds "$t_btrfs_sync"
+record btrfs_update_1pct "$t_btrfs" with_sync_seconds "$t_btrfs_sync" \
+  rounds "$(list "${t_btrfss[@]}")" rounds_with_sync "$(list "${t_btrfs_syncs[@]}")"
 record btrfs_full_4g "$t_btrfs_full" with_sync_seconds "$t_btrfs_full_sync"
 echo "incremental ${t_btrfs} s (${t_btrfs_sync} s with sync); full ${t_btrfs_full} s (${t_btrfs_full_sync} s with sync)"
 
@@ -331,8 +354,9 @@ row "|---|---|---|---|"
 row "| tandem update: snapshot + create \\| apply (best of 3) | $t_inc | $(ratio "$t_inc" "$floor") of the floor | <= 1.7 |"
 row "| the same, one command: create --snapshot \\| apply (best of 3) | $t_one | $(ratio "$t_one" "$floor") of the floor | |"
 row "| floor: fio reads the 655 chunks + writes them (64 KiB, depth 32; best of the passes before and after: ${fio_floor[*]}) | $floor | | |"
-row "| btrfs snapshot + send -p \\| receive (data not yet durable) | $t_btrfs | $(ratio "$t_btrfs" "$t_inc")x tandem ($(ratio "$t_btrfs" "$t_one")x the one command) | >= 3 |"
-row "| btrfs, + sync (durable, like tandem) | $t_btrfs_sync | $(ratio "$t_btrfs_sync" "$t_inc")x tandem ($(ratio "$t_btrfs_sync" "$t_one")x the one command) | |"
+row "| the same with the programs cold too (one round, as before run N) | $t_cold | $(ratio "$t_cold" "$floor") of the floor | |"
+row "| btrfs snapshot + send -p \\| receive (data not yet durable; best of ${t_btrfss[*]}) | $t_btrfs | $(ratio "$t_btrfs" "$t_inc")x tandem ($(ratio "$t_btrfs" "$t_one")x the one command) | >= 3 |"
+row "| btrfs, + sync (durable, like tandem; best of ${t_btrfs_syncs[*]}) | $t_btrfs_sync | $(ratio "$t_btrfs_sync" "$t_inc")x tandem ($(ratio "$t_btrfs_sync" "$t_one")x the one command) | |"
 row "| rsync daemon, --inplace --no-whole-file | $t_rsync | $(ratio "$t_rsync" "$t_inc")x tandem | |"
 row "| tandem create alone | $t_create | | |"
 row "| update, 64 GiB sparse volume / 4 GiB volume (same change, medians of 3) | ${t_scale[w]} / ${t_scale[v]} | $(ratio "${t_scale[w]}" "${t_scale[v]}") | <= 1.2 |"
