@@ -3,6 +3,8 @@
 #include <zstd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -11,6 +13,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -87,6 +90,11 @@ class Pipeline {
   }
 
   ~Pipeline() { Stop(); }
+
+  // The total record bytes for progress, once known (0: not yet).
+  void SetTotal(uint64_t total) {
+    total_.store(total, std::memory_order_relaxed);
+  }
 
   absl::Status Push(std::unique_ptr<Segment> seg) {
     std::unique_lock<std::mutex> lock(mu_);
@@ -214,7 +222,9 @@ class Pipeline {
       absl::Status s = out_.Write(hdr);
       if (s.ok()) s = out_.Write(payload);
       done_bytes += seg->records.size();
-      if (s.ok() && options_.progress) options_.progress(done_bytes, total_);
+      if (s.ok() && options_.progress) {
+        options_.progress(done_bytes, total_.load(std::memory_order_relaxed));
+      }
       std::lock_guard<std::mutex> lock(mu_);
       if (!s.ok()) {
         SetError(s);
@@ -252,7 +262,7 @@ class Pipeline {
   std::map<uint64_t, std::unique_ptr<Segment>> done_;
   std::vector<std::unique_ptr<Segment>> free_;  // written out, to refill
   const SendOptions& options_;
-  const uint64_t total_;
+  std::atomic<uint64_t> total_;
   std::vector<std::thread> workers_;
   std::thread writer_;
 };
@@ -404,8 +414,9 @@ absl::StatusOr<Start> StartOf(const DeltaHeader& h, uint64_t header_checksum,
 class RunFeed {
  public:
   virtual ~RunFeed() = default;
-  // Total record bytes still to come (for progress).
-  virtual absl::StatusOr<uint64_t> Remaining() = 0;
+  // Total record bytes still to come (for progress) once known: a feed that
+  // walks its diff as it sends knows it when the walk ends, nullopt before.
+  virtual absl::StatusOr<std::optional<uint64_t>> Remaining() = 0;
   // The next batch; `runs` empty and true returned at the end.
   virtual absl::StatusOr<bool> Next(std::vector<ChangedRun>& runs,
                                     std::span<const std::byte>& data) = 0;
@@ -438,8 +449,9 @@ class DiffFeed final : public RunFeed {
     }
   }
 
-  absl::StatusOr<uint64_t> Remaining() override {
-    if (absl::Status s = Walk(); !s.ok()) return s;
+  absl::StatusOr<std::optional<uint64_t>> Remaining() override {
+    if (!walked_) return std::nullopt;  // the walk is under way
+    if (total_) return total_;
     uint64_t total = 0;
     auto add = [&](const std::vector<ChangedRun>& runs) {
       for (const ChangedRun& r : runs) {
@@ -458,22 +470,31 @@ class DiffFeed final : public RunFeed {
       if (d->done) break;
       from = d->next_chunk;
     }
-    return total;
+    total_ = total;
+    return total_;
   }
 
   absl::StatusOr<bool> Next(std::vector<ChangedRun>& runs,
                             std::span<const std::byte>& data) override {
-    if (!started_) {
-      started_ = true;
-      if (absl::Status s = Walk(); !s.ok()) return s;
-    } else {
+    if (started_) {
       // The caller is done with the batch returned last: its buffer goes to
       // the reads to come.
       recycler_.Give(std::move(batches_[consumed_ % kReadAhead].data));
       ++consumed_;
     }
+    started_ = true;
+    // The walk goes on (when the send walks its own diff) until the batch
+    // to return is found, and while its read is under way, up to the read-
+    // ahead: the tree is walked while the disk reads the chunks found so far
+    // and the caller compresses those read.
+    while (!walked_ && (started_batches_ == consumed_ ||
+                        (started_batches_ - consumed_ < kReadAhead &&
+                         !ReadDone(batches_[consumed_ % kReadAhead])))) {
+      if (absl::Status s = WalkStep(); !s.ok()) return s;
+    }
     // Keep kReadAhead batches read or being read ahead of the caller.
-    while (!all_started_ && started_batches_ - consumed_ < kReadAhead) {
+    while (walked_ && !all_started_ &&
+           started_batches_ - consumed_ < kReadAhead) {
       Batch& b = batches_[started_batches_ % kReadAhead];
       if (absl::Status s = StartBatch(b); !s.ok()) return s;
       ++started_batches_;
@@ -514,40 +535,44 @@ class DiffFeed final : public RunFeed {
     std::future<absl::Status> read;
   };
 
-  // Walks the diff a batch at a time (each pool walk stops after batch_ data
-  // chunks, and the next takes up where it stopped), starting each batch's
-  // read as soon as its runs are known: the disk reads the first chunks
-  // while the rest of the tree is walked, where a walk of the whole diff
-  // first kept the data reads waiting for all of it (the tree's leaves read,
-  // decoded and compared).
-  absl::Status Walk() {
-    if (walked_) return absl::OkStatus();
-    auto w = std::make_shared<WalkedDiff>();
-    w->from = from_;
-    w->next_chunk = from_;
-    walking_ = w.get();
-    while (!w->complete && w->runs.size() < kMaxWalkedRuns) {
-      absl::StatusOr<blockstore::DiffBatch> d =
-          pool_.Diff(volume_, base_, target_, w->next_chunk, batch_);
-      if (!d.ok()) return d.status();
-      w->nodes_visited += d->nodes_visited;
-      w->runs.insert(w->runs.end(), d->runs.begin(), d->runs.end());
-      w->complete = d->done;
-      w->next_chunk = d->next_chunk;
-      // One pool walk's runs are one batch: it stopped at batch_ data
-      // chunks. The last batch starts in Next, with the walk complete.
-      if (!w->complete && started_batches_ - consumed_ < kReadAhead) {
-        if (absl::Status s =
-                StartBatch(batches_[started_batches_ % kReadAhead]);
-            !s.ok()) {
-          return s;
-        }
-        ++started_batches_;
-      }
+  static bool ReadDone(const Batch& b) {
+    return b.read.wait_for(std::chrono::seconds(0)) ==
+           std::future_status::ready;
+  }
+
+  // One step of the send's own walk of the diff, which goes a batch at a
+  // time (each pool walk stops after batch_ data chunks, and the next takes
+  // up where it stopped), starting the batch's read as soon as its runs are
+  // known: the disk reads the first chunks while the rest of the tree is
+  // walked. (Walked whole first, a 1% update's data reads and compression
+  // waited for all the tree's leaves to be read, decoded and compared.)
+  absl::Status WalkStep() {
+    if (!walking_) {
+      walking_ = std::make_shared<WalkedDiff>();
+      walking_->from = from_;
+      walking_->next_chunk = from_;
     }
-    walking_ = nullptr;
-    stats_.nodes_visited += w->nodes_visited;
-    walked_ = std::move(w);
+    WalkedDiff& w = *walking_;
+    absl::StatusOr<blockstore::DiffBatch> d =
+        pool_.Diff(volume_, base_, target_, w.next_chunk, batch_);
+    if (!d.ok()) return d.status();
+    w.nodes_visited += d->nodes_visited;
+    stats_.nodes_visited += d->nodes_visited;
+    w.runs.insert(w.runs.end(), d->runs.begin(), d->runs.end());
+    w.complete = d->done;
+    w.next_chunk = d->next_chunk;
+    if (w.complete || w.runs.size() >= kMaxWalkedRuns) {
+      // The last batch starts in Next, marked as the last.
+      walked_ = std::move(walking_);
+      return absl::OkStatus();
+    }
+    // One pool walk's runs are one batch: it stopped at batch_ data chunks.
+    // Next walks only while there is room in the read-ahead.
+    if (absl::Status s = StartBatch(batches_[started_batches_ % kReadAhead]);
+        !s.ok()) {
+      return s;
+    }
+    ++started_batches_;
     return absl::OkStatus();
   }
 
@@ -555,7 +580,7 @@ class DiffFeed final : public RunFeed {
   // while it runs), then (past what it kept) from the tree again.
   absl::Status TakeRuns(Batch& b) {
     b.runs.clear();
-    const WalkedDiff& walk = walking_ != nullptr ? *walking_ : *walked_;
+    const WalkedDiff& walk = walked_ ? *walked_ : *walking_;
     const std::vector<ChangedRun>& kept = walk.runs;
     size_t data = 0;
     while (next_run_ < kept.size() && data < batch_) {
@@ -563,7 +588,7 @@ class DiffFeed final : public RunFeed {
       data += r.kind == ChangedRun::Kind::kData;
       b.runs.push_back(r);
     }
-    if (walking_ != nullptr) {
+    if (!walked_) {
       b.last = false;  // more to come: the walk goes on
       return absl::OkStatus();
     }
@@ -621,9 +646,10 @@ class DiffFeed final : public RunFeed {
   const size_t batch_;
   blockstore::BufferRecycler recycler_;  // the batches' buffers
   std::shared_ptr<const WalkedDiff> walked_;
-  WalkedDiff* walking_ = nullptr;  // the walk under way, in Walk
-  size_t next_run_ = 0;            // the next of walked_->runs to send
-  uint64_t rest_from_ = 0;         // where the tree is walked again, past them
+  std::shared_ptr<WalkedDiff> walking_;  // the walk under way (WalkStep)
+  std::optional<uint64_t> total_;        // Remaining(), once counted
+  size_t next_run_ = 0;                  // the next of walked_->runs to send
+  uint64_t rest_from_ = 0;  // where the tree is walked again, past them
   SendStats& stats_;
   Batch batches_[kReadAhead];
   uint64_t started_batches_ = 0, consumed_ = 0;
@@ -650,7 +676,7 @@ class ChunkListFeed final : public RunFeed {
         chunk_(pool.chunk_size()),
         buf_(kBatch * chunk_) {}
 
-  absl::StatusOr<uint64_t> Remaining() override {
+  absl::StatusOr<std::optional<uint64_t>> Remaining() override {
     return (chunks_.size() - at_) * (16 + chunk_);
   }
 
@@ -703,18 +729,19 @@ absl::StatusOr<SendStats> SendStream(const DeltaHeader& h, RunFeed& feed,
       !s.ok()) {
     return s;
   }
-  absl::StatusOr<uint64_t> total = feed.Remaining();
+  absl::StatusOr<std::optional<uint64_t>> total = feed.Remaining();
   if (!total.ok()) return total.status();
   const uint64_t nodes_visited = stats.nodes_visited;
   stats = start->totals;
   stats.nodes_visited = nodes_visited;
   const uint64_t segments_before = stats.segments;
+  bool total_known = total->has_value();
 
   int workers = options.threads > 0
                     ? options.threads
                     : std::max(1u, std::thread::hardware_concurrency());
   Pipeline pipeline(workers, options.zstd_level, out, start->chain, options,
-                    *total, start->next_segment);
+                    total->value_or(0), start->next_segment);
   SegmentBuilder builder(pipeline, h.chunk_size, stats, start->next_segment);
   absl::Status status;
   if (!h.full() && h.base_size_bytes != h.size_bytes && !start->any_record) {
@@ -729,6 +756,15 @@ absl::StatusOr<SendStats> SendStream(const DeltaHeader& h, RunFeed& feed,
       break;
     }
     if (*end) break;
+    if (!total_known) {
+      total = feed.Remaining();
+      if (!total.ok()) {
+        status = total.status();
+        break;
+      }
+      if (total->has_value()) pipeline.SetTotal(**total);
+      total_known = total->has_value();
+    }
     size_t next_read = 0;
     for (const ChangedRun& r : runs) {
       if (!status.ok()) break;

@@ -42,7 +42,9 @@ struct SendOptions {
   int zstd_level = 1;  // 0 stores every segment raw
   int threads = 0;     // compression workers; 0: one per core
   // Called from the writing thread with stream record bytes done and the
-  // total, which is known before the first byte is sent.
+  // total: known before the first byte is sent when `diff` is given, else
+  // 0 until the send's own walk of the diff (beside the first reads and
+  // compression) has ended.
   std::function<void(uint64_t done, uint64_t total)> progress;
   // Send the rest of a stream the receiver holds part of (its ResumePoint):
   // the same header, then the segments from the token's on.
