@@ -483,13 +483,19 @@ class DiffFeed final : public RunFeed {
       ++consumed_;
     }
     started_ = true;
-    // The walk goes on (when the send walks its own diff) until the batch
-    // to return is found, and while its read is under way, up to the read-
-    // ahead: the tree is walked while the disk reads the chunks found so far
-    // and the caller compresses those read.
-    while (!walked_ && (started_batches_ == consumed_ ||
-                        (started_batches_ - consumed_ < kReadAhead &&
-                         !ReadDone(batches_[consumed_ % kReadAhead])))) {
+    // The walk goes on (when the send walks its own diff) up to the read-
+    // ahead: until the batch to return is found, a step at each call at
+    // least, and more while that batch's read is under way. The tree is
+    // walked while the disk reads the chunks found so far and the caller
+    // compresses those read, and the read-ahead deepens by a batch a call
+    // (a send slower than its reads still gets ahead of them, to ride out
+    // a receiver's writes that hold the disk).
+    for (bool stepped = false;
+         !walked_ &&
+         (started_batches_ == consumed_ ||
+          (started_batches_ - consumed_ < kReadAhead &&
+           (!stepped || !ReadDone(batches_[consumed_ % kReadAhead]))));
+         stepped = true) {
       if (absl::Status s = WalkStep(); !s.ok()) return s;
     }
     // Keep kReadAhead batches read or being read ahead of the caller.
