@@ -70,8 +70,8 @@ struct Segment {
 //
 // `Push` blocks while 2N segments are in flight, so memory is bounded by
 // 2N + 1 segments (4 MiB each on huge pages: records and compressed form
-// rounded up to 2 MiB) plus the caller's read-ahead (up to 128 MiB), whatever the
-// delta's size.
+// rounded up to 2 MiB) plus the caller's read-ahead (up to 128 MiB), whatever
+// the delta's size.
 class Pipeline {
  public:
   Pipeline(int workers, int level, ByteSink& out, uint64_t chain_seed,
