@@ -420,6 +420,8 @@ class RunFeed {
   // The next batch; `runs` empty and true returned at the end.
   virtual absl::StatusOr<bool> Next(std::vector<ChangedRun>& runs,
                                     std::span<const std::byte>& data) = 0;
+  // Tree nodes the feed's own walks of the diff visited.
+  virtual uint64_t nodes_visited() const { return 0; }
 };
 
 // The changes between two snapshots, from the tree diff walked once (here,
@@ -430,7 +432,7 @@ class DiffFeed final : public RunFeed {
  public:
   DiffFeed(blockstore::Pool& pool, absl::string_view volume,
            absl::string_view base, absl::string_view target, uint64_t from,
-           std::shared_ptr<const WalkedDiff> walked, SendStats& stats)
+           std::shared_ptr<const WalkedDiff> walked)
       : pool_(pool),
         volume_(volume),
         base_(base),
@@ -439,8 +441,7 @@ class DiffFeed final : public RunFeed {
         chunk_(pool.chunk_size()),
         batch_(std::max<size_t>(1, (4u << 20) / chunk_)),
         recycler_(batch_ * chunk_),
-        walked_(walked && walked->from == from ? std::move(walked) : nullptr),
-        stats_(stats) {}
+        walked_(walked && walked->from == from ? std::move(walked) : nullptr) {}
 
   ~DiffFeed() override {
     // Never leave a read running into a buffer about to be freed.
@@ -465,7 +466,7 @@ class DiffFeed final : public RunFeed {
       absl::StatusOr<blockstore::DiffBatch> d =
           pool_.Diff(volume_, base_, target_, from, 65536);
       if (!d.ok()) return d.status();
-      stats_.nodes_visited += d->nodes_visited;
+      nodes_visited_ += d->nodes_visited;
       add(d->runs);
       if (d->done) break;
       from = d->next_chunk;
@@ -517,6 +518,8 @@ class DiffFeed final : public RunFeed {
     return false;
   }
 
+  uint64_t nodes_visited() const override { return nodes_visited_; }
+
  private:
   // Batches (4 MiB each) whose chunks are read at once, ahead of the one
   // being sent: up to 128 MiB read ahead. A receiver writing the same disk
@@ -563,7 +566,7 @@ class DiffFeed final : public RunFeed {
         pool_.Diff(volume_, base_, target_, w.next_chunk, batch_);
     if (!d.ok()) return d.status();
     w.nodes_visited += d->nodes_visited;
-    stats_.nodes_visited += d->nodes_visited;
+    nodes_visited_ += d->nodes_visited;
     w.runs.insert(w.runs.end(), d->runs.begin(), d->runs.end());
     w.complete = d->done;
     w.next_chunk = d->next_chunk;
@@ -610,7 +613,7 @@ class DiffFeed final : public RunFeed {
     absl::StatusOr<blockstore::DiffBatch> d =
         pool_.Diff(volume_, base_, target_, rest_from_, batch_);
     if (!d.ok()) return d.status();
-    stats_.nodes_visited += d->nodes_visited;
+    nodes_visited_ += d->nodes_visited;
     b.runs = std::move(d->runs);
     b.last = d->done;
     rest_from_ = d->next_chunk;
@@ -655,8 +658,8 @@ class DiffFeed final : public RunFeed {
   std::shared_ptr<WalkedDiff> walking_;  // the walk under way (WalkStep)
   std::optional<uint64_t> total_;        // Remaining(), once counted
   size_t next_run_ = 0;                  // the next of walked_->runs to send
-  uint64_t rest_from_ = 0;  // where the tree is walked again, past them
-  SendStats& stats_;
+  uint64_t rest_from_ = 0;      // where the tree is walked again, past them
+  uint64_t nodes_visited_ = 0;  // by this feed's own walks
   Batch batches_[kReadAhead];
   uint64_t started_batches_ = 0, consumed_ = 0;
   // The in-flight gate: batch n's read starts once n - kInFlight + 1 reads
@@ -722,8 +725,8 @@ class ChunkListFeed final : public RunFeed {
 // Sends `h` and the records `feed` yields (a RESIZE first when the sizes
 // differ), from `options.resume` if given, then the end.
 absl::StatusOr<SendStats> SendStream(const DeltaHeader& h, RunFeed& feed,
-                                     ByteSink& out, const SendOptions& options,
-                                     SendStats stats) {
+                                     ByteSink& out,
+                                     const SendOptions& options) {
   uint64_t header_checksum = 0;
   std::string header = EncodeHeader(h, &header_checksum);
   absl::StatusOr<Start> start = StartOf(h, header_checksum, options);
@@ -737,9 +740,7 @@ absl::StatusOr<SendStats> SendStream(const DeltaHeader& h, RunFeed& feed,
   }
   absl::StatusOr<std::optional<uint64_t>> total = feed.Remaining();
   if (!total.ok()) return total.status();
-  const uint64_t nodes_visited = stats.nodes_visited;
-  stats = start->totals;
-  stats.nodes_visited = nodes_visited;
+  SendStats stats = start->totals;
   const uint64_t segments_before = stats.segments;
   bool total_known = total->has_value();
 
@@ -804,6 +805,7 @@ absl::StatusOr<SendStats> SendStream(const DeltaHeader& h, RunFeed& feed,
   stats.stream_bytes =
       header.size() + (stats.segments - segments_before) * kSegmentHeaderBytes +
       stored + kEndBytes;
+  stats.nodes_visited = feed.nodes_visited();
   return stats;
 }
 
@@ -882,10 +884,9 @@ absl::StatusOr<SendStats> SendDelta(blockstore::Pool& pool,
       h.listed.push_back({s.guid, s.create_time_ns, s.name});
     }
   }
-  SendStats stats;
   uint64_t from = options.resume ? options.resume->next_chunk : 0;
-  DiffFeed feed(pool, volume, base, target, from, options.diff, stats);
-  return SendStream(h, feed, out, options, stats);
+  DiffFeed feed(pool, volume, base, target, from, options.diff);
+  return SendStream(h, feed, out, options);
 }
 
 absl::StatusOr<SendStats> SendChunks(
@@ -912,7 +913,7 @@ absl::StatusOr<SendStats> SendChunks(
   std::span<const uint64_t> rest = chunks.subspan(
       std::lower_bound(chunks.begin(), chunks.end(), from) - chunks.begin());
   ChunkListFeed feed(pool, volume, *t, rest);
-  return SendStream(h, feed, out, options, {});
+  return SendStream(h, feed, out, options);
 }
 
 }  // namespace engine
