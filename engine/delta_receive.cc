@@ -3,9 +3,13 @@
 #include <zstd.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <future>
 #include <map>
+#include <mutex>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "blockstore/digest_builder.h"
@@ -328,8 +332,19 @@ class WriteBatch {
         capacity_(std::max<size_t>(1, (4u << 20) / chunk_size)),
         recycler_(capacity_ * chunk_size) {
     for (Buffer& b : buffers_) b.digests.resize(capacity_);
+    for (int i = 0; i < kWriters; ++i) {
+      writers_.emplace_back([this] { WriteBatches(); });
+    }
   }
-  ~WriteBatch() { WaitAll().IgnoreError(); }
+  ~WriteBatch() {
+    WaitAll().IgnoreError();
+    {
+      std::lock_guard lock(mu_);
+      stopping_ = true;
+    }
+    ready_.notify_all();
+    for (std::thread& t : writers_) t.join();
+  }
 
   absl::Status Add(const DeltaReader::Record& r) {
     for (uint32_t i = 0; i < r.header.count_chunks; ++i) {
@@ -364,11 +379,17 @@ class WriteBatch {
   // starts filling, one whose write is done if there is one (memory already
   // touched): a receive whose writes keep up holds a few, not one a batch.
   static constexpr int kBuffers = 32;
+  // Threads writing them, each a batch at a time, for the whole receive (a
+  // thread a batch cost a stack's mmap and munmap every 4 MiB). A full
+  // 4 GiB apply from /dev/shm took about as long with 8 as with a thread a
+  // batch and a third less system CPU; with 4, 5-15% longer.
+  static constexpr int kWriters = 8;
 
   struct Buffer {
     blockstore::AlignedBuffer data;
     std::vector<Digest> digests;  // capacity_, one a slot
     std::vector<blockstore::Pool::ChunkWrite> writes;
+    std::promise<absl::Status> written;  // set by a writer
     std::future<absl::Status> pending;
   };
 
@@ -376,15 +397,35 @@ class WriteBatch {
   absl::Status Start() {
     Buffer& b = buffers_[cur_];
     if (!b.writes.empty()) {
-      b.pending = std::async(std::launch::async, [this, &b] {
-        absl::Status s = pool_.WriteChunks(volume_, b.writes);
-        b.writes.clear();
-        recycler_.Give(std::move(b.data));
-        return s;
-      });
+      b.written = std::promise<absl::Status>();
+      b.pending = b.written.get_future();
+      {
+        std::lock_guard lock(mu_);
+        to_write_.push_back(&b);
+      }
+      ready_.notify_one();
       cur_ = (cur_ + 1) % kBuffers;
     }
     return Wait(buffers_[cur_]);
+  }
+
+  // A writer: the buffers sent off, in order, until the batch is destroyed
+  // (which waits for all of them first).
+  void WriteBatches() {
+    while (true) {
+      Buffer* b;
+      {
+        std::unique_lock lock(mu_);
+        ready_.wait(lock, [&] { return stopping_ || !to_write_.empty(); });
+        if (to_write_.empty()) return;  // stopping
+        b = to_write_.front();
+        to_write_.pop_front();
+      }
+      absl::Status s = pool_.WriteChunks(volume_, b->writes);
+      b->writes.clear();
+      recycler_.Give(std::move(b->data));
+      b->written.set_value(std::move(s));
+    }
   }
 
   absl::Status Wait(Buffer& b) {
@@ -407,6 +448,13 @@ class WriteBatch {
   Buffer buffers_[kBuffers];
   int cur_ = 0;
   absl::Status first_error_;
+  // Buffers sent off and not yet taken by a writer. std::mutex for
+  // ThreadSanitizer, as in the send's Pipeline.
+  std::mutex mu_;
+  std::condition_variable ready_;
+  std::deque<Buffer*> to_write_;  // guarded by mu_, as is stopping_
+  bool stopping_ = false;
+  std::vector<std::thread> writers_;  // last: they use all of the above
 };
 
 constexpr char kResumeKeyPrefix[] = "receive:";
