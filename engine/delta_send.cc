@@ -30,15 +30,15 @@ using blockstore::ChangedRun;
 // segment's records are copied in and its compressed form written by zstd,
 // nothing is read before it is written. (A std::vector zero-fills what it
 // grows by: each segment's 2 MiB were written twice, and their pages faulted
-// in for the zeros.)
+// in for the zeros.) A view of memory its segment owns.
 class Bytes {
  public:
-  explicit Bytes(size_t capacity)
-      : buf_(blockstore::AlignedBuffer::Uninitialized(capacity)) {}
+  explicit Bytes(std::span<std::byte> memory) : buf_(memory) {}
   std::byte* data() { return buf_.data(); }
+  size_t capacity() const { return buf_.size(); }
   size_t size() const { return size_; }
   bool empty() const { return size_ == 0; }
-  std::span<const std::byte> span() const { return {buf_.data(), size_}; }
+  std::span<const std::byte> span() const { return buf_.first(size_); }
   // The first min(size(), n) bytes stay; the rest are undefined until
   // written. n is at most the capacity.
   void resize(size_t n) {
@@ -48,17 +48,28 @@ class Bytes {
   void clear() { size_ = 0; }
 
  private:
-  blockstore::AlignedBuffer buf_;
+  std::span<std::byte> buf_;
   size_t size_ = 0;
 };
 
 // Made once each and reused (Pipeline::TakeSegment): a send fills at most
-// 2N + 1 of them whatever its size, and their pages fault in once.
+// 2N + 1 of them whatever its size, and their pages fault in once. The
+// records and their compressed form share one 2 MiB huge page (apart, each
+// took one of its own, 4 MiB a segment, zeroed by the kernel when first
+// touched): a compressed form that does not fit in the rest, 8 KiB less
+// than the records at most, saved under 1% and is stored raw anyway.
 struct Segment {
+  Segment() = default;
+  Segment(const Segment&) = delete;  // records and stored point into memory
+  Segment& operator=(const Segment&) = delete;
+  static constexpr size_t kBytes = size_t{2} << 20;
+  static_assert(kMaxSegmentRecordBytes < kBytes / 2 + 8192);
+  blockstore::AlignedBuffer memory =
+      blockstore::AlignedBuffer::Uninitialized(kBytes);
   uint64_t sequence = 0;
   uint32_t record_count = 0;
-  Bytes records{kMaxSegmentRecordBytes};                     // record bytes
-  Bytes stored{ZSTD_compressBound(kMaxSegmentRecordBytes)};  // empty: raw
+  Bytes records{memory.span().first(kMaxSegmentRecordBytes)};
+  Bytes stored{memory.span().subspan(kMaxSegmentRecordBytes)};  // empty: raw
 };
 
 // The send pipeline:
@@ -69,9 +80,8 @@ struct Segment {
 //      in ~1 MiB segments                                -> ByteSink
 //
 // `Push` blocks while 2N segments are in flight, so memory is bounded by
-// 2N + 1 segments (4 MiB each on huge pages: records and compressed form
-// rounded up to 2 MiB) plus the caller's read-ahead (up to 128 MiB), whatever
-// the delta's size.
+// 2N + 1 segments (a 2 MiB huge page each, Segment) plus the caller's
+// read-ahead (up to 128 MiB), whatever the delta's size.
 class Pipeline {
  public:
   Pipeline(int workers, int level, ByteSink& out, uint64_t chain_seed,
@@ -169,7 +179,9 @@ class Pipeline {
         todo_.pop_front();
       }
       if (level_ > 0) {
-        seg->stored.resize(ZSTD_compressBound(seg->records.size()));
+        // Only a compressed form smaller than the records is kept.
+        seg->stored.resize(
+            std::min(seg->stored.capacity(), seg->records.size() - 1));
         size_t n =
             ZSTD_compressCCtx(cctx, seg->stored.data(), seg->stored.size(),
                               seg->records.data(), seg->records.size(), level_);
