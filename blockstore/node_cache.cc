@@ -1,10 +1,15 @@
 #include "blockstore/node_cache.h"
 
 #include "absl/strings/str_cat.h"
+#include "blockstore/util.h"
 
 namespace blockstore {
 
-absl::StatusOr<std::unique_ptr<Node>> DecodeTreeNode(
+NodeRef AllocateNode() {
+  return std::allocate_shared<Node>(ArenaAllocator<Node>());
+}
+
+absl::StatusOr<NodeRef> DecodeTreeNode(
     const Superblock& shape, uint64_t id, int level,
     std::span<const std::byte, kNodeSize> raw) {
   absl::StatusOr<NodeHeader> h = OpenNode(raw, id);
@@ -13,7 +18,7 @@ absl::StatusOr<std::unique_ptr<Node>> DecodeTreeNode(
     return absl::DataLossError(absl::StrCat(
         "metadata node ", id, ": expected a tree node at level ", level));
   }
-  auto node = std::make_unique<Node>();
+  NodeRef node = AllocateNode();
   node->id = id;
   node->birth = h->birth;
   node->level = level;
@@ -41,7 +46,7 @@ Node* NodeCache::Find(uint64_t id) {
   return &n;
 }
 
-Node* NodeCache::Insert(std::unique_ptr<Node> node) {
+Node* NodeCache::Insert(NodeRef node) {
   Node& n = *node;
   n.in_lru = false;
   if (n.dirty) ++dirty_;

@@ -46,10 +46,19 @@ struct Node {
   std::list<uint64_t>::iterator lru;
 };
 
+// Nodes are shared: a node read from disk is immutable (a change copies it
+// to a new node) but for the cache's bookkeeping, so the cache and a walk
+// that read it outside the lock (Pool::Loaded) hold the same one. Their
+// memory comes from an arena on huge pages (SlotArena).
+using NodeRef = std::shared_ptr<Node>;
+
+// A new node, all entries zero.
+NodeRef AllocateNode();
+
 // Decodes the tree node `id` at `level` from its disk block, checking its
 // checksum, kind, level and that every pointer lies in `shape`'s areas.
 // DataLoss naming the node otherwise.
-absl::StatusOr<std::unique_ptr<Node>> DecodeTreeNode(
+absl::StatusOr<NodeRef> DecodeTreeNode(
     const Superblock& shape, uint64_t id, int level,
     std::span<const std::byte, kNodeSize> raw);
 
@@ -64,7 +73,7 @@ class NodeCache {
   bool Contains(uint64_t id) const { return nodes_.contains(id); }
   // Adds `node`, whose id must not be cached (nor in use by another node:
   // a node freed is erased before its id is allocated again); returns it.
-  Node* Insert(std::unique_ptr<Node> node);
+  Node* Insert(NodeRef node);
   void Erase(uint64_t id);
 
   // A commit froze `node` (dirty -> unwritten), then wrote it (-> clean).
@@ -86,7 +95,7 @@ class NodeCache {
   // Puts `node` in or out of the LRU list to match its condition.
   void Place(Node& node);
 
-  std::unordered_map<uint64_t, std::unique_ptr<Node>> nodes_;
+  std::unordered_map<uint64_t, NodeRef> nodes_;
   std::list<uint64_t> lru_;  // evictable ids, most recently used first
   size_t dirty_ = 0;
 };

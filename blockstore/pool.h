@@ -368,8 +368,9 @@ class Pool {
   // Nodes an operation read from disk outside the lock, by id: used where
   // the shared cache no longer holds them (it may have evicted them since).
   // Valid while the operation holds its read ticket: ids it reached are not
-  // reused before it ends, and a node on disk never changes in place.
-  using Loaded = std::unordered_map<uint64_t, std::unique_ptr<Node>>;
+  // reused before it ends, and a node on disk never changes in place (the
+  // cache, where it still holds one, holds the same: NodeRef).
+  using Loaded = std::unordered_map<uint64_t, NodeRef>;
   // A node the walk needs that is in neither the cache nor `Loaded`.
   struct Missing {
     uint64_t id;
@@ -504,8 +505,7 @@ class Pool {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A new dirty node at `level`, born in the open transaction, its id
   // allocated (count 1), its entries for the caller to fill.
-  absl::StatusOr<std::unique_ptr<Node>> NewNode(int level)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<NodeRef> NewNode(int level) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Makes the node `ref` points at (at `level`) writable, copying it if it
   // is shared or already on disk, materializing it if empty; updates `ref`.
   absl::StatusOr<Node*> Cow(Entry& ref, int level, Loaded* loaded)

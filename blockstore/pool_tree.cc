@@ -198,14 +198,14 @@ absl::StatusOr<Node*> Pool::Load(uint64_t id, int level, Loaded* loaded) {
   if (loaded != nullptr) {
     if (auto it = loaded->find(id);
         it != loaded->end() && it->second->level == level) {
-      return cache_.Insert(std::make_unique<Node>(*it->second));
+      return cache_.Insert(it->second);
     }
   }
   AlignedBuffer buf(kNodeSize);
   if (absl::Status s = io_.ReadAt(id * kNodeSize, buf.span()); !s.ok()) {
     return s;
   }
-  absl::StatusOr<std::unique_ptr<Node>> node = DecodeTreeNode(
+  absl::StatusOr<NodeRef> node = DecodeTreeNode(
       shape_, id, level,
       std::span<const std::byte, kNodeSize>(buf.data(), kNodeSize));
   if (!node.ok()) return node.status();
@@ -241,7 +241,7 @@ absl::Status Pool::LoadMissing(std::vector<Missing>& missing, Loaded& loaded) {
   // Outside the lock: the read, and the checksum and decoding of each node.
   // The nodes are committed (what is not is always cached) and the caller's
   // read ticket keeps their ids from being reused meanwhile.
-  std::vector<absl::StatusOr<std::unique_ptr<Node>>> nodes;
+  std::vector<absl::StatusOr<NodeRef>> nodes;
   mu_.unlock();
   absl::Status read = io_.Read(ops);
   if (read.ok()) {
@@ -255,7 +255,7 @@ absl::Status Pool::LoadMissing(std::vector<Missing>& missing, Loaded& loaded) {
   }
   mu_.lock();
   if (!read.ok()) return read;
-  for (absl::StatusOr<std::unique_ptr<Node>>& node : nodes) {
+  for (absl::StatusOr<NodeRef>& node : nodes) {
     if (!node.ok()) return node.status();
     ++stats_.nodes_loaded;
     const uint64_t id = (*node)->id;
@@ -264,7 +264,7 @@ absl::Status Pool::LoadMissing(std::vector<Missing>& missing, Loaded& loaded) {
     // but may be after). A read-only pool frees nothing, and may not have
     // loaded its counts.
     if (!cache_.Contains(id) && (!counts_loaded_ || space_.NodeRefs(id) > 0)) {
-      cache_.Insert(std::make_unique<Node>(**node));
+      cache_.Insert(*node);
     }
     loaded.emplace(id, std::move(*node));
   }
@@ -343,7 +343,7 @@ absl::Status Pool::Prefetch(std::vector<uint64_t>& ids, int level,
   }
   if (absl::Status s = io_.Read(ops); !s.ok()) return s;
   for (size_t i = 0; i < want.size(); ++i) {
-    absl::StatusOr<std::unique_ptr<Node>> node =
+    absl::StatusOr<NodeRef> node =
         DecodeTreeNode(shape_, want[i], level,
                        std::span<const std::byte, kNodeSize>(
                            buf.data() + i * kNodeSize, kNodeSize));
@@ -360,10 +360,10 @@ void Pool::TrimCache() { cache_.Trim(tuning_.max_cached_nodes); }
 // ---------------------------------------------------------------------------
 // Copy-on-write
 
-absl::StatusOr<std::unique_ptr<Node>> Pool::NewNode(int level) {
+absl::StatusOr<NodeRef> Pool::NewNode(int level) {
   absl::StatusOr<uint64_t> id = AllocNode();
   if (!id.ok()) return id.status();
-  auto node = std::make_unique<Node>();
+  NodeRef node = AllocateNode();
   node->id = *id;
   node->birth = gen_;
   node->level = level;
@@ -375,7 +375,7 @@ absl::StatusOr<Node*> Pool::Cow(Entry& ref, int level, Loaded* loaded) {
   if (ref.ptr == 0) {
     // Materialize an empty subtree. Its entries inherit the birth of the
     // empty pointer, so a later diff still sees when the range was emptied.
-    absl::StatusOr<std::unique_ptr<Node>> node = NewNode(level);
+    absl::StatusOr<NodeRef> node = NewNode(level);
     if (!node.ok()) return node.status();
     for (Entry& e : (*node)->e) e = {0, ref.birth, NullEntryDigest(level)};
     ref = {(*node)->id, gen_, ref.digest};
@@ -388,7 +388,7 @@ absl::StatusOr<Node*> Pool::Cow(Entry& ref, int level, Loaded* loaded) {
     ref.birth = gen_;
     return *old;
   }
-  absl::StatusOr<std::unique_ptr<Node>> node = NewNode(level);
+  absl::StatusOr<NodeRef> node = NewNode(level);
   if (!node.ok()) return node.status();
   (*node)->e = (*old)->e;
   for (const Entry& e : (*node)->e) IncRef(e.ptr, level);
@@ -451,7 +451,7 @@ absl::Status Pool::ResizeLocked(VolumeRec& v, uint64_t size_bytes) {
   } else {
     for (; depth < new_depth; ++depth) {
       if (v.root.ptr == 0) continue;
-      absl::StatusOr<std::unique_ptr<Node>> node = NewNode(depth);
+      absl::StatusOr<NodeRef> node = NewNode(depth);
       if (!node.ok()) return node.status();
       (*node)->e[0] = v.root;
       for (int i = 1; i < kFanout; ++i) {

@@ -2,10 +2,12 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -147,10 +149,10 @@ namespace {
 constexpr size_t kHugePage = size_t{2} << 20;
 }  // namespace
 
-std::byte* AllocateAligned(size_t size_bytes) {
+std::byte* AllocateAligned(size_t size_bytes, size_t huge_from) {
   size_t align = kIoAlign;
   size_t alloc = RoundUp(size_bytes == 0 ? 1 : size_bytes, kIoAlign);
-  if (alloc >= kHugeBufferBytes) {
+  if (alloc >= huge_from) {
     align = kHugePage;
     alloc = RoundUp(alloc, kHugePage);
   }
@@ -193,6 +195,43 @@ void BufferRecycler::Give(AlignedBuffer buffer) {
   if (buffer.size() != size_) return;  // not one of ours: freed
   std::lock_guard lock(mu_);
   free_.push_back(std::move(buffer));
+}
+
+SlotArena::SlotArena(size_t slot_bytes)
+    : slot_bytes_(RoundUp(std::max(slot_bytes, sizeof(FreeSlot)),
+                          alignof(std::max_align_t))) {
+  if (slot_bytes_ > kHugePage) std::abort();
+}
+
+SlotArena::~SlotArena() {
+  for (std::byte* block : blocks_) std::free(block);
+}
+
+void* SlotArena::Take() {
+  std::lock_guard lock(mu_);
+  if (free_ != nullptr) {
+    FreeSlot* slot = free_;
+    free_ = slot->next;
+    return slot;
+  }
+  if (static_cast<size_t>(carve_end_ - carve_) < slot_bytes_) {
+    carve_ = AllocateAligned(kHugePage);  // a 2 MiB boundary, huge pages
+    carve_end_ = carve_ + kHugePage;
+    blocks_.push_back(carve_);
+  }
+  void* slot = carve_;
+  carve_ += slot_bytes_;
+  return slot;
+}
+
+void SlotArena::Give(void* slot) {
+  std::lock_guard lock(mu_);
+  free_ = new (slot) FreeSlot{free_};
+}
+
+size_t SlotArena::blocks() const {
+  std::lock_guard lock(mu_);
+  return blocks_.size();
 }
 
 bool IsAllZero(std::span<const std::byte> data) {

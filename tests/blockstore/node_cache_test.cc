@@ -5,8 +5,8 @@
 namespace blockstore {
 namespace {
 
-std::unique_ptr<Node> MakeNode(uint64_t id, bool dirty = false) {
-  auto n = std::make_unique<Node>();
+NodeRef MakeNode(uint64_t id, bool dirty = false) {
+  NodeRef n = AllocateNode();
   n->id = id;
   n->dirty = dirty;
   return n;
@@ -61,14 +61,14 @@ TEST(NodeCacheTest, DecodeRefusesPointersOutsideThePool) {
   h.id = 11;
   h.level = 1;
   SealNode(h, raw);
-  absl::StatusOr<std::unique_ptr<Node>> ok = DecodeTreeNode(shape, 11, 1, raw);
+  absl::StatusOr<NodeRef> ok = DecodeTreeNode(shape, 11, 1, raw);
   ASSERT_TRUE(ok.ok()) << ok.status();
   EXPECT_EQ((*ok)->e[3].ptr, 12u);
   EXPECT_FALSE(DecodeTreeNode(shape, 11, 0, raw).ok()) << "wrong level";
   entries[3].ptr = 15;  // one past the metadata area
   EncodeEntries(entries, raw);
   SealNode(h, raw);
-  absl::StatusOr<std::unique_ptr<Node>> bad = DecodeTreeNode(shape, 11, 1, raw);
+  absl::StatusOr<NodeRef> bad = DecodeTreeNode(shape, 11, 1, raw);
   ASSERT_FALSE(bad.ok());
   EXPECT_EQ(bad.status().message(),
             "metadata node 11: pointer 15 out of range");

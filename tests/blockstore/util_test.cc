@@ -1,7 +1,12 @@
 #include "blockstore/util.h"
 
+#include <array>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <set>
+#include <thread>
+#include <vector>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -118,8 +123,90 @@ TEST(LargeVectorTest, IsAVectorOnHugePageBoundaries) {
   EXPECT_EQ(reinterpret_cast<uintptr_t>(counts.data()) % (2 << 20), 0u);
   EXPECT_EQ(counts.size(), size_t{1} << 20);
   EXPECT_EQ(counts.front() + counts.back(), 14u);
+  // From 256 KiB on too (a block state a byte: 760,000 of them for 24 GiB).
+  LargeVector<uint8_t> states(256 << 10, 1);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(states.data()) % (2 << 20), 0u);
   counts.assign(10, 3);  // small ones are 4 KiB-aligned blocks
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(counts.data()) % kIoAlign, 0u);
   EXPECT_EQ(counts, LargeVector<uint32_t>(10, 3));
+}
+
+TEST(SlotArenaTest, CarvesSlotsFromHugePageBlocksAndReusesThemFirst) {
+  SlotArena arena(4000);
+  EXPECT_EQ(arena.slot_bytes(), 4000u);  // a multiple of 16 already
+  EXPECT_EQ(SlotArena(4001).slot_bytes(), 4016u);
+  const size_t per_block = (size_t{2} << 20) / 4000;  // 524
+  std::vector<void*> slots;
+  std::set<void*> distinct;
+  for (size_t i = 0; i < per_block + 1; ++i) {
+    void* slot = arena.Take();
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(slot) % alignof(std::max_align_t),
+              0u);
+    std::memset(slot, static_cast<int>(i), 4000);  // all of it is ours
+    slots.push_back(slot);
+    distinct.insert(slot);
+  }
+  EXPECT_EQ(distinct.size(), per_block + 1);
+  EXPECT_EQ(arena.blocks(), 2u);  // the last slot needed a second block
+  // A block is one 2 MiB page: the first slot starts it.
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(slots[0]) % (2 << 20), 0u);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(slots[per_block]) % (2 << 20), 0u);
+  // Given back, slots come out again, the last one first, before any new.
+  arena.Give(slots[3]);
+  arena.Give(slots[7]);
+  EXPECT_EQ(arena.Take(), slots[7]);
+  EXPECT_EQ(arena.Take(), slots[3]);
+  void* fresh = arena.Take();
+  EXPECT_EQ(distinct.count(fresh), 0u);
+  EXPECT_EQ(arena.blocks(), 2u);
+  arena.Give(fresh);
+  for (void* slot : slots) arena.Give(slot);
+}
+
+TEST(SlotArenaTest, ThreadsTakeAndGiveWithoutSharingASlot) {
+  SlotArena arena(64);
+  constexpr int kThreads = 4, kRounds = 20000;
+  std::vector<std::thread> threads;
+  std::atomic<int> clashes{0};
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&arena, &clashes, t] {
+      std::vector<uint64_t*> mine;
+      for (int i = 0; i < kRounds; ++i) {
+        auto* slot = static_cast<uint64_t*>(arena.Take());
+        *slot = (uint64_t(t) << 32) | i;
+        mine.push_back(slot);
+        if (mine.size() == 16) {
+          for (uint64_t* s : mine) {
+            if ((*s >> 32) != uint64_t(t)) ++clashes;
+            arena.Give(s);
+          }
+          mine.clear();
+        }
+      }
+      for (uint64_t* s : mine) arena.Give(s);
+    });
+  }
+  for (std::thread& th : threads) th.join();
+  EXPECT_EQ(clashes.load(), 0);
+  EXPECT_EQ(arena.blocks(), 1u);  // at most 64 slots were out at once
+}
+
+TEST(ArenaAllocatorTest, SharedObjectsLiveInTheirTypesArena) {
+  struct Big {
+    std::array<uint64_t, 500> v{};
+  };
+  auto a = std::allocate_shared<Big>(ArenaAllocator<Big>());
+  auto b = std::allocate_shared<Big>(ArenaAllocator<Big>());
+  a->v.back() = 1;
+  EXPECT_EQ(b->v.back(), 0u);  // value-initialized, apart from a
+  // Both came from one arena, whose slots fit the control block as well.
+  const auto distance = reinterpret_cast<uintptr_t>(b.get()) -
+                        reinterpret_cast<uintptr_t>(a.get());
+  EXPECT_GE(distance, sizeof(Big));
+  EXPECT_LT(distance, sizeof(Big) + 64);
+  // An array of them comes from the heap.
+  std::vector<Big, ArenaAllocator<Big>> several(3);
+  EXPECT_EQ(several.size(), 3u);
 }
 
 }  // namespace
