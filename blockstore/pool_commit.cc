@@ -342,7 +342,12 @@ absl::Status Pool::CommitLocked(CommitLock lock, const Group* by) {
   for (Node* node : cache_.Dirty()) nodes.emplace_back(node->id, node);
   for (uint64_t id : catalog_nodes_) nodes.emplace_back(id, nullptr);
   std::sort(nodes.begin(), nodes.end());
-  AlignedBuffer node_buf(nodes.size() * kNodeSize);
+  // This buffer and the pages' are written whole (SealNode, EncodePage): not
+  // zeroed first, and on huge pages from 256 KiB, a fault each instead of one
+  // per 4 KiB (a 1% update's receive commits about 400 nodes and 200 pages).
+  constexpr size_t kHugeFrom = 256 << 10;
+  AlignedBuffer node_buf =
+      AlignedBuffer::Uninitialized(nodes.size() * kNodeSize, kHugeFrom);
   std::vector<WriteOp> ops;
   std::vector<uint64_t> frozen;  // tree node ids
   for (size_t i = 0; i < nodes.size(); ++i) {
@@ -392,7 +397,8 @@ absl::Status Pool::CommitLocked(CommitLock lock, const Group* by) {
     std::sort(pages.begin(), pages.end());
     pages.erase(std::unique(pages.begin(), pages.end()), pages.end());
   }
-  AlignedBuffer page_buf(pages.size() * 4096);
+  AlignedBuffer page_buf =
+      AlignedBuffer::Uninitialized(pages.size() * 4096, kHugeFrom);
   const uint64_t table_at = sb_.refcount_copy_offset(gen_);
   for (size_t i = 0; i < pages.size(); ++i) {
     std::span<std::byte, 4096> page(page_buf.data() + i * 4096, 4096);

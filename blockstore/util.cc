@@ -170,9 +170,10 @@ AlignedBuffer::AlignedBuffer(size_t size_bytes)
               RoundUp(size_bytes == 0 ? 1 : size_bytes, kIoAlign));
 }
 
-AlignedBuffer AlignedBuffer::Uninitialized(size_t size_bytes) {
+AlignedBuffer AlignedBuffer::Uninitialized(size_t size_bytes,
+                                           size_t huge_from) {
   AlignedBuffer b;
-  b.data_.reset(AllocateAligned(size_bytes));
+  b.data_.reset(AllocateAligned(size_bytes, huge_from));
   b.size_ = size_bytes;
   return b;
 }

@@ -88,8 +88,11 @@ class AlignedBuffer {
  public:
   AlignedBuffer() = default;
   explicit AlignedBuffer(size_t size_bytes);
-  // Without zeroing: untouched pages cost nothing until written.
-  static AlignedBuffer Uninitialized(size_t size_bytes);
+  // Without zeroing: untouched pages cost nothing until written. On huge
+  // pages from `huge_from` bytes (AllocateAligned), for a buffer about to be
+  // written whole.
+  static AlignedBuffer Uninitialized(size_t size_bytes,
+                                     size_t huge_from = kHugeBufferBytes);
   // A moved-from buffer is empty (null, size 0).
   AlignedBuffer(AlignedBuffer&& other) noexcept
       : data_(std::move(other.data_)), size_(std::exchange(other.size_, 0)) {}
