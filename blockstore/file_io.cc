@@ -54,6 +54,7 @@ class FileIo : public Io {
 
   uint64_t size_bytes() const override { return size_; }
   std::string name() const override { return path_; }
+  bool in_file_system() const override { return !device_; }
   virtual std::string Describe() const = 0;
 
   absl::Status Resize(uint64_t size_bytes) {

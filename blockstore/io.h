@@ -65,6 +65,12 @@ class Io {
   // A name for messages (the path, or "memory").
   virtual std::string name() const = 0;
 
+  // True for a regular file: its file system allocates blocks as they are
+  // first written, and a Flush also commits those allocations (ext4 in
+  // /tmp here: about 0.7 ms a MiB newly written, a write into a hole whose
+  // allocation the flush puts in its journal; on a block device, nothing).
+  virtual bool in_file_system() const { return false; }
+
   absl::Status ReadAt(uint64_t offset_bytes, std::span<std::byte> out) {
     ReadOp op{offset_bytes, out};
     return Read({&op, 1});
@@ -92,6 +98,7 @@ class IoWrapper : public Io {
     return target_.Discard(extents);
   }
   std::string name() const override { return target_.name(); }
+  bool in_file_system() const override { return target_.in_file_system(); }
 
  protected:
   Io& target() { return target_; }

@@ -215,6 +215,18 @@ absl::Status Pool::Flush() {
   return Fail(CommitLocked());
 }
 
+absl::Status Pool::SyncAhead() {
+  {
+    MutexLock lock(mu_);
+    if (absl::Status s = CheckWritable(); !s.ok()) return s;
+  }
+  if (!io_.in_file_system()) return absl::OkStatus();
+  absl::Status s = io_.Flush();  // outside the lock: writes go on meanwhile
+  if (s.ok()) return s;
+  MutexLock lock(mu_);
+  return Fail(std::move(s));
+}
+
 absl::Status Pool::SetProperty(absl::string_view key, absl::string_view value,
                                const Group* group) {
   MutexLock lock(mu_);

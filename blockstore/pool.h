@@ -224,6 +224,14 @@ class Pool {
                     uint64_t length_bytes);
   // Commits the open transaction (no-op when nothing changed).
   absl::Status Flush();
+  // On a pool in a file (Io::in_file_system), flushes the data written so
+  // far without committing anything, so that the file system's allocations
+  // for it are made durable while the writer waits for more (a receive
+  // paced by its stream): the commit's own flush then has little left to
+  // do. A hint, never needed for safety; nothing on a block device or in
+  // memory. A failure stops the pool handle, as a failed commit does (an
+  // error a flush reported may not be reported again).
+  absl::Status SyncAhead() ABSL_LOCKS_EXCLUDED(mu_);
 
   // Snapshots: O(1) in the volume size; committed on return. `owner` (at
   // most 64 bytes) is kept with it (SnapshotInfo::owner).

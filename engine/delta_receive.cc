@@ -3,6 +3,7 @@
 #include <zstd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -422,10 +423,39 @@ class WriteBatch {
         to_write_.pop_front();
       }
       absl::Status s = pool_.WriteChunks(volume_, b->writes);
+      unsynced_bytes_ += b->writes.size() * chunk_size_;
+      if (s.ok() && SyncAheadNow()) {
+        s = pool_.SyncAhead();
+        syncing_ = false;
+      }
       b->writes.clear();
       recycler_.Give(std::move(b->data));
       b->written.set_value(std::move(s));
     }
+  }
+
+  // Whether this writer should flush what is written so far (and if so it
+  // owns syncing_): so that a pool file's allocations become durable while
+  // the receive waits for its stream, not all in the commit's flush after
+  // the last chunk (a 1% update's 41 MiB: about 30 ms of ext4 journal here).
+  // But each flush holds up the file system's writes for a journal commit:
+  // a full 4 GiB apply flushing after every batch was about 10% slower, one
+  // flushing whenever the writers were idle and 8 MiB was written (286
+  // flushes) about 5%. So only when the writers have caught up (no batch
+  // waits), and after a quarter of what was flushed before (8 MiB to 256
+  // MiB): about 8 flushes for the 1% update, 35 for the full 4 GiB. Its
+  // error fails the receive (Pool::SyncAhead).
+  bool SyncAheadNow() {
+    const uint64_t due =
+        std::clamp<uint64_t>(synced_bytes_ / 4, 8 << 20, 256 << 20);
+    if (unsynced_bytes_ < due) return false;
+    {
+      std::lock_guard lock(mu_);
+      if (!to_write_.empty()) return false;
+    }
+    if (syncing_.exchange(true)) return false;
+    synced_bytes_ += unsynced_bytes_.exchange(0);
+    return true;
   }
 
   absl::Status Wait(Buffer& b) {
@@ -454,7 +484,10 @@ class WriteBatch {
   std::condition_variable ready_;
   std::deque<Buffer*> to_write_;  // guarded by mu_, as is stopping_
   bool stopping_ = false;
-  std::vector<std::thread> writers_;  // last: they use all of the above
+  std::atomic<bool> syncing_{false};         // a writer is in Pool::SyncAhead
+  std::atomic<uint64_t> unsynced_bytes_{0};  // since the last SyncAhead
+  std::atomic<uint64_t> synced_bytes_{0};    // before it; SyncAheadNow's owner
+  std::vector<std::thread> writers_;         // last: they use all of the above
 };
 
 constexpr char kResumeKeyPrefix[] = "receive:";

@@ -3,18 +3,23 @@
 
 #include <fcntl.h>
 #include <liburing.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <memory>
 #include <string>
 
+#include "absl/cleanup/cleanup.h"
+#include "absl/strings/ascii.h"
 #include "blockstore/mem_io.h"
 #include "blockstore/util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/process.h"
 
 namespace blockstore {
 namespace {
@@ -100,6 +105,12 @@ TYPED_TEST(IoTest, BatchedWritesReadBack) {
   EXPECT_TRUE(IsAllZero(hole.span()));
 }
 
+TYPED_TEST(IoTest, SaysWhetherItIsInAFileSystem) {
+  // A regular file's blocks are allocated as they are first written (and a
+  // flush commits that); memory has none (a block device: below).
+  EXPECT_EQ(this->io_->in_file_system(), !this->path_.empty());
+}
+
 TYPED_TEST(IoTest, RejectsMisalignedAndOutOfRange) {
   AlignedBuffer buf(8192);
   absl::Status s = this->io_->ReadAt(100, buf.span().first(4096));
@@ -131,6 +142,28 @@ TEST(MemIoTest, CrashForgetsUnflushedWritesAndTears) {
   EXPECT_EQ(copy->Peek(1023, 1)[0], std::byte{2});
   EXPECT_EQ(copy->Peek(1024, 1)[0], std::byte{1});
   EXPECT_EQ(copy->Peek(4096, 1)[0], std::byte{0});
+}
+
+TEST(FileIoTest, ABlockDeviceIsNotInAFileSystem) {
+  const std::string backing = TempPath();
+  std::string dir = backing + ".d";  // losetup's output
+  ASSERT_EQ(mkdir(dir.c_str(), 0700), 0);
+  std::string loop;
+  absl::Cleanup cleanup = [&] {
+    if (!loop.empty()) testing_util::Exec(dir, {"/sbin/losetup", "-d", loop});
+    std::filesystem::remove_all(dir);
+    unlink(backing.c_str());
+  };
+  ASSERT_EQ(truncate(backing.c_str(), kSize), 0);
+  testing_util::Result r =
+      testing_util::Exec(dir, {"/sbin/losetup", "--find", "--show", backing});
+  if (r.code != 0)
+    GTEST_SKIP() << "no loop device here (root needed): " << r.err;
+  loop = std::string(absl::StripAsciiWhitespace(r.out));
+  absl::StatusOr<std::unique_ptr<Io>> io = OpenFileIo(loop, FileIoOptions());
+  ASSERT_TRUE(io.ok()) << io.status();
+  EXPECT_FALSE((*io)->in_file_system());
+  EXPECT_EQ((*io)->size_bytes(), kSize);
 }
 
 TEST(FileIoTest, SecondWriterIsToldWhoHoldsThePool) {

@@ -66,6 +66,69 @@ TEST(PoolTest, UnflushedWritesAreGoneAfterReopenWithoutFlush) {
   ExpectConsistent(*pool);
 }
 
+// Says it is in a file system (as a pool file's Io does), counts flushes
+// and fails them when told to.
+class FileLikeIo : public blockstore::IoWrapper {
+ public:
+  using IoWrapper::IoWrapper;
+  bool in_file_system() const override { return in_file_system_; }
+  absl::Status Flush() override {
+    ++flushes_;
+    if (fail_flushes_) return blockstore::ErrnoError(EIO, "injected flush");
+    return target().Flush();
+  }
+  bool in_file_system_ = true;
+  bool fail_flushes_ = false;
+  int flushes_ = 0;
+};
+
+TEST(PoolTest, SyncAheadFlushesAPoolInAFileWithoutCommitting) {
+  MemIo mem(32 << 20);
+  FileLikeIo io(mem);
+  absl::StatusOr<std::unique_ptr<Pool>> pool =
+      Pool::Create(io, {.chunk_size_bytes = 4096});
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  ASSERT_TRUE((*pool)->CreateVolume("v", 1 << 20).ok());
+  const std::vector<std::byte> committed = TestData(1 << 20, 3);
+  ASSERT_TRUE((*pool)->Write("v", 0, committed).ok());
+  ASSERT_TRUE((*pool)->Flush().ok());
+  ASSERT_TRUE((*pool)->Write("v", 0, TestData(1 << 20, 4)).ok());
+  int flushes = io.flushes_;
+  ASSERT_TRUE((*pool)->SyncAhead().ok());
+  EXPECT_EQ(io.flushes_, flushes + 1);
+  // In memory or on a block device there is nothing to do ahead.
+  io.in_file_system_ = false;
+  ASSERT_TRUE((*pool)->SyncAhead().ok());
+  EXPECT_EQ(io.flushes_, flushes + 1);
+  // Flushed, not committed: a crash now leaves the last commit.
+  pool->reset();
+  mem.Crash();
+  std::unique_ptr<Pool> back = Reopen(mem);
+  EXPECT_EQ(ReadAll(*back, "v"), committed);
+  ExpectConsistent(*back);
+}
+
+TEST(PoolTest, AFailedSyncAheadStopsThePoolHandle) {
+  MemIo mem(32 << 20);
+  FileLikeIo io(mem);
+  absl::StatusOr<std::unique_ptr<Pool>> pool =
+      Pool::Create(io, {.chunk_size_bytes = 4096});
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  ASSERT_TRUE((*pool)->CreateVolume("v", 1 << 20).ok());
+  ASSERT_TRUE((*pool)->Write("v", 0, TestData(8192, 5)).ok());
+  io.fail_flushes_ = true;
+  absl::Status s = (*pool)->SyncAhead();
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;  // EIO
+  EXPECT_THAT(std::string(s.message()), HasSubstr("injected flush"));
+  // The file system may not report that error again: nothing is committed
+  // through this handle any more, even once flushes work.
+  io.fail_flushes_ = false;
+  s = (*pool)->Flush();
+  EXPECT_FALSE(s.ok());
+  EXPECT_THAT(std::string(s.message()), HasSubstr("pool handle stopped"));
+  EXPECT_FALSE((*pool)->SyncAhead().ok());
+}
+
 TEST(PoolTest, UnalignedWritesMatchTheModel) {
   MemIo io(32 << 20);
   auto pool = MakePool(io);
