@@ -68,23 +68,28 @@ $P fill-pool "$a" v $size
 # the table takes the best pass. Reads come from the source pool's data (the
 # volume's blocks), writes go to the destination device or a new file.
 if ((devices)); then rsrc=$src_dev wdst=$dst_dev; else rsrc=$a wdst=$work/fio.out; fi
-fio_job() {  # fio_job NAME FILE RW BS DEPTH IO_SIZE -> seconds
-  local extra=()
-  [[ $2 == "$work"/fio.out ]] && extra=(--fallocate=none)
+fio_job() {  # fio_job NAME FILE RW BS DEPTH IO_SIZE [FIO_OPTION...] -> seconds
+  local extra=("${@:7}")
+  [[ $2 == "$work"/fio.out ]] && extra+=(--fallocate=none)
   fio --name="$1" --filename="$2" --rw="$3" --bs="$4" --iodepth="$5" --io_size="$6" \
     --ioengine=io_uring --direct=1 --offset=64M --size=4G "${extra[@]}" \
     --output-format=terse --terse-version=3 |
     awk -F';' -v rw="$3" '{ ms = (rw ~ /read/) ? $9 : $50; printf "%.3f", ms / 1000 }'
 }
-fio_read=() fio_write=() fio_floor=() fio_both=()
+fio_read=() fio_write=() fio_write_sync=() fio_floor=() fio_both=()
 floors() {
-  local r w s
+  local r w ws s
   drop
   r=$(fio_job r "$rsrc" randread 64k 32 $((changed * 64))k)
   rm -f "$work/fio.out"
   w=$(fio_job w "$wdst" randwrite 64k 32 $((changed * 64))k)
   rm -f "$work/fio.out"
-  fio_read+=("$r") fio_write+=("$w")
+  # The same writes made durable (an fsync at the end, in fio's time), as
+  # a commit must: in a file, the file system's allocations for them too.
+  # Not part of the floor (the issue's floor is the writes alone).
+  ws=$(fio_job w "$wdst" randwrite 64k 32 $((changed * 64))k --end_fsync=1)
+  rm -f "$work/fio.out"
+  fio_read+=("$r") fio_write+=("$w") fio_write_sync+=("$ws")
   fio_floor+=("$(awk -v a="$r" -v b="$w" 'BEGIN { printf "%.3f", a + b }')")
   drop
   s=$(now)
@@ -93,7 +98,7 @@ floors() {
   wait
   fio_both+=("$(elapsed "$s")")
   rm -f "$work/fio.out"
-  echo "fio 1% read ${r} s + write ${w} s; 4 GiB read + write at once ${fio_both[-1]} s"
+  echo "fio 1% read ${r} s + write ${w} s (${ws} s with its fsync); 4 GiB read + write at once ${fio_both[-1]} s"
 }
 best() { printf '%s\n' "$@" | sort -g | head -1; }
 list() { local IFS=,; echo "[$*]"; }  # a JSON array of the figures
@@ -229,7 +234,19 @@ record full_4g "$t_full" runs "$(list "${t_fulls[@]}")" \
   apply_peak_rss_mib "$(peak "$work/fapply.time")"
 floor=$(best "${fio_floor[@]}") t_fio_both=$(best "${fio_both[@]}")
 record fio_randread_1pct "$(best "${fio_read[@]}")" bytes $((changed * 65536)) passes "$(list "${fio_read[@]}")"
-record fio_randwrite_1pct "$(best "${fio_write[@]}")" bytes $((changed * 65536)) passes "$(list "${fio_write[@]}")"
+record fio_randwrite_1pct "$(best "${fio_write[@]}")" bytes $((changed * 65536)) passes "$(list "${fio_write[@]}")" \
+  with_fsync_seconds "$(best "${fio_write_sync[@]}")" passes_with_fsync "$(list "${fio_write_sync[@]}")"
+# What starting each program costs (warm, mean of 20; /bin/true for the
+# process itself): the update starts three, the one command two.
+start_ms() {
+  local s i
+  s=$(now)
+  for i in {1..20}; do "$@" >/dev/null 2>&1; done
+  awk -v a="$s" -v b="$(now)" 'BEGIN { printf "%.1f", (b - a) * 1000 / 20 }'
+}
+start_true=$(start_ms /bin/true) start_t=$(start_ms "$T" --version) start_d=$(start_ms "$D" --version)
+record program_start_ms "$start_t" program tandem true_ms "$start_true"
+record program_start_ms "$start_d" program tandem-delta true_ms "$start_true"
 record fio_read_and_write_4g_at_once "$t_fio_both" passes "$(list "${fio_both[@]}")"
 xxh=$(xxhsum -b 2>&1 | tr '\r' '\n' | grep -E '#XXH128 ' | tail -1 | sed 's/.*(\(.*\)).*/\1/')
 $T read --pool "$a" v@base --length 256M >"$work/sample"
@@ -355,6 +372,8 @@ row "| tandem update: snapshot + create \\| apply (best of 3) | $t_inc | $(ratio
 row "| the same, one command: create --snapshot \\| apply (best of 3) | $t_one | $(ratio "$t_one" "$floor") of the floor | |"
 row "| floor: fio reads the 655 chunks + writes them (64 KiB, depth 32; best of the passes before and after: ${fio_floor[*]}) | $floor | | |"
 row "| the same with the programs cold too (one round, as before run N) | $t_cold | $(ratio "$t_cold" "$floor") of the floor | |"
+row "| fio's writes of the floor made durable (--end_fsync=1; best of ${fio_write_sync[*]}), against its writes alone (best of ${fio_write[*]}) | $(best "${fio_write_sync[@]}") | $(ratio "$(best "${fio_write_sync[@]}")" "$(best "${fio_write[@]}")")x the writes alone | |"
+row "| a program's start, warm (mean of 20): tandem / tandem-delta / /bin/true, ms | $start_t / $start_d / $start_true | | |"
 row "| btrfs snapshot + send -p \\| receive (data not yet durable; best of ${t_btrfss[*]}) | $t_btrfs | $(ratio "$t_btrfs" "$t_inc")x tandem ($(ratio "$t_btrfs" "$t_one")x the one command) | >= 3 |"
 row "| btrfs, + sync (durable, like tandem; best of ${t_btrfs_syncs[*]}) | $t_btrfs_sync | $(ratio "$t_btrfs_sync" "$t_inc")x tandem ($(ratio "$t_btrfs_sync" "$t_one")x the one command) | |"
 row "| rsync daemon, --inplace --no-whole-file | $t_rsync | $(ratio "$t_rsync" "$t_inc")x tandem | |"
