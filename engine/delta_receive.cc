@@ -333,9 +333,6 @@ class WriteBatch {
         capacity_(std::max<size_t>(1, (4u << 20) / chunk_size)),
         recycler_(capacity_ * chunk_size) {
     for (Buffer& b : buffers_) b.digests.resize(capacity_);
-    for (int i = 0; i < kWriters; ++i) {
-      writers_.emplace_back([this] { WriteBatches(); });
-    }
   }
   ~WriteBatch() {
     WaitAll().IgnoreError();
@@ -383,8 +380,11 @@ class WriteBatch {
   // Threads writing them, each a batch at a time, for the whole receive (a
   // thread a batch cost a stack's mmap and munmap every 4 MiB). A full
   // 4 GiB apply from /dev/shm took about as long with 8 as with a thread a
-  // batch and a third less system CPU; with 4, 5-15% longer.
-  static constexpr int kWriters = 8;
+  // batch and a third less system CPU; with 4, 5-15% longer. Started as
+  // batches find none idle: a small delta starts a few, a stream refused
+  // before its first batch none (DeltaTest.EveryBitFlipIsRefusedByVerify-
+  // AndApply applies 60,000 of those).
+  static constexpr size_t kWriters = 8;
 
   struct Buffer {
     blockstore::AlignedBuffer data;
@@ -400,11 +400,17 @@ class WriteBatch {
     if (!b.writes.empty()) {
       b.written = std::promise<absl::Status>();
       b.pending = b.written.get_future();
+      bool spawn;
       {
         std::lock_guard lock(mu_);
         to_write_.push_back(&b);
+        spawn = idle_ == 0 && writers_.size() < kWriters;
       }
-      ready_.notify_one();
+      if (spawn) {
+        writers_.emplace_back([this] { WriteBatches(); });
+      } else {
+        ready_.notify_one();
+      }
       cur_ = (cur_ + 1) % kBuffers;
     }
     return Wait(buffers_[cur_]);
@@ -417,7 +423,9 @@ class WriteBatch {
       Buffer* b;
       {
         std::unique_lock lock(mu_);
+        ++idle_;
         ready_.wait(lock, [&] { return stopping_ || !to_write_.empty(); });
+        --idle_;
         if (to_write_.empty()) return;  // stopping
         b = to_write_.front();
         to_write_.pop_front();
@@ -482,12 +490,15 @@ class WriteBatch {
   // ThreadSanitizer, as in the send's Pipeline.
   std::mutex mu_;
   std::condition_variable ready_;
-  std::deque<Buffer*> to_write_;  // guarded by mu_, as is stopping_
+  std::deque<Buffer*> to_write_;  // guarded by mu_, as are stopping_, idle_
   bool stopping_ = false;
+  int idle_ = 0;                             // writers waiting for a batch
   std::atomic<bool> syncing_{false};         // a writer is in Pool::SyncAhead
   std::atomic<uint64_t> unsynced_bytes_{0};  // since the last SyncAhead
   std::atomic<uint64_t> synced_bytes_{0};    // before it; SyncAheadNow's owner
-  std::vector<std::thread> writers_;         // last: they use all of the above
+  // Last: they use all of the above. Only the receive's thread (Start, the
+  // destructor) changes it.
+  std::vector<std::thread> writers_;
 };
 
 constexpr char kResumeKeyPrefix[] = "receive:";
