@@ -344,7 +344,7 @@ absl::Status Pool::CommitLocked(CommitLock lock, const Group* by) {
   std::sort(nodes.begin(), nodes.end());
   // This buffer and the pages' are written whole (SealNode, EncodePage): not
   // zeroed first, and on huge pages from 256 KiB, a fault each instead of one
-  // per 4 KiB (a 1% update's receive commits about 400 nodes and 200 pages).
+  // per 4 KiB (a 1% update's receive commits hundreds of each).
   constexpr size_t kHugeFrom = 256 << 10;
   AlignedBuffer node_buf =
       AlignedBuffer::Uninitialized(nodes.size() * kNodeSize, kHugeFrom);

@@ -138,9 +138,9 @@ class BufferRecycler {
 // Memory for objects of one size that come and go by the thousand (a pool's
 // tree nodes, 4 KiB each), carved from 2 MiB blocks on transparent huge
 // pages. From the heap, each such object touched a page of its own the first
-// time: a fault per node, about 10 us each on the VMs here (`perf record -e
-// page-faults` of a 1% update's apply had two thirds of its faults in node
-// allocations), where one 2 MiB fault serves 500 nodes. A slot given back is
+// time, a fault per node (most of a 1% update's faults; run_delta.sh counts
+// them, bench/RESULTS.md runs S-W), where one 2 MiB fault serves 500 nodes.
+// A slot given back is
 // handed out again; blocks go back to the system only with the arena, so it
 // holds as many slots as were ever in use at once (a pool's cache is bounded:
 // Pool::Tuning). Thread-safe.

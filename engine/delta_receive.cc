@@ -445,14 +445,13 @@ class WriteBatch {
   // Whether this writer should flush what is written so far (and if so it
   // owns syncing_): so that a pool file's allocations become durable while
   // the receive waits for its stream, not all in the commit's flush after
-  // the last chunk (a 1% update's 41 MiB: about 30 ms of ext4 journal here).
-  // But each flush holds up the file system's writes for a journal commit:
-  // a full 4 GiB apply flushing after every batch was about 10% slower, one
-  // flushing whenever the writers were idle and 8 MiB was written (286
-  // flushes) about 5%. So only when the writers have caught up (no batch
-  // waits), and after a quarter of what was flushed before (8 MiB to 256
-  // MiB): about 8 flushes for the 1% update, 35 for the full 4 GiB. Its
-  // error fails the receive (Pool::SyncAhead).
+  // the last chunk (Io::in_file_system). But each flush holds up the file
+  // system's writes for a journal commit, and a full 4 GiB apply flushing
+  // after every batch was slower (bench/RESULTS.md runs S-W). So only when
+  // the writers have caught up (no batch waits), and after a quarter again
+  // of what was flushed before (8 MiB to 256 MiB): a few flushes for a small
+  // delta, a few dozen for 4 GiB. Its error fails the receive
+  // (Pool::SyncAhead).
   bool SyncAheadNow() {
     const uint64_t due =
         std::clamp<uint64_t>(synced_bytes_ / 4, 8 << 20, 256 << 20);
