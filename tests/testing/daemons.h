@@ -15,6 +15,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -38,6 +39,22 @@
 #include "transport/socket.h"
 
 namespace testing_util {
+
+// Whether `got` (a volume read whole) equals `want`, saying where they first
+// differ: EXPECT_EQ on two such strings prints and diffs megabytes (gtest's
+// line diff of two 24 MiB strings of random bytes wanted more than a
+// 24 GiB machine has, and the test was killed for it).
+inline ::testing::AssertionResult SameBytes(const std::string& got,
+                                            const std::string& want) {
+  if (got == want) return ::testing::AssertionSuccess();
+  const size_t n = std::min(got.size(), want.size());
+  const size_t at =
+      std::mismatch(got.begin(), got.begin() + n, want.begin()).first -
+      got.begin();
+  return ::testing::AssertionFailure()
+         << got.size() << " bytes where " << want.size()
+         << " were expected, the first difference at byte " << at;
+}
 
 inline int FreePort() {
   absl::StatusOr<transport::Fd> fd = transport::ListenTcp({"127.0.0.1", 0});
